@@ -1,0 +1,3 @@
+"""hermes-bot: a multi-persona chatbot framework for Discord."""
+
+__version__ = "0.1.0"

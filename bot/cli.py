@@ -1,0 +1,166 @@
+"""`hermes-bot` command line: one subcommand per entry point of the DESIGN.md contract.
+
+Each command imports its module lazily, so `hermes-bot personas list` does not pay for torch.
+Expected failures (bad settings, bad persona files, missing token) print one clear message and
+exit with status 2; they never end in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bot.config import Settings, SettingsError, load_settings
+
+
+class UsageError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.discord_token is None:
+        raise UsageError(
+            "DISCORD_TOKEN is not set. Put your bot token in the environment or in .env "
+            "(DISCORD_TOKEN=...), then run `hermes-bot run` again.\n"
+            "To try a persona without Discord, run `hermes-bot chat --persona hermes`."
+        )
+    from bot.discord.app import run_bot
+
+    return run_bot(settings)
+
+
+def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.worker import run_worker
+
+    return run_worker(settings)
+
+
+def _cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.console import run_chat
+
+    return run_chat(settings, persona_id=args.persona or settings.default_persona)
+
+
+def _cmd_personas(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.personas import PersonaError, PersonaRegistry, load_persona_file, persona_files
+
+    if args.action == "validate":
+        paths = persona_files([Path(p) for p in args.paths] or [settings.personas_dir])
+        failures = 0
+        for path in paths:
+            try:
+                persona = load_persona_file(path)
+                print(f"ok    {path} ({persona.id}: {persona.name})")
+            except PersonaError as exc:
+                failures += 1
+                print(f"error {exc}")
+        if not paths:
+            raise UsageError("no persona files found")
+        return 1 if failures else 0
+    try:
+        registry = PersonaRegistry.load(settings.personas_dir)
+    except PersonaError as exc:
+        raise UsageError(str(exc)) from None
+    if args.action == "list":
+        for persona in registry:
+            default = " (default)" if persona.id == settings.default_persona else ""
+            print(f"{persona.id:<16} {persona.name:<20} {persona.description}{default}")
+        return 0
+    try:
+        persona = registry.get(args.id)
+    except KeyError as exc:
+        raise UsageError(str(exc.args[0])) from None
+    import yaml
+
+    print(yaml.safe_dump(persona.model_dump(exclude_none=True), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def _cmd_prompt(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.prompt_cli import render_prompt_from_stdin
+
+    return render_prompt_from_stdin(
+        settings, persona_id=args.persona, model=args.model or settings.model, as_tokens=args.tokens
+    )
+
+
+def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.store.migrate import upgrade
+
+    upgrade(settings.database_url)
+    print(f"database at head: {settings.database_url.split('@')[-1]}")
+    return 0
+
+
+def _cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.devtools import write_tiny_model
+
+    path = write_tiny_model(
+        Path(args.path), hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
+        kv_heads=args.kv_heads, context=args.context,
+    )
+    print(f"tiny model written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hermes-bot", description="Multi-persona chatbot framework for Discord.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("run", help="run the Discord bot (with an in-process worker on memory://)").set_defaults(
+        func=_cmd_run
+    )
+    sub.add_parser("worker", help="run an inference worker that consumes the queue").set_defaults(func=_cmd_worker)
+    chat = sub.add_parser("chat", help="talk to a persona in the terminal (same store, queue and engine)")
+    chat.add_argument("--persona", help="persona id (default: HERMES_DEFAULT_PERSONA)")
+    chat.set_defaults(func=_cmd_chat)
+
+    personas = sub.add_parser("personas", help="list, validate or show personas")
+    psub = personas.add_subparsers(dest="action", required=True)
+    psub.add_parser("list", help="list the personas in HERMES_PERSONAS_DIR")
+    validate = psub.add_parser("validate", help="validate persona files (default: HERMES_PERSONAS_DIR)")
+    validate.add_argument("paths", nargs="*", help="files or directories")
+    show = psub.add_parser("show", help="print one persona as YAML")
+    show.add_argument("id")
+    personas.set_defaults(func=_cmd_personas)
+
+    prompt = sub.add_parser("prompt", help="print the exact model prompt for a conversation read as JSON on stdin")
+    prompt.add_argument("--persona", required=True, help="persona id")
+    prompt.add_argument("--model", help="tokenizer to use: HF id or local path (default: HERMES_MODEL)")
+    prompt.add_argument("--tokens", action="store_true", help="print token ids instead of text")
+    prompt.set_defaults(func=_cmd_prompt)
+
+    db = sub.add_parser("db", help="database maintenance")
+    dbsub = db.add_subparsers(dest="action", required=True)
+    dbsub.add_parser("upgrade", help="apply Alembic migrations up to head")
+    db.set_defaults(func=_cmd_db)
+
+    dev = sub.add_parser("dev", help="developer tools")
+    devsub = dev.add_subparsers(dest="action", required=True)
+    tiny = devsub.add_parser("tiny-model", help="write a tiny random-weight Mistral with a ChatML tokenizer")
+    tiny.add_argument("path")
+    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--heads", type=int, default=4)
+    tiny.add_argument("--kv-heads", type=int, default=2)
+    tiny.add_argument("--context", type=int, default=4096)
+    dev.set_defaults(func=_cmd_dev)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        return int(args.func(args, settings))
+    except SettingsError as exc:
+        for line in exc.lines:
+            print(f"hermes-bot: {line}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"hermes-bot: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,183 @@
+"""Settings, read once at start from the environment, `.env` and an optional `hermes.yaml`.
+
+Precedence (highest first): environment, `.env`, `hermes.yaml`, defaults. Every name is the one in
+the DESIGN.md contract, so `HERMES_MODEL` in the environment and `HERMES_MODEL:` in hermes.yaml mean
+the same. Invalid values fail at start with one clear line per problem (`SettingsError`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+YAML_FILE_ENV = "HERMES_CONFIG_FILE"
+DEFAULT_YAML_FILE = "hermes.yaml"
+
+
+class SettingsError(ValueError):
+    """Raised with one human-readable line per invalid setting."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def _env(name: str) -> Any:
+    return Field(validation_alias=AliasChoices(name, name.lower()))
+
+
+class Settings(BaseSettings):
+    """All runtime configuration. Field aliases are the public setting names."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+    )
+
+    discord_token: SecretStr | None = Field(None, validation_alias=AliasChoices("DISCORD_TOKEN", "discord_token"))
+    database_url: str = Field(
+        "sqlite+aiosqlite:///data/hermes.db",
+        validation_alias=AliasChoices("HERMES_DATABASE_URL", "database_url"),
+    )
+    queue_url: str = Field("memory://", validation_alias=AliasChoices("HERMES_QUEUE_URL", "queue_url"))
+    engine: Literal["transformers", "openai"] = Field(
+        "transformers", validation_alias=AliasChoices("HERMES_ENGINE", "engine")
+    )
+    model: str = Field(
+        "teknium/OpenHermes-2.5-Mistral-7B", validation_alias=AliasChoices("HERMES_MODEL", "model")
+    )
+    openai_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("HERMES_OPENAI_BASE_URL", "openai_base_url")
+    )
+    openai_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("HERMES_OPENAI_API_KEY", "openai_api_key")
+    )
+    personas_dir: Path = Field(Path("personas"), validation_alias=AliasChoices("HERMES_PERSONAS_DIR", "personas_dir"))
+    default_persona: str = Field("hermes", validation_alias=AliasChoices("HERMES_DEFAULT_PERSONA", "default_persona"))
+    discord_api_base: str | None = Field(
+        None, validation_alias=AliasChoices("HERMES_DISCORD_API_BASE", "discord_api_base")
+    )
+    discord_gateway_url: str | None = Field(
+        None, validation_alias=AliasChoices("HERMES_DISCORD_GATEWAY_URL", "discord_gateway_url")
+    )
+
+    # Model / engine tuning.
+    device: str = Field("auto", validation_alias=AliasChoices("HERMES_DEVICE", "device"))
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", validation_alias=AliasChoices("HERMES_DTYPE", "dtype")
+    )
+    quantization: Literal["none", "bnb-4bit", "bnb-8bit"] = Field(
+        "none", validation_alias=AliasChoices("HERMES_QUANTIZATION", "quantization")
+    )
+    context_tokens: int = Field(8192, ge=256, validation_alias=AliasChoices("HERMES_CONTEXT_TOKENS", "context_tokens"))
+    max_batch_size: int = Field(32, ge=1, validation_alias=AliasChoices("HERMES_MAX_BATCH_SIZE", "max_batch_size"))
+
+    # Queue behaviour.
+    queue_max_waiting: int = Field(256, ge=1, validation_alias=AliasChoices("HERMES_QUEUE_MAX_WAITING", "queue_max_waiting"))
+    queue_max_per_conversation: int = Field(
+        2, ge=1, validation_alias=AliasChoices("HERMES_QUEUE_MAX_PER_CONVERSATION", "queue_max_per_conversation")
+    )
+    job_timeout_s: float = Field(180.0, gt=0, validation_alias=AliasChoices("HERMES_JOB_TIMEOUT_S", "job_timeout_s"))
+
+    # Conversation behaviour.
+    history_turns: int = Field(50, ge=1, validation_alias=AliasChoices("HERMES_HISTORY_TURNS", "history_turns"))
+    admin_role: str | None = Field(None, validation_alias=AliasChoices("HERMES_ADMIN_ROLE", "admin_role"))
+
+    # Operations.
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, validation_alias=AliasChoices("HERMES_METRICS_PORT", "metrics_port")
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", validation_alias=AliasChoices("HERMES_LOG_LEVEL", "log_level")
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_database_driver(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError("must be a SQLAlchemy URL such as sqlite+aiosqlite:///data/hermes.db")
+        scheme = value.split("://", 1)[0]
+        if scheme not in {"sqlite+aiosqlite", "postgresql+asyncpg"}:
+            raise ValueError(
+                f"driver {scheme!r} is not async; use sqlite+aiosqlite:// or postgresql+asyncpg://"
+            )
+        return value
+
+    @field_validator("queue_url")
+    @classmethod
+    def _known_queue(cls, value: str) -> str:
+        if not (value == "memory://" or value.startswith(("redis://", "rediss://", "unix://"))):
+            raise ValueError("must be memory:// or a redis:// URL such as redis://localhost:6379/0")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, dotenv_settings, _YamlSource(settings_cls))
+
+    def secrets(self) -> list[str]:
+        """Values that must never appear in logs."""
+        found = [self.discord_token, self.openai_api_key]
+        return [s.get_secret_value() for s in found if s is not None and s.get_secret_value()]
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads `hermes.yaml` (or $HERMES_CONFIG_FILE) when present; keys are setting names."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self.path = Path(os.environ.get(YAML_FILE_ENV, DEFAULT_YAML_FILE))
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {}
+        try:
+            data = yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise SettingsError([f"{self.path}: not valid YAML: {exc}"]) from exc
+        if not isinstance(data, dict):
+            raise SettingsError([f"{self.path}: must be a mapping of setting names to values"])
+        return {str(key): value for key, value in data.items()}
+
+
+def _public_name(field_name: str) -> str:
+    alias = Settings.model_fields[field_name].validation_alias
+    assert isinstance(alias, AliasChoices)
+    return str(alias.choices[0])
+
+
+_SECRET_SETTINGS = {"DISCORD_TOKEN", "HERMES_OPENAI_API_KEY"}
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings or raise SettingsError with one line per invalid setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            name = _public_name(field) if field in Settings.model_fields else field
+            value = error.get("input")
+            hidden = isinstance(value, dict) or name in _SECRET_SETTINGS
+            shown = "" if hidden else f" (got {value!r})"
+            lines.append(f"invalid setting {name}: {error['msg']}{shown}")
+        raise SettingsError(lines) from None

@@ -1,0 +1,190 @@
+"""Personas: the YAML schema, loading with file/line/field errors, and the registry.
+
+A persona file is strict: unknown keys are errors, so a typo such as `temprature:` fails loudly
+instead of silently using the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PERSONA_SUFFIXES = (".yaml", ".yml")
+
+
+class Sampling(BaseModel):
+    """Per-persona sampling settings, sent with every generation job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.7, ge=0.0, le=5.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(50, ge=0)
+    repetition_penalty: float = Field(1.1, gt=0.0, le=3.0)
+    max_new_tokens: int = Field(400, ge=1, le=8192)
+
+
+class ExampleTurn(BaseModel):
+    """One line of example dialogue shown to the model before the real conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+class Persona(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    name: str = Field(min_length=1, max_length=80)
+    description: str = ""
+    avatar_url: str | None = None
+    system_prompt: str = Field(min_length=1)
+    greeting: str | None = None
+    examples: list[ExampleTurn] = Field(default_factory=list)
+    sampling: Sampling = Field(default_factory=Sampling)
+    stop: list[str] = Field(default_factory=list)
+    wake_words: list[str] = Field(default_factory=list)
+
+    @field_validator("avatar_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL")
+        return value
+
+    @field_validator("stop", "wake_words")
+    @classmethod
+    def _no_empty(cls, value: list[str]) -> list[str]:
+        if any(not item.strip() for item in value):
+            raise ValueError("entries must not be empty")
+        return value
+
+    def addressed_by(self) -> list[str]:
+        """Words that address this persona at the start of a message: its name and wake words."""
+        return [self.name, *self.wake_words]
+
+
+class PersonaError(ValueError):
+    """A persona file is invalid; the message names the file, the line and the field."""
+
+    def __init__(self, path: Path, line: int | None, field: str | None, problem: str) -> None:
+        where = f"{path}:{line}" if line else str(path)
+        what = f" field '{field}'" if field else ""
+        super().__init__(f"{where}:{what} {problem}".replace(": ", ": ", 1))
+        self.path, self.line, self.field, self.problem = path, line, field, problem
+
+
+def _node_for(root: yaml.Node | None, loc: tuple[Any, ...]) -> yaml.Node | None:
+    """Walk a composed YAML node tree along a pydantic error location; the deepest node found."""
+    node = root
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                return node
+            # Unknown keys are reported at the key itself, others at their value.
+            node = match[1] if part != loc[-1] else match[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            return node
+    return node
+
+
+def parse_persona(text: str, path: Path) -> Persona:
+    """Parse one persona document; the id defaults to the file's stem."""
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PersonaError(path, line, None, f"not valid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise PersonaError(path, 1, None, "must be a mapping of persona fields (name, system_prompt, ...)")
+    data.setdefault("id", path.stem)
+    try:
+        return Persona.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = tuple(error["loc"])
+        node = _node_for(root, loc)
+        line = node.start_mark.line + 1 if node is not None else None
+        field = ".".join(str(p) for p in loc) or None
+        message = "unknown key (check the spelling)" if error["type"] == "extra_forbidden" else error["msg"]
+        if error["type"] == "missing":
+            message, line = "is required", 1
+        extra = f" ({len(exc.errors()) - 1} more problem(s) in this file)" if len(exc.errors()) > 1 else ""
+        raise PersonaError(path, line, field, f"{message}{extra}") from None
+
+
+def load_persona_file(path: Path) -> Persona:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PersonaError(path, None, None, f"cannot read: {exc}") from None
+    return parse_persona(text, path)
+
+
+def persona_files(paths: Iterable[Path]) -> list[Path]:
+    """Expand directories to their persona files, sorted, keep files as given."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir() if p.suffix in PERSONA_SUFFIXES))
+        else:
+            found.append(path)
+    return found
+
+
+class PersonaRegistry:
+    """The personas loaded from one directory, by id. Loading stops at the first invalid file."""
+
+    def __init__(self, personas: Iterable[Persona]) -> None:
+        self._by_id: dict[str, Persona] = {}
+        for persona in personas:
+            if persona.id in self._by_id:
+                raise ValueError(f"duplicate persona id {persona.id!r}")
+            self._by_id[persona.id] = persona
+
+    @classmethod
+    def load(cls, directory: Path) -> PersonaRegistry:
+        if not directory.is_dir():
+            raise PersonaError(directory, None, None, "personas directory not found (set HERMES_PERSONAS_DIR)")
+        return cls(load_persona_file(path) for path in persona_files([directory]))
+
+    def get(self, persona_id: str) -> Persona:
+        try:
+            return self._by_id[persona_id]
+        except KeyError:
+            known = ", ".join(sorted(self._by_id)) or "none"
+            raise KeyError(f"unknown persona {persona_id!r} (known: {known})") from None
+
+    def __contains__(self, persona_id: object) -> bool:
+        return persona_id in self._by_id
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(sorted(self._by_id.values(), key=lambda p: p.id))
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def find_addressed(self, text: str, candidates: Iterable[str] | None = None) -> Persona | None:
+        """The persona whose name or wake word starts `text` ("Edward, ..."), among `candidates`."""
+        lowered = text.lstrip().lower()
+        pool = [self._by_id[c] for c in candidates if c in self._by_id] if candidates is not None else list(self)
+        best: tuple[int, Persona] | None = None
+        for persona in pool:
+            for word in persona.addressed_by():
+                w = word.lower()
+                if lowered.startswith(w) and (len(lowered) == len(w) or not lowered[len(w)].isalnum()):
+                    if best is None or len(w) > best[0]:
+                        best = (len(w), persona)
+        return best[1] if best else None

@@ -1,0 +1,82 @@
+"""The wire types between bot and worker: a GenerationJob and the events that answer it.
+
+Both travel as JSON (Redis Streams fields, or in-process objects), so they are pydantic models with a
+`type` discriminator on events.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+from bot.personas import Sampling
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class GenerationJob(BaseModel):
+    """One reply to generate. `messages` are model messages (role, content) before the token budget."""
+
+    job_id: str = Field(default_factory=new_job_id)
+    conversation_key: str
+    persona_id: str
+    messages: list[dict[str, str]]
+    sampling: Sampling = Field(default_factory=Sampling)
+    stop: list[str] = Field(default_factory=list)
+    created_at: float = Field(default_factory=time.time)
+    deadline: float | None = None  # unix time; the worker gives up with finish_reason "deadline"
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now if now is not None else time.time()) >= self.deadline
+
+
+FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
+
+
+class TextDelta(BaseModel):
+    """New text, in order; `seq` starts at 0 for each job."""
+
+    type: Literal["delta"] = "delta"
+    job_id: str
+    seq: int
+    text: str
+
+
+class Done(BaseModel):
+    """The last event of a job that ended normally, by a stop, by length, by cancel or deadline."""
+
+    type: Literal["done"] = "done"
+    job_id: str
+    finish_reason: FinishReason
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ErrorEvent(BaseModel):
+    """The last event of a job that failed. `kind` is short and machine-readable (busy, dead_letter, engine...)."""
+
+    type: Literal["error"] = "error"
+    job_id: str
+    kind: str
+    message: str
+
+
+Event = Annotated[TextDelta | Done | ErrorEvent, Field(discriminator="type")]
+_EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def event_to_json(event: TextDelta | Done | ErrorEvent) -> str:
+    return event.model_dump_json()
+
+
+def event_from_json(data: str | bytes) -> TextDelta | Done | ErrorEvent:
+    return _EVENT_ADAPTER.validate_json(data)
+
+
+def is_final(event: TextDelta | Done | ErrorEvent) -> bool:
+    return not isinstance(event, TextDelta)
