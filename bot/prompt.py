@@ -1,0 +1,193 @@
+"""Chat turns -> model messages -> the exact model prompt, within the model's token budget.
+
+The model sees ChatML through the tokenizer's own chat template. Three rules keep it honest:
+- untrusted text (users, stored model output) never becomes control tokens: token ids are made with
+  `apply_chat_template(..., sanitize_control_tokens=True)`, and text sent to remote servers is defanged;
+- with several people in a conversation every user line carries its speaker's display name, and the
+  persona is stopped when it starts writing another participant's line;
+- the prompt fits the context minus the reply's max tokens: the oldest turns go first, the system
+  prompt and the newest turn always stay.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from bot.personas import Persona
+
+Role = Literal["user", "assistant", "system"]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Control-token shapes used by ChatML, Llama/Mistral and most chat templates.
+_CONTROL_TOKEN_RE = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|\[/?INST\]")
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One stored line of a conversation, as the prompt builder needs it."""
+
+    role: Role
+    content: str
+    author: str | None = None  # display name of a user; None for a single anonymous user
+    persona_id: str | None = None  # which persona spoke, for assistant turns
+
+
+def _speaker_names(persona: Persona, turns: Sequence[ChatTurn], names: Mapping[str, str]) -> list[str]:
+    """Everyone but `persona` who speaks in `turns`, first appearance first."""
+    seen: dict[str, None] = {}
+    for turn in turns:
+        if turn.role == "user" and turn.author:
+            seen.setdefault(turn.author, None)
+        elif turn.role == "assistant" and turn.persona_id and turn.persona_id != persona.id:
+            seen.setdefault(names.get(turn.persona_id, turn.persona_id), None)
+    seen.pop(persona.name, None)
+    return list(seen)
+
+
+def is_multi_speaker(persona: Persona, turns: Sequence[ChatTurn], names: Mapping[str, str] | None = None) -> bool:
+    """Several people, or other personas, take part: lines need their speaker's name."""
+    others = _speaker_names(persona, turns, names or {})
+    other_personas = any(t.role == "assistant" and t.persona_id not in (None, persona.id) for t in turns)
+    return len(others) > 1 or other_personas
+
+
+def build_messages(
+    persona: Persona, turns: Sequence[ChatTurn], *, persona_names: Mapping[str, str] | None = None
+) -> list[dict[str, str]]:
+    """Model messages for `persona` answering after `turns` (oldest first).
+
+    `persona_names` maps other personas' ids to display names, for channels where several speak.
+    Their lines reach this persona as named user lines, never as its own assistant turns.
+    """
+    names = persona_names or {}
+    multi = is_multi_speaker(persona, turns, names)
+    messages: list[dict[str, str]] = [{"role": "system", "content": persona.system_prompt}]
+    messages += [{"role": ex.role, "content": ex.content} for ex in persona.examples]
+    for turn in turns:
+        if turn.role == "assistant" and turn.persona_id in (None, persona.id):
+            messages.append({"role": "assistant", "content": turn.content})
+        elif turn.role == "assistant":
+            speaker = names.get(turn.persona_id or "", turn.persona_id or "assistant")
+            messages.append({"role": "user", "content": f"{speaker}: {turn.content}"})
+        elif turn.role == "system":
+            messages.append({"role": "system", "content": turn.content})
+        elif multi and turn.author:
+            messages.append({"role": "user", "content": f"{turn.author}: {turn.content}"})
+        else:
+            messages.append({"role": "user", "content": turn.content})
+    return messages
+
+
+def stop_strings(
+    persona: Persona, turns: Sequence[ChatTurn], *, persona_names: Mapping[str, str] | None = None
+) -> list[str]:
+    """The persona's own stops plus the start of any other participant's line ("\\nAlice:")."""
+    stops = list(persona.stop)
+    if is_multi_speaker(persona, turns, persona_names):
+        stops += [f"\n{name}:" for name in _speaker_names(persona, turns, persona_names or {})]
+    return list(dict.fromkeys(stops))
+
+
+def defang_control_tokens(text: str) -> str:
+    """Break control-token look-alikes with a zero-width space, for servers that tokenize text themselves."""
+    return _CONTROL_TOKEN_RE.sub(lambda m: m.group(0)[0] + "\u200b" + m.group(0)[1:], text)
+
+
+def _template_kwargs(tokenizer: Any) -> dict[str, Any]:
+    return {} if getattr(tokenizer, "chat_template", None) else {"chat_template": CHATML_TEMPLATE}
+
+
+def render_text(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
+    """The prompt text exactly as the chat template writes it (user text left verbatim)."""
+    return str(
+        tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True, **_template_kwargs(tokenizer)
+        )
+    )
+
+
+def encode(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids with control tokens inside message contents encoded as plain text."""
+    out = tokenizer.apply_chat_template(
+        list(messages),
+        tokenize=True,
+        add_generation_prompt=True,
+        sanitize_control_tokens=True,
+        return_dict=True,
+        **_template_kwargs(tokenizer),
+    )
+    return list(out["input_ids"])
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    ids: list[int]
+    messages: list[dict[str, str]]  # what was kept
+    dropped: int  # oldest turns left out for the budget
+    truncated_newest: bool  # the newest turn alone was too long and lost its beginning
+
+
+class PromptTooLong(ValueError):
+    """Even the system prompt alone does not fit the context window."""
+
+
+def _keep(messages: list[dict[str, str]], pinned: int, drop: int) -> list[dict[str, str]]:
+    return messages[:pinned] + messages[pinned + drop :]
+
+
+def encode_messages(
+    tokenizer: Any, messages: Sequence[Mapping[str, str]], *, context_tokens: int, max_new_tokens: int
+) -> EncodedPrompt:
+    """Encode `messages` so that prompt + reply fit `context_tokens`, dropping the oldest turns first.
+
+    The leading system message and the newest message are always kept; a binary search over how many
+    of the turns between them to drop keeps this at O(log n) template renders.
+    """
+    msgs = [dict(m) for m in messages]
+    budget = context_tokens - max_new_tokens
+    if budget <= 0:
+        raise PromptTooLong(f"max_new_tokens {max_new_tokens} leaves no room in a {context_tokens}-token context")
+    pinned = 1 if msgs and msgs[0]["role"] == "system" else 0
+    droppable = max(len(msgs) - pinned - 1, 0)
+    ids = encode(tokenizer, msgs)
+    if len(ids) <= budget:
+        return EncodedPrompt(ids, msgs, 0, False)
+    lo, hi = 1, droppable  # smallest drop count that fits, if any
+    best: tuple[int, list[int]] | None = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        candidate = encode(tokenizer, _keep(msgs, pinned, mid))
+        if len(candidate) <= budget:
+            best, hi = (mid, candidate), mid - 1
+        else:
+            lo = mid + 1
+    if best is not None:
+        return EncodedPrompt(best[1], _keep(msgs, pinned, best[0]), best[0], False)
+    return _truncate_newest(tokenizer, _keep(msgs, pinned, droppable), droppable, budget)
+
+
+def _truncate_newest(
+    tokenizer: Any, msgs: list[dict[str, str]], dropped: int, budget: int
+) -> EncodedPrompt:
+    """Only the system prompt and the newest turn are left and still too long: keep the newest turn's end."""
+    overhead = len(encode(tokenizer, msgs[:-1] + [{**msgs[-1], "content": ""}]))
+    room = budget - overhead
+    if room <= 0:
+        raise PromptTooLong(f"the system prompt alone needs {overhead} tokens; the budget is {budget}")
+    content_ids = tokenizer.encode(msgs[-1]["content"], add_special_tokens=False)
+    tail = tokenizer.decode(content_ids[-room:])
+    while True:
+        trimmed = msgs[:-1] + [{**msgs[-1], "content": tail}]
+        ids = encode(tokenizer, trimmed)
+        if len(ids) <= budget or not tail:
+            return EncodedPrompt(ids, trimmed, dropped, True)
+        tail = tail[max(1, len(tail) // 20) :]
