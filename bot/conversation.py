@@ -1,0 +1,109 @@
+"""The one conversation pipeline shared by Discord and the terminal chat.
+
+store the user turn -> load the history window -> persona messages + stops -> GenerationJob -> queue
+-> events back -> store the reply. Front ends only decide *when* to answer and *how* to show it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from bot.config import Settings
+from bot.personas import Persona, PersonaRegistry
+from bot.prompt import ChatTurn, build_messages, stop_strings
+from bot.queue.base import JobQueue
+from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
+from bot.store.keys import ConversationKey
+from bot.store.repository import ConversationStore, StoredMessage
+
+
+@dataclass
+class PendingReply:
+    """A submitted job: its place in line, its event stream, and a way to stop it."""
+
+    job: GenerationJob
+    position: int
+    queue: JobQueue
+
+    async def events(self) -> AsyncIterator[TextDelta | Done | ErrorEvent]:
+        async for _event_id, event in self.queue.stream(self.job.job_id):
+            yield event
+
+    async def cancel(self) -> None:
+        await self.queue.cancel(self.job.job_id)
+
+
+def to_turn(message: StoredMessage) -> ChatTurn:
+    role = message.role if message.role in ("user", "assistant", "system") else "system"
+    return ChatTurn(
+        role=role,  # type: ignore[arg-type]
+        content=message.content,
+        author=message.author_name if role == "user" else None,
+        persona_id=message.persona_id,
+    )
+
+
+class ChatService:
+    def __init__(
+        self, settings: Settings, store: ConversationStore, queue: JobQueue, personas: PersonaRegistry
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.queue = queue
+        self.personas = personas
+
+    async def record_user_turn(
+        self,
+        key: ConversationKey,
+        *,
+        message_id: int | None,
+        author_id: int | None,
+        author_name: str,
+        content: str,
+        reply_to_id: int | None = None,
+    ) -> bool:
+        """Store a user's message; False when that Discord message was already stored."""
+        return await self.store.append(
+            key,
+            discord_message_id=message_id,
+            author_id=author_id,
+            author_name=author_name,
+            role="user",
+            content=content,
+            reply_to_id=reply_to_id,
+        )
+
+    async def build_job(self, key: ConversationKey, persona: Persona) -> GenerationJob:
+        """The job for `persona` answering the newest turns of `key`'s history."""
+        window = await self.store.window(key, self.settings.history_turns)
+        turns = [to_turn(m) for m in window]
+        names = {p.id: p.name for p in self.personas}
+        return GenerationJob(
+            conversation_key=key.as_str(),
+            persona_id=persona.id,
+            messages=build_messages(persona, turns, persona_names=names),
+            sampling=persona.sampling,
+            stop=stop_strings(persona, turns, persona_names=names),
+            deadline=time.time() + self.settings.job_timeout_s,
+        )
+
+    async def start_reply(self, key: ConversationKey, persona: Persona) -> PendingReply:
+        """Submit a reply job; raises QueueBusy when the queue is full."""
+        job = await self.build_job(key, persona)
+        position = await self.queue.submit(job)
+        return PendingReply(job=job, position=position, queue=self.queue)
+
+    async def store_reply(
+        self, key: ConversationKey, persona: Persona, text: str, message_id: int | None
+    ) -> bool:
+        return await self.store.append(
+            key,
+            discord_message_id=message_id,
+            author_id=None,
+            author_name=persona.name,
+            role="assistant",
+            content=text,
+            persona_id=persona.id,
+        )
