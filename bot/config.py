@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         2, ge=1, validation_alias=AliasChoices("HERMES_QUEUE_MAX_PER_CONVERSATION", "queue_max_per_conversation")
     )
     job_timeout_s: float = Field(180.0, gt=0, validation_alias=AliasChoices("HERMES_JOB_TIMEOUT_S", "job_timeout_s"))
+    queue_claim_idle_ms: int = Field(
+        30000, ge=50, validation_alias=AliasChoices("HERMES_QUEUE_CLAIM_IDLE_MS", "queue_claim_idle_ms")
+    )
+    queue_max_deliveries: int = Field(
+        3, ge=1, validation_alias=AliasChoices("HERMES_QUEUE_MAX_DELIVERIES", "queue_max_deliveries")
+    )
 
     # Conversation behaviour.
     history_turns: int = Field(50, ge=1, validation_alias=AliasChoices("HERMES_HISTORY_TURNS", "history_turns"))
