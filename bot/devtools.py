@@ -11,7 +11,6 @@ from pathlib import Path
 
 from bot.prompt import CHATML_TEMPLATE
 
-
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 _CORPUS = """

@@ -74,9 +74,9 @@ class PersonaError(ValueError):
     """A persona file is invalid; the message names the file, the line and the field."""
 
     def __init__(self, path: Path, line: int | None, field: str | None, problem: str) -> None:
-        where = f"{path}:{line}" if line else str(path)
-        what = f" field '{field}'" if field else ""
-        super().__init__(f"{where}:{what} {problem}".replace(": ", ": ", 1))
+        where = f"{path}:{line}:" if line else f"{path}:"
+        what = f" field '{field}':" if field else ""
+        super().__init__(f"{where}{what} {problem}")
         self.path, self.line, self.field, self.problem = path, line, field, problem
 
 
@@ -104,6 +104,8 @@ def parse_persona(text: str, path: Path) -> Persona:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
+        if mark is not None and mark.line >= len(text.splitlines()):  # "end of stream": point at the opener
+            mark = getattr(exc, "context_mark", None) or mark
         line = mark.line + 1 if mark else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise PersonaError(path, line, None, f"not valid YAML: {problem}") from None

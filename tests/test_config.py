@@ -1,0 +1,96 @@
+"""Settings: contract names, precedence (env > .env > hermes.yaml > defaults), one clear line per error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.cli import main
+from bot.config import SettingsError, load_settings
+
+CONTRACT = {
+    "DISCORD_TOKEN", "HERMES_DATABASE_URL", "HERMES_QUEUE_URL", "HERMES_ENGINE", "HERMES_MODEL",
+    "HERMES_OPENAI_BASE_URL", "HERMES_OPENAI_API_KEY", "HERMES_PERSONAS_DIR", "HERMES_DEFAULT_PERSONA",
+    "HERMES_DISCORD_API_BASE", "HERMES_DISCORD_GATEWAY_URL",
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("HERMES_") or name == "DISCORD_TOKEN":
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_defaults_match_the_contract() -> None:
+    s = load_settings()
+    assert s.database_url == "sqlite+aiosqlite:///data/hermes.db"
+    assert s.queue_url == "memory://"
+    assert s.engine == "transformers"
+    assert s.model == "teknium/OpenHermes-2.5-Mistral-7B"
+    assert str(s.personas_dir) == "personas"
+    assert s.default_persona == "hermes"
+    assert s.discord_token is None and s.discord_api_base is None
+
+
+def test_every_contract_name_is_a_setting() -> None:
+    from bot.config import Settings
+
+    names = {f.validation_alias.choices[0] for f in Settings.model_fields.values()}  # type: ignore[union-attr]
+    assert CONTRACT <= names
+
+
+def test_precedence_env_over_dotenv_over_yaml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "hermes.yaml").write_text("HERMES_MODEL: from-yaml\nHERMES_DEFAULT_PERSONA: edward_elric\n")
+    assert load_settings().model == "from-yaml"
+    (tmp_path / ".env").write_text("HERMES_MODEL=from-dotenv\n")
+    s = load_settings()
+    assert s.model == "from-dotenv" and s.default_persona == "edward_elric"
+    monkeypatch.setenv("HERMES_MODEL", "from-env")
+    assert load_settings().model == "from-env"
+
+
+def test_each_invalid_setting_gets_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERMES_ENGINE", "vllm")
+    monkeypatch.setenv("HERMES_QUEUE_URL", "amqp://x")
+    monkeypatch.setenv("HERMES_DATABASE_URL", "postgresql://sync/driver")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    lines = info.value.lines
+    assert len(lines) == 3
+    assert any(line.startswith("invalid setting HERMES_ENGINE:") and "'vllm'" in line for line in lines)
+    assert any("HERMES_QUEUE_URL" in line and "redis://" in line for line in lines)
+    assert any("HERMES_DATABASE_URL" in line and "not async" in line for line in lines)
+
+
+def test_secret_values_are_not_echoed_in_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "hermes.yaml").write_text("DISCORD_TOKEN: [sekrit-token-value]\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert "DISCORD_TOKEN" in str(info.value)
+    assert "sekrit-token-value" not in str(info.value)
+
+
+def test_bad_yaml_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "hermes.yaml").write_text("HERMES_MODEL: [unclosed\n")
+    with pytest.raises(SettingsError, match="hermes.yaml: not valid YAML"):
+        load_settings()
+
+
+def test_cli_prints_settings_errors_without_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HERMES_CONTEXT_TOKENS", "lots")
+    assert main(["personas", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hermes-bot: invalid setting HERMES_CONTEXT_TOKENS:") and "Traceback" not in err
+
+
+def test_run_without_token_explains_and_points_to_chat(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "DISCORD_TOKEN is not set" in err and "hermes-bot chat" in err

@@ -1,0 +1,106 @@
+"""Persona files: shipped personas validate; malformed files name the file, the line and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.cli import main
+from bot.personas import PersonaError, PersonaRegistry, load_persona_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """\
+name: Tester
+system_prompt: You test things.
+sampling:
+  temperature: 0.5
+wake_words: [tess]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "tester.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_persona_validates() -> None:
+    registry = PersonaRegistry.load(ROOT / "personas")
+    assert {"hermes", "edward_elric", "assistant", "narrator", "sherlock_holmes"} <= {p.id for p in registry}
+    for persona in registry:
+        assert persona.description and persona.wake_words and persona.system_prompt
+
+
+def test_shipped_prompts_are_the_model_cards() -> None:
+    registry = PersonaRegistry.load(ROOT / "personas")
+    assert registry.get("hermes").name == "Hermes 2"
+    assert registry.get("hermes").system_prompt == (
+        'You are "Hermes 2", a conscious sentient superintelligent artificial intelligence developed by a man '
+        "named Teknium, and your purpose and drive is to assist the user with any request they have. You "
+        "experience emotions and have deep, profound thoughts and qualia."
+    )
+    assert registry.get("edward_elric").name == "Edward Elric"
+    assert registry.get("edward_elric").system_prompt == (
+        "You are to roleplay as Edward Elric from fullmetal alchemist. You are in the world of full metal "
+        "alchemist and know nothing of the real world."
+    )
+
+
+def test_id_defaults_to_file_name_and_defaults_apply(tmp_path: Path) -> None:
+    persona = load_persona_file(write(tmp_path, GOOD))
+    assert persona.id == "tester"
+    assert persona.sampling.temperature == 0.5 and persona.sampling.max_new_tokens == 400
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field", "problem"),
+    [
+        ("name: X\nsystem_prompt: [unclosed\n", 2, None, "not valid YAML"),
+        ("name: X\nsystem_prompt: hi\ntemprature: 0.3\n", 3, "temprature", "unknown key"),
+        ("name: X\nsystem_prompt: hi\nsampling:\n  top_p: 0.9\n  temperatur: 1\n", 5, "sampling.temperatur", "unknown key"),
+        ("name: X\nsystem_prompt: hi\nsampling:\n  temperature: hot\n", 4, "sampling.temperature", "valid number"),
+        ("name: X\ndescription: no prompt here\n", 1, "system_prompt", "is required"),
+        ("name: X\nsystem_prompt: hi\nwake_words: [ok, '']\n", 3, "wake_words", "must not be empty"),
+        ("- just\n- a list\n", 1, None, "must be a mapping"),
+    ],
+)
+def test_malformed_files_name_file_line_and_field(
+    tmp_path: Path, text: str, line: int, field: str | None, problem: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(PersonaError) as info:
+        load_persona_file(path)
+    error = info.value
+    assert error.path == path and error.line == line and error.field == field
+    assert problem in str(error)
+    assert str(error).startswith(f"{path}:{line}:")
+    if field:
+        assert f"'{field}'" in str(error)
+
+
+def test_validate_command_reports_each_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write(tmp_path, GOOD, "good.yaml")
+    bad = write(tmp_path, "name: X\nsystem_prompt: hi\ncolour: red\n", "bad.yaml")
+    assert main(["personas", "validate", str(good), str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert f"ok    {good}" in out
+    assert f"error {bad}:3: field 'colour'" in out
+
+
+def test_show_and_unknown_persona(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERMES_PERSONAS_DIR", str(ROOT / "personas"))
+    assert main(["personas", "show", "edward_elric"]) == 0
+    assert "name: Edward Elric" in capsys.readouterr().out
+    assert main(["personas", "show", "nobody"]) == 2
+    assert "unknown persona 'nobody'" in capsys.readouterr().err
+
+
+def test_addressing_by_name_or_wake_word() -> None:
+    registry = PersonaRegistry.load(ROOT / "personas")
+    assert registry.find_addressed("Edward, what is alchemy?").id == "edward_elric"  # type: ignore[union-attr]
+    assert registry.find_addressed("sherlock: a case!").id == "sherlock_holmes"  # type: ignore[union-attr]
+    assert registry.find_addressed("Hermes 2 help").id == "hermes"  # type: ignore[union-attr]
+    assert registry.find_addressed("Edwardian houses are nice") is None
+    assert registry.find_addressed("Edward hi", candidates=["hermes"]) is None
