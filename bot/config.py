@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     )
     context_tokens: int = Field(8192, ge=256, validation_alias=AliasChoices("HERMES_CONTEXT_TOKENS", "context_tokens"))
     max_batch_size: int = Field(32, ge=1, validation_alias=AliasChoices("HERMES_MAX_BATCH_SIZE", "max_batch_size"))
+    prefix_cache_mb: int = Field(
+        2048, ge=0, validation_alias=AliasChoices("HERMES_PREFIX_CACHE_MB", "prefix_cache_mb")
+    )
 
     # Queue behaviour.
     queue_max_waiting: int = Field(256, ge=1, validation_alias=AliasChoices("HERMES_QUEUE_MAX_WAITING", "queue_max_waiting"))

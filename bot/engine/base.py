@@ -1,0 +1,131 @@
+"""The engine interface the worker drives: submit many requests, stream each one's text, cancel any.
+
+An engine owns the model (or the connection to a model server). The worker never sees tokens or
+tensors: it submits a `GenerationRequest` and reads a `GenerationStream` of `TextChunk`s that ends
+with exactly one `Finish`. Engines that produce text on another thread (the transformers engine)
+feed the stream through `GenerationStream.feed_threadsafe`, so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bot.personas import Sampling
+
+FinishReason = Literal["stop", "length", "cancelled", "deadline", "released"]
+
+
+class EngineError(RuntimeError):
+    """Generation failed (model server down, bad reply, prompt too long); the message says why."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One reply to generate. `assistant_prefix` is text the reply already starts with (a resumed job)."""
+
+    request_id: str
+    messages: list[dict[str, str]]
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: Sequence[str] = ()
+    assistant_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """New reply text, in order, never splitting a UTF-8 character and never containing stop text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The last item of every stream."""
+
+    reason: FinishReason
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+StreamItem = TextChunk | Finish
+
+
+class GenerationStream:
+    """Async iterator over one request's `TextChunk`s, ending after its `Finish` (or raising EngineError).
+
+    `cancel(reason)` asks the engine to stop; the stream then ends with `Finish(reason)`. Engines call
+    `feed`/`fail` (event-loop thread) or `feed_threadsafe` (any thread).
+    """
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.request = request
+        self.loop = loop or asyncio.get_running_loop()
+        self.cancel_reason: FinishReason | None = None
+        self.created_at = time.monotonic()
+        self._items: asyncio.Queue[StreamItem | EngineError] = asyncio.Queue()
+        self._done = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_reason is not None
+
+    def cancel(self, reason: FinishReason = "cancelled") -> None:
+        """Ask the engine to stop; idempotent, and the first reason wins."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+
+    def feed(self, items: Sequence[StreamItem | EngineError]) -> None:
+        for item in items:
+            self._items.put_nowait(item)
+
+    def feed_threadsafe(self, items: Sequence[StreamItem | EngineError]) -> None:
+        self.loop.call_soon_threadsafe(self.feed, list(items))
+
+    def fail(self, error: EngineError) -> None:
+        self._items.put_nowait(error)
+
+    def __aiter__(self) -> AsyncIterator[StreamItem]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[StreamItem]:
+        while not self._done:
+            item = await self._items.get()
+            if isinstance(item, EngineError):
+                self._done = True
+                raise item
+            if isinstance(item, Finish):
+                self._done = True
+            yield item
+
+
+class Engine(ABC):
+    """Owns one model; generates for many requests at once. Lifecycle: `await start()` ... `await close()`."""
+
+    name: str = "engine"
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load the model / check the server. Called once before `submit`."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop generating, end every open stream, free the model."""
+
+    @abstractmethod
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        """Start generating `request` now (the engine batches it with the others in flight)."""
+
+    async def generate_text(self, request: GenerationRequest) -> tuple[str, Finish]:
+        """Convenience for tests and tools: the whole reply and its Finish."""
+        parts: list[str] = []
+        finish = Finish("stop")
+        async for item in self.submit(request):
+            if isinstance(item, TextChunk):
+                parts.append(item.text)
+            else:
+                finish = item
+        return "".join(parts), finish

@@ -1,0 +1,162 @@
+"""KV memory for continuous batching: one fixed slot per running request, plus an LRU of prefixes.
+
+`SlotKV` holds per-layer K/V buffers shaped [slots, kv_heads, max_len, head_dim]. Running requests
+occupy slots 0..n-1 (kept compact), so a decode step attends over a plain view `buf[:n, :, :kv_len]`
+with no gather; a finished request's slot is refilled by moving the last one into it. The model sees
+the buffers through `DecodeCache`/`PrefillCache`, small objects with the `update()` method that
+transformers' attention layers call, so any Llama/Mistral-style model in transformers runs unchanged.
+
+`PrefixCache` keeps the KV of finished requests keyed by their token ids. A new request copies the
+longest common prefix (the persona's system prompt, a conversation's earlier turns) into its slot and
+only prefills the rest.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+class SlotKV:
+    """Preallocated K/V buffers with one slot per concurrently running request."""
+
+    def __init__(
+        self, *, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> None:
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.slots, self.max_len = slots, max_len
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst`."""
+        for buf in (*self.keys, *self.values):
+            buf[dst, :, :length] = buf[src, :, :length]
+
+    def load(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+        """Fill slot positions [0, length) from per-layer [kv_heads, >=length, head_dim] tensors."""
+        for buf, src in zip((*self.keys, *self.values), (*keys, *values), strict=True):
+            buf[slot, :, :length] = src[:, :length]
+
+    def read(self, slot: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of a slot's first `length` positions, per layer."""
+        return (
+            [k[slot, :, :length].clone() for k in self.keys],
+            [v[slot, :, :length].clone() for v in self.values],
+        )
+
+
+class DecodeCache:
+    """One new token for each of slots 0..rows-1, written at that row's own position."""
+
+    def __init__(self, kv: SlotKV, positions: torch.Tensor, kv_len: int) -> None:
+        self.kv, self.positions, self.kv_len = kv, positions, kv_len
+        self.rows = positions.shape[0]
+        self._row_index = torch.arange(self.rows, device=positions.device)
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
+        keys[self._row_index, :, self.positions] = key[:, :, 0]
+        values[self._row_index, :, self.positions] = value[:, :, 0]
+        return keys[: self.rows, :, : self.kv_len], values[: self.rows, :, : self.kv_len]
+
+
+class PrefillCache:
+    """A run of prompt tokens for one slot, written at positions [start, start + q)."""
+
+    def __init__(self, kv: SlotKV, slot: int, start: int) -> None:
+        self.kv, self.slot, self.start = kv, slot, start
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.start + key.shape[2]
+        keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
+        keys[self.slot, :, self.start : end] = key[0]
+        values[self.slot, :, self.start : end] = value[0]
+        s = self.slot
+        return keys[s : s + 1, :, :end], values[s : s + 1, :, :end]
+
+
+def decode_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+    """[B, 1, 1, kv_len] bool: each row sees its own positions up to its new token (within the window)."""
+    keys = torch.arange(kv_len, device=positions.device).unsqueeze(0)
+    pos = positions.unsqueeze(-1)
+    allowed = keys <= pos
+    if window is not None:
+        allowed &= keys > pos - window
+    return allowed[:, None, None, :]
+
+
+def prefill_mask(start: int, q: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[1, 1, q, start + q] bool causal mask for a prompt run that follows `start` cached tokens."""
+    queries = torch.arange(start, start + q, device=device).unsqueeze(-1)
+    keys = torch.arange(start + q, device=device).unsqueeze(0)
+    allowed = keys <= queries
+    if window is not None:
+        allowed &= keys > queries - window
+    return allowed[None, None]
+
+
+def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Length of the longest common prefix of two 1-D id tensors."""
+    n = min(a.shape[0], b.shape[0])
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0, 0]) if differ.numel() else n
+
+
+@dataclass
+class PrefixEntry:
+    ids: torch.Tensor  # int64 on CPU
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class PrefixCache:
+    """LRU of finished requests' KV keyed by token ids, capped in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[int, PrefixEntry] = OrderedDict()
+        self._next_key = 0
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, ids: torch.Tensor) -> tuple[PrefixEntry | None, int]:
+        """The entry sharing the longest prefix with `ids`, and that length (marks it recently used)."""
+        best: tuple[int, int] | None = None
+        for key, entry in self._entries.items():
+            n = common_prefix(entry.ids, ids)
+            if n and (best is None or n > best[1]):
+                best = (key, n)
+        if best is None:
+            return None, 0
+        self._entries.move_to_end(best[0])
+        return self._entries[best[0]], best[1]
+
+    def store(self, entry: PrefixEntry) -> None:
+        """Add `entry`, dropping entries it extends (an earlier turn of the same conversation) and old ones."""
+        if self.max_bytes <= 0 or entry.nbytes > self.max_bytes:
+            return
+        for key in [k for k, e in self._entries.items() if common_prefix(e.ids, entry.ids) == e.ids.shape[0]]:
+            self._drop(key)
+        while self._entries and self.bytes + entry.nbytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+        self._entries[self._next_key] = entry
+        self._next_key += 1
+        self.bytes += entry.nbytes
+
+    def _drop(self, key: int) -> None:
+        self.bytes -= self._entries.pop(key).nbytes

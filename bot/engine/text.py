@@ -1,0 +1,74 @@
+"""Token ids -> streamed text: incremental detokenization and stop strings.
+
+Both are per-request and pure (no model), so the engines share them and tests pin their edge cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without re-decoding the whole reply.
+
+    Byte-level BPE can split one UTF-8 character over several tokens; a decode that ends in U+FFFD is
+    held back until the character is complete. Decoding a short window (`prefix_offset`) instead of
+    one token at a time keeps tokenizer-specific spacing (SentencePiece's leading "▁") right.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes ("" while a character is still partial)."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self.ids[self._prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self.ids)
+        return full[len(prefix) :]
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, trims them, and holds back text that may start one.
+
+    `feed(text)` returns (safe_text, stopped). Text that could be the beginning of a stop string stays
+    buffered until the next chunk proves it is not; `flush()` releases it when generation ends otherwise.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        buffer = self._pending + text
+        first = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
+        if first >= 0:
+            self._pending = ""
+            return buffer[:first], True
+        hold = self._partial_suffix(buffer)
+        self._pending = buffer[len(buffer) - hold :] if hold else ""
+        return buffer[: len(buffer) - hold], False
+
+    def flush(self) -> str:
+        text, self._pending = self._pending, ""
+        return text
+
+    def _partial_suffix(self, buffer: str) -> int:
+        """Length of the longest suffix of `buffer` that is a proper prefix of some stop string."""
+        best = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(buffer)), best, -1):
+                if buffer.endswith(stop[:n]):
+                    best = n
+                    break
+        return best

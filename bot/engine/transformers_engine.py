@@ -1,0 +1,399 @@
+"""The local engine: one copy of a transformers causal LM, continuous batching on a dedicated thread.
+
+Why our own decode loop rather than transformers' `init_continuous_batching`: we need per-request
+repetition penalty, streaming with stop strings, cancellation between steps, and reuse of the KV of
+shared prefixes across requests; with those, the loop is small (see BENCHMARKS.md for the numbers).
+
+Each loop iteration: take new requests, drop cancelled ones, prefill (a chunk of) one waiting prompt
+into a free slot, then run ONE batched decode step for every running request. Requests join and
+leave between steps. All torch work happens on the engine thread; text reaches the event loop through
+`GenerationStream.feed_threadsafe`, once per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bot.config import Settings
+from bot.engine.base import (
+    Engine,
+    EngineError,
+    Finish,
+    FinishReason,
+    GenerationRequest,
+    GenerationStream,
+    TextChunk,
+)
+from bot.engine.kv import (
+    DecodeCache,
+    PrefillCache,
+    PrefixCache,
+    PrefixEntry,
+    SlotKV,
+    decode_mask,
+    prefill_mask,
+)
+from bot.engine.sampling import apply_repetition_penalty, sample_next
+from bot.engine.text import IncrementalDetokenizer, StopMatcher
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 512  # prompt tokens per step while other requests are decoding (keeps their latency flat)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def quantization_config(kind: str) -> Any:
+    """BitsAndBytesConfig for `bnb-4bit`/`bnb-8bit`; a clear error when bitsandbytes is missing."""
+    if kind == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise EngineError(
+            f"HERMES_QUANTIZATION={kind} needs bitsandbytes (pip install bitsandbytes, CUDA only); "
+            "or use HERMES_QUANTIZATION=none, or an AWQ/GPTQ checkpoint"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "bnb-4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(settings: Settings) -> tuple[Any, Any, torch.device]:
+    """Tokenizer and model from settings.model (HF id or local path), on the configured device/dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    quant = quantization_config(settings.quantization)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        model = AutoModelForCausalLM.from_pretrained(
+            settings.model, dtype=dtype, attn_implementation="sdpa", quantization_config=quant,
+            device_map=str(device) if quant is not None else None,
+        )
+    except OSError as exc:
+        raise EngineError(f"cannot load HERMES_MODEL={settings.model!r}: {exc}") from exc
+    if quant is None:
+        model.to(device)
+    model.eval()
+    return tokenizer, model, device
+
+
+@dataclass(eq=False)
+class _Running:
+    """Engine-thread state of one request."""
+
+    stream: GenerationStream
+    ids: list[int]  # prompt, then generated tokens
+    prompt_len: int
+    max_new: int
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    cached: int = 0  # tokens whose KV is in the slot
+    generated: int = 0
+    slot: int = -1
+    out: list[TextChunk | Finish] = field(default_factory=list)
+
+
+class TransformersEngine(Engine):
+    """Continuous batching over `SlotKV` with prefix reuse. `model`/`tokenizer` may be passed in (benchmarks)."""
+
+    name = "transformers"
+
+    def __init__(self, settings: Settings, *, model: Any = None, tokenizer: Any = None) -> None:
+        self.settings = settings
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device if model is not None else None
+        self._inbox: deque[GenerationStream] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: deque[_Running] = deque()
+        self._running: list[_Running] = []  # index == slot
+        self._prefilling: _Running | None = None
+
+    # -- lifecycle (event loop) ---------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.model is None:
+            self.tokenizer, self.model, self.device = await asyncio.to_thread(load_model, self.settings)
+        await asyncio.to_thread(self._setup)
+        self._thread = threading.Thread(target=self._run, name="hermes-engine", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        if self._thread is None or self._stopping:
+            raise EngineError("the transformers engine is not running")
+        stream = GenerationStream(request, self._loop)
+        self._inbox.append(stream)
+        self._wake.set()
+        return stream
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # -- engine thread ------------------------------------------------------------------------
+    def _setup(self) -> None:
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limit = getattr(text_config, "max_position_embeddings", None) or self.settings.context_tokens
+        self.max_len = min(self.settings.context_tokens, limit)
+        self.window = getattr(text_config, "sliding_window", None)
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        slots = self.settings.max_batch_size
+        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            dtype = torch.bfloat16
+        self.kv = SlotKV(
+            layers=text_config.num_hidden_layers, slots=slots, kv_heads=text_config.num_key_value_heads,
+            max_len=self.max_len, head_dim=head_dim, dtype=dtype, device=self.device,
+        )
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.seen = torch.zeros((slots, vocab), dtype=torch.bool, device=self.device)
+        self.temperature = torch.zeros(slots, device=self.device)
+        self.top_p = torch.ones(slots, device=self.device)
+        self.top_k = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.penalty = torch.ones(slots, device=self.device)
+        self.prefixes = PrefixCache(self.settings.prefix_cache_mb * 1024 * 1024)
+        self.eos_ids = self._eos_ids()
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.add(im_end)
+        return ids
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                try:
+                    busy = self._step()
+                except Exception as exc:  # a failed forward must not kill the worker: fail what is running
+                    log.exception("engine step failed")
+                    self._fail_all(EngineError(f"generation failed: {exc}"))
+                    busy = False
+                if not busy:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+            self._fail_all(EngineError("the engine is shutting down"))
+
+    def _step(self) -> bool:
+        self._take_new()
+        self._drop_cancelled()
+        if self._prefilling is None and self._waiting and len(self._running) < self.kv.slots:
+            self._begin_prefill(self._waiting.popleft())
+        if self._prefilling is not None:
+            self._prefill_chunk(self._prefilling)
+        if self._running:
+            self._decode_step()
+        self._flush()
+        return bool(self._running or self._prefilling or self._waiting or self._inbox)
+
+    def _take_new(self) -> None:
+        while self._inbox:
+            stream = self._inbox.popleft()
+            try:
+                self._waiting.append(self._prepare(stream))
+            except EngineError as exc:
+                stream.feed_threadsafe([exc])
+
+    def _prepare(self, stream: GenerationStream) -> _Running:
+        from bot.prompt import PromptTooLong, encode_messages
+
+        request = stream.request
+        budget_new = min(request.sampling.max_new_tokens, self.max_len // 2)
+        try:
+            prompt = encode_messages(
+                self.tokenizer, request.messages, context_tokens=self.max_len, max_new_tokens=budget_new
+            )
+        except PromptTooLong as exc:
+            raise EngineError(str(exc)) from None
+        ids = list(prompt.ids)
+        if request.assistant_prefix:
+            ids += self.tokenizer(
+                request.assistant_prefix, add_special_tokens=False, split_special_tokens=True
+            )["input_ids"]
+        if len(ids) >= self.max_len:
+            raise EngineError(f"prompt of {len(ids)} tokens does not fit the {self.max_len}-token context")
+        max_new = min(request.sampling.max_new_tokens, self.max_len - len(ids))
+        return _Running(
+            stream=stream, ids=ids, prompt_len=len(ids), max_new=max_new,
+            detok=IncrementalDetokenizer(self.tokenizer), stops=StopMatcher(request.stop),
+        )
+
+    def _drop_cancelled(self) -> None:
+        for run in [r for r in self._waiting if r.stream.cancelled]:
+            self._waiting.remove(run)
+            self._finish(run, run.stream.cancel_reason or "cancelled", keep=False)
+        if self._prefilling is not None and self._prefilling.stream.cancelled:
+            run, self._prefilling = self._prefilling, None
+            self._finish(run, run.stream.cancel_reason or "cancelled", keep=False)
+        for run in [r for r in self._running if r.stream.cancelled]:
+            self._finish(run, run.stream.cancel_reason or "cancelled")
+
+    def _begin_prefill(self, run: _Running) -> None:
+        run.slot = len(self._running)
+        ids = torch.tensor(run.ids, dtype=torch.long)
+        entry, shared = self.prefixes.lookup(ids)
+        shared = min(shared, len(run.ids) - 1)  # at least one token must run to get the next logits
+        if entry is not None and shared > 0:
+            self.kv.load(run.slot, entry.keys, entry.values, shared)
+            run.cached = shared
+        self._set_row(run.slot, run)
+        self._prefilling = run
+
+    def _set_row(self, slot: int, run: _Running) -> None:
+        s = run.stream.request.sampling
+        self.temperature[slot] = s.temperature
+        self.top_p[slot] = s.top_p
+        self.top_k[slot] = s.top_k
+        self.penalty[slot] = s.repetition_penalty
+        self.seen[slot] = False
+        self.seen[slot, torch.tensor(run.ids, device=self.device)] = True
+
+    def _prefill_chunk(self, run: _Running) -> None:
+        remaining = run.prompt_len - run.cached
+        q = min(remaining, PREFILL_CHUNK) if self._running else remaining
+        start = run.cached
+        chunk = torch.tensor([run.ids[start : start + q]], device=self.device)
+        logits = self.model(
+            input_ids=chunk,
+            position_ids=torch.arange(start, start + q, device=self.device).unsqueeze(0),
+            attention_mask=prefill_mask(start, q, self.window, self.device),
+            cache=PrefillCache(self.kv, run.slot, start),
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1].float()
+        run.cached += q
+        if run.cached < run.prompt_len:
+            return
+        self._prefilling = None
+        token = self._sample(logits, slice(run.slot, run.slot + 1))
+        self._running.append(run)
+        self._accept(run, int(token[0]))
+
+    def _decode_step(self) -> None:
+        rows = len(self._running)
+        positions = torch.tensor([r.cached for r in self._running], device=self.device)
+        kv_len = max(r.cached for r in self._running) + 1
+        tokens = torch.tensor([[r.ids[-1]] for r in self._running], device=self.device)
+        logits = self.model(
+            input_ids=tokens,
+            position_ids=positions.unsqueeze(-1),
+            attention_mask=decode_mask(positions, kv_len, self.window),
+            cache=DecodeCache(self.kv, positions, kv_len),
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1].float()
+        chosen = self._sample(logits, slice(0, rows)).tolist()
+        batch = list(self._running)
+        for run in batch:  # first, so slot moves made while accepting copy this step's KV too
+            run.cached += 1
+        for run, token in zip(batch, chosen, strict=True):
+            self._accept(run, token)
+
+    def _sample(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        logits = apply_repetition_penalty(logits, self.seen[rows], self.penalty[rows])
+        chosen = sample_next(
+            logits, temperature=self.temperature[rows], top_k=self.top_k[rows], top_p=self.top_p[rows]
+        )
+        index = torch.arange(rows.start, rows.stop, device=self.device)
+        self.seen[index, chosen] = True
+        return chosen
+
+    def _accept(self, run: _Running, token: int) -> None:
+        """Append one generated token: stream its text, or finish on eos / stop string / length."""
+        run.generated += 1
+        if token in self.eos_ids:
+            self._emit(run, run.stops.flush())
+            self._finish(run, "stop")
+            return
+        run.ids.append(token)
+        text, stopped = run.stops.feed(run.detok.push(token))
+        self._emit(run, text)
+        if stopped:
+            self._finish(run, "stop")
+        elif run.generated >= run.max_new or len(run.ids) >= self.max_len:
+            self._emit(run, run.stops.flush())
+            self._finish(run, "length")
+
+    def _emit(self, run: _Running, text: str) -> None:
+        if text:
+            run.out.append(TextChunk(text))
+
+    def _finish(self, run: _Running, reason: FinishReason, keep: bool = True) -> None:
+        """End a request: send its Finish, keep its KV as a reusable prefix, free its slot."""
+        run.out.append(Finish(reason, prompt_tokens=run.prompt_len, completion_tokens=run.generated))
+        if run in self._running:
+            if keep and run.cached:
+                keys, values = self.kv.read(run.slot, run.cached)
+                self.prefixes.store(PrefixEntry(torch.tensor(run.ids[: run.cached]), keys, values))
+            self._release_slot(run)
+        self._send(run)
+
+    def _release_slot(self, run: _Running) -> None:
+        last = self._running.pop()
+        if last is not run:
+            self._move(last, run.slot)
+            self._running[run.slot] = last
+        if self._prefilling is not None and self._prefilling.slot != len(self._running):
+            self._move(self._prefilling, len(self._running))
+
+    def _move(self, run: _Running, slot: int) -> None:
+        self.kv.move(run.slot, slot, run.cached)
+        for row in (self.temperature, self.top_p, self.top_k, self.penalty, self.seen):
+            row[slot] = row[run.slot]
+        run.slot = slot
+
+    def _send(self, run: _Running) -> None:
+        if run.out:
+            run.stream.feed_threadsafe(run.out)
+            run.out = []
+
+    def _flush(self) -> None:
+        for run in self._running:
+            self._send(run)
+
+    def _fail_all(self, error: EngineError) -> None:
+        runs = [*self._running, *self._waiting, *([self._prefilling] if self._prefilling else [])]
+        self._running, self._prefilling = [], None
+        self._waiting.clear()
+        for run in runs:
+            run.stream.feed_threadsafe([error])
+        while self._inbox:
+            self._inbox.popleft().feed_threadsafe([error])
