@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from bot.config import Settings
 from bot.metrics import REGISTRY
 
 log = logging.getLogger(__name__)
@@ -98,3 +99,10 @@ async def start_ops_server(port: int, readiness: Readiness, host: str = "0.0.0.0
     bound = int(runner.addresses[0][1]) if runner.addresses else port
     log.info("ops server listening host=%s port=%d", host, bound)
     return OpsServer(runner=runner, port=bound)
+
+
+async def serve_ops(settings: Settings, checks: Mapping[str, Check]) -> OpsServer | None:
+    """Start the ops server when HERMES_METRICS_PORT is set (else None): the one call a process makes."""
+    if settings.metrics_port is None:
+        return None
+    return await start_ops_server(settings.metrics_port, readiness_from(checks))

@@ -10,7 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot import metrics
-from bot.health import OpsServer, readiness_from, start_ops_server
+from bot.config import Settings
+from bot.health import OpsServer, readiness_from, serve_ops, start_ops_server
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:
@@ -129,3 +130,15 @@ async def test_readyz_with_no_checks_is_not_ready(ops) -> None:
     server = await ops(empty)
     status, _, _ = await get(server.port, "/readyz")
     assert status == 503
+
+
+async def test_serve_ops_follows_the_metrics_port_setting(unused_tcp_port: int) -> None:
+    assert await serve_ops(Settings(metrics_port=None), {"queue": lambda: True}) is None
+    server = await serve_ops(Settings(metrics_port=unused_tcp_port), {"queue": lambda: True})
+    assert server is not None
+    try:
+        assert server.port == unused_tcp_port
+        status, _, body = await get(server.port, "/readyz")
+        assert status == 200 and '"queue": true' in body
+    finally:
+        await server.close()
