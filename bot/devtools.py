@@ -45,6 +45,7 @@ def build_tokenizer(vocab_size: int = 1024):  # type: ignore[no-untyped-def]
         eos_token="<|im_end|>",
         unk_token="<unk>",
         pad_token="</s>",
+        additional_special_tokens=["<|im_start|>"],
         chat_template=CHATML_TEMPLATE,
         model_max_length=4096,
     )
