@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT.parent / "shared" / "data" / "compose-spec.json"
 BASE = ROOT / "docker-compose.yml"
 OPENAI = ROOT / "docker-compose.openai.yml"
+VLLM = ROOT / "docker-compose.vllm.yml"
 
 SETTING_NAMES = {str(field.validation_alias.choices[0]) for field in Settings.model_fields.values()}  # type: ignore[union-attr]
 OUR_IMAGES = {"hermes-bot:latest", "hermes-bot:gpu"}
@@ -105,14 +106,25 @@ def with_openai(base: dict[str, Any]) -> dict[str, Any]:
     return merge(base, load(OPENAI))
 
 
+@pytest.fixture(scope="module")
+def with_vllm(with_openai: dict[str, Any]) -> dict[str, Any]:
+    return merge(with_openai, load(VLLM))
+
+
+@pytest.fixture(scope="module")
+def variants(base, with_openai, with_vllm) -> list[dict[str, Any]]:
+    """Every way the README tells people to run compose."""
+    return [base, with_openai, with_vllm]
+
+
 def app_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: svc for name, svc in compose["services"].items() if svc.get("image") in OUR_IMAGES}
 
 
-def test_compose_files_match_the_compose_schema(schema, base, with_openai) -> None:
+def test_compose_files_match_the_compose_schema(schema, variants) -> None:
     jsonschema.Draft7Validator.check_schema(schema)
-    jsonschema.Draft7Validator(schema).validate(base)
-    jsonschema.Draft7Validator(schema).validate(with_openai)
+    for compose in variants:
+        jsonschema.Draft7Validator(schema).validate(compose)
 
 
 def test_schema_check_is_not_vacuous(schema, base) -> None:
@@ -121,18 +133,18 @@ def test_schema_check_is_not_vacuous(schema, base) -> None:
         jsonschema.Draft7Validator(schema).validate(broken)
 
 
-def test_every_hermes_and_discord_variable_is_a_real_setting(base, with_openai) -> None:
-    for compose in (base, with_openai):
+def test_every_hermes_and_discord_variable_is_a_real_setting(variants) -> None:
+    for compose in variants:
         for name, service in compose["services"].items():
             for key in environment(service):
                 if key.startswith(("HERMES_", "DISCORD_")):
                     assert key in SETTING_NAMES, f"service {name} sets {key}, which bot/config.py does not define"
 
 
-def test_every_command_exists_in_the_cli(base, with_openai) -> None:
+def test_every_command_exists_in_the_cli(variants) -> None:
     parser = build_parser()
     commands = set()
-    for compose in (base, with_openai):
+    for compose in variants:
         for name, service in app_services(compose).items():
             command = service["command"]
             argv = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
@@ -141,8 +153,8 @@ def test_every_command_exists_in_the_cli(base, with_openai) -> None:
     assert {("bot", "run"), ("worker", "worker"), ("migrate", "db")} <= commands
 
 
-def test_settings_in_compose_validate(base, with_openai) -> None:
-    for compose in (base, with_openai):
+def test_settings_in_compose_validate(variants) -> None:
+    for compose in variants:
         for service in app_services(compose).values():
             env = {k: v for k, v in environment(service).items() if k in SETTING_NAMES}
             Settings(**env)  # raises on a value the program would refuse at start
@@ -205,6 +217,19 @@ def test_openai_override_swaps_the_gpu_worker(with_openai) -> None:
     assert worker["build"]["args"]["TORCH"] == "cpu"
     # The URLs that join the services survive the override.
     assert env["HERMES_QUEUE_URL"] == "redis://redis:6379/0"
+
+
+def test_vllm_override_points_workers_at_the_vllm_service(with_vllm) -> None:
+    services = with_vllm["services"]
+    worker, vllm = services["worker"], services["vllm"]
+    env = environment(worker)
+    assert env["HERMES_ENGINE"] == "openai"
+    url = make_url(env["HERMES_OPENAI_BASE_URL"])
+    assert url.host == "vllm" and str(url.port) in vllm["expose"]
+    assert env["HERMES_MODEL"] in vllm["command"]
+    assert worker["depends_on"]["vllm"]["condition"] == "service_healthy" and "test" in vllm["healthcheck"]
+    assert "deploy" not in worker and "extra_hosts" not in worker
+    assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
 
 
 def test_healthchecks_probe_the_metrics_port(base) -> None:
