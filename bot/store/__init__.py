@@ -1,0 +1,1 @@
+"""Conversation history and per-channel settings in SQL (SQLite embedded, PostgreSQL at scale)."""

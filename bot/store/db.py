@@ -1,0 +1,47 @@
+"""Async engines for the store: SQLite tuned so a bot and a worker can share one file, or PostgreSQL.
+
+`HERMES_DATABASE_URL` alone decides which; nothing else in the code branches on the database except
+the dialect-specific upsert in the repository.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL lets readers run beside one writer; busy_timeout makes writers wait instead of failing.
+
+    synchronous=NORMAL is the documented safe pairing with WAL (no corruption, fewer fsyncs);
+    foreign_keys=ON makes SQLite honour the ON DELETE CASCADE that PostgreSQL always does.
+    """
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def make_engine(database_url: str) -> AsyncEngine:
+    """An AsyncEngine for `database_url`; for a SQLite file, creates its directory first."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite":
+        return create_async_engine(url, pool_pre_ping=True)
+    if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
+        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url)
+    event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker:
+    """Sessions that keep loaded rows usable after commit (the store returns plain dataclasses anyway)."""
+    return async_sessionmaker(engine, expire_on_commit=False)

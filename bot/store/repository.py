@@ -1,0 +1,349 @@
+"""ConversationStore: the only code that reads or writes conversation history and channel settings.
+
+Every method is one short transaction. Appends are idempotent on the Discord message id (an INSERT ..
+ON CONFLICT DO NOTHING), so a re-delivered gateway event or a retried write never duplicates a turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from bot.store.db import make_engine, make_sessionmaker
+from bot.store.keys import ConversationKey
+from bot.store.models import ROLES, Conversation, ConversationPersona, Message, utcnow
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A stored turn, detached from the database session."""
+
+    id: int
+    conversation_key: str
+    discord_message_id: int | None
+    author_id: int | None
+    author_name: str
+    role: str
+    persona_id: str | None
+    content: str
+    reply_to_id: int | None
+    created_at: datetime
+    edited_at: datetime | None
+    deleted_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """What a channel (or thread, or DM) has chosen; None/empty means "use the bot's defaults"."""
+
+    default_persona: str | None = None
+    personas: list[str] = field(default_factory=list)
+    autorespond: bool = False
+
+
+def _stored(message: Message, key: str) -> StoredMessage:
+    return StoredMessage(
+        id=message.id,
+        conversation_key=key,
+        discord_message_id=message.discord_message_id,
+        author_id=message.author_id,
+        author_name=message.author_name,
+        role=message.role,
+        persona_id=message.persona_id,
+        content=message.content,
+        reply_to_id=message.reply_to_id,
+        created_at=message.created_at,
+        edited_at=message.edited_at,
+        deleted_at=message.deleted_at,
+    )
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+class ConversationStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sessions = make_sessionmaker(engine)
+        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+    @classmethod
+    async def open(cls, database_url: str, *, migrate: bool = False) -> ConversationStore:
+        """A store on `database_url`; with migrate=True, upgrade the schema to head first."""
+        if migrate:
+            from bot.store.migrate import upgrade_async
+
+            await upgrade_async(database_url)
+        return cls(make_engine(database_url))
+
+    async def close(self) -> None:
+        """Dispose of the engine (and its pooled connections) this store was given."""
+        await self.engine.dispose()
+
+    # -- conversations ---------------------------------------------------------------------------
+
+    async def _conversation(self, session: AsyncSession, key: ConversationKey) -> Conversation | None:
+        return await session.scalar(select(Conversation).where(Conversation.key == key.as_str()))
+
+    async def _conversation_id(self, session: AsyncSession, key: ConversationKey) -> int:
+        """The conversation's id, creating its row on first use (safe when many tasks race)."""
+        found = await session.scalar(select(Conversation.id).where(Conversation.key == key.as_str()))
+        if found is not None:
+            return found
+        created = await session.scalar(
+            self._insert(Conversation)
+            .values(key=key.as_str(), guild_id=key.guild_id, channel_id=key.channel_id, thread_id=key.thread_id)
+            .on_conflict_do_nothing(index_elements=["key"])
+            .returning(Conversation.id)
+        )
+        if created is not None:
+            return created
+        return (await session.scalars(select(Conversation.id).where(Conversation.key == key.as_str()))).one()
+
+    # -- messages ----------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        key: ConversationKey,
+        *,
+        discord_message_id: int | None,
+        author_id: int | None,
+        author_name: str,
+        role: str,
+        content: str,
+        persona_id: str | None = None,
+        reply_to_id: int | None = None,
+        created_at: datetime | None = None,
+    ) -> bool:
+        """Store one turn; False (and nothing changed) when that Discord message is already stored."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)} (got {role!r})")
+        if created_at is not None and created_at.tzinfo is None:
+            raise ValueError(f"created_at must be timezone-aware, e.g. datetime.now(UTC) (got naive {created_at!r})")
+        async with self._sessions.begin() as session:
+            conversation_id = await self._conversation_id(session, key)
+            inserted = await session.scalar(
+                self._insert(Message)
+                .values(
+                    conversation_id=conversation_id,
+                    discord_message_id=discord_message_id,
+                    author_id=author_id,
+                    author_name=author_name,
+                    role=role,
+                    persona_id=persona_id,
+                    content=content,
+                    reply_to_id=reply_to_id,
+                    created_at=created_at or utcnow(),
+                )
+                .on_conflict_do_nothing(index_elements=["discord_message_id"])
+                .returning(Message.id)
+            )
+        return inserted is not None
+
+    async def window(self, key: ConversationKey, limit: int) -> list[StoredMessage]:
+        """The newest `limit` live turns since the last reset, oldest first (the model's context)."""
+        if limit < 0:
+            raise ValueError(f"window limit must be >= 0 (got {limit})")
+        async with self._sessions() as session:
+            conversation = await self._conversation(session, key)
+            if conversation is None or limit == 0:
+                return []
+            rows = await session.scalars(
+                select(Message)
+                .where(
+                    Message.conversation_id == conversation.id,
+                    Message.id > conversation.reset_after_id,
+                    Message.deleted_at.is_(None),
+                )
+                .order_by(Message.id.desc())
+                .limit(limit)
+            )
+            return [_stored(m, conversation.key) for m in reversed(rows.all())]
+
+    async def last_assistant_turn(self, key: ConversationKey) -> StoredMessage | None:
+        """The newest live assistant turn since the last reset (what /regenerate replaces)."""
+        async with self._sessions() as session:
+            conversation = await self._conversation(session, key)
+            if conversation is None:
+                return None
+            message = await session.scalar(
+                select(Message)
+                .where(
+                    Message.conversation_id == conversation.id,
+                    Message.id > conversation.reset_after_id,
+                    Message.deleted_at.is_(None),
+                    Message.role == "assistant",
+                )
+                .order_by(Message.id.desc())
+                .limit(1)
+            )
+            return None if message is None else _stored(message, conversation.key)
+
+    async def find_message(self, discord_message_id: int) -> StoredMessage | None:
+        """A stored turn by Discord id, deleted ones included (check `deleted_at`)."""
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    select(Message, Conversation.key)
+                    .join(Conversation, Conversation.id == Message.conversation_id)
+                    .where(Message.discord_message_id == discord_message_id)
+                )
+            ).first()
+            return None if row is None else _stored(row[0], row[1])
+
+    async def edit_message(self, discord_message_id: int, content: str) -> bool:
+        """Mirror a Discord edit; False when the message is unknown or deleted."""
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.discord_message_id == discord_message_id, Message.deleted_at.is_(None))
+                .values(content=content, edited_at=utcnow())
+            )
+        return result.rowcount > 0
+
+    async def delete_message(self, discord_message_id: int) -> bool:
+        """Mirror a Discord deletion: the text is erased, the row stays as a marker.
+
+        Keeping the row means a late re-delivery of the original create event is still a no-op
+        instead of bringing the deleted text back.
+        """
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.discord_message_id == discord_message_id, Message.deleted_at.is_(None))
+                .values(content="", deleted_at=utcnow())
+            )
+        return result.rowcount > 0
+
+    async def reset(self, key: ConversationKey) -> None:
+        """Start a fresh context: later windows only see turns appended after this call."""
+        async with self._sessions.begin() as session:
+            conversation_id = await self._conversation_id(session, key)
+            newest = await session.scalar(
+                select(func.coalesce(func.max(Message.id), 0)).where(Message.conversation_id == conversation_id)
+            )
+            await session.execute(
+                update(Conversation)
+                .where(Conversation.id == conversation_id)
+                .values(reset_after_id=newest, reset_at=utcnow())
+            )
+
+    async def forget_user(self, author_id: int) -> int:
+        """Erase every message of one user in every conversation; returns how many were removed.
+
+        Replies that pointed at their messages lose that pointer too, so no trace of their
+        message ids stays behind.
+        """
+        theirs = select(Message.discord_message_id).where(
+            Message.author_id == author_id, Message.discord_message_id.is_not(None)
+        )
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(Message).where(Message.reply_to_id.in_(theirs)).values(reply_to_id=None)
+            )
+            result = await session.execute(delete(Message).where(Message.author_id == author_id))
+        return result.rowcount
+
+    async def count_messages(self) -> int:
+        async with self._sessions() as session:
+            return int(await session.scalar(select(func.count()).select_from(Message)) or 0)
+
+    async def export(self, key: ConversationKey) -> dict[str, Any]:
+        """The whole record of a conversation as JSON-ready data, history before resets included."""
+        async with self._sessions() as session:
+            conversation = await self._conversation(session, key)
+            messages = (
+                []
+                if conversation is None
+                else (
+                    await session.scalars(
+                        select(Message).where(Message.conversation_id == conversation.id).order_by(Message.id)
+                    )
+                ).all()
+            )
+            settings = await self._settings(session, conversation)
+        reset_after = 0 if conversation is None else conversation.reset_after_id
+        return {
+            "conversation": key.as_str(),
+            "guild_id": key.guild_id,
+            "channel_id": key.channel_id,
+            "thread_id": key.thread_id,
+            "reset_at": None if conversation is None else _iso(conversation.reset_at),
+            "settings": asdict(settings),
+            "messages": [
+                {
+                    "discord_message_id": m.discord_message_id,
+                    "author_id": m.author_id,
+                    "author_name": m.author_name,
+                    "role": m.role,
+                    "persona_id": m.persona_id,
+                    "content": m.content,
+                    "reply_to_id": m.reply_to_id,
+                    "created_at": _iso(m.created_at),
+                    "edited_at": _iso(m.edited_at),
+                    "deleted_at": _iso(m.deleted_at),
+                    "in_context": m.id > reset_after and m.deleted_at is None,
+                }
+                for m in messages
+            ],
+        }
+
+    # -- channel settings --------------------------------------------------------------------------
+
+    async def _settings(self, session: AsyncSession, conversation: Conversation | None) -> ChannelSettings:
+        if conversation is None:
+            return ChannelSettings()
+        personas = await session.scalars(
+            select(ConversationPersona.persona_id)
+            .where(ConversationPersona.conversation_id == conversation.id)
+            .order_by(ConversationPersona.added_at, ConversationPersona.persona_id)
+        )
+        return ChannelSettings(
+            default_persona=conversation.default_persona,
+            personas=list(personas),
+            autorespond=conversation.autorespond,
+        )
+
+    async def get_settings(self, key: ConversationKey) -> ChannelSettings:
+        async with self._sessions() as session:
+            return await self._settings(session, await self._conversation(session, key))
+
+    async def _update_conversation(self, key: ConversationKey, **values: Any) -> None:
+        async with self._sessions.begin() as session:
+            conversation_id = await self._conversation_id(session, key)
+            await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(**values))
+
+    async def set_default_persona(self, key: ConversationKey, persona_id: str | None) -> None:
+        """Choose the persona that answers here; None goes back to the bot's default."""
+        await self._update_conversation(key, default_persona=persona_id)
+
+    async def set_autorespond(self, key: ConversationKey, on: bool) -> None:
+        """With autorespond on, the channel's personas answer every message, not only mentions."""
+        await self._update_conversation(key, autorespond=on)
+
+    async def add_persona(self, key: ConversationKey, persona_id: str) -> None:
+        """Make one more persona active here (a no-op when it already is)."""
+        async with self._sessions.begin() as session:
+            conversation_id = await self._conversation_id(session, key)
+            await session.execute(
+                self._insert(ConversationPersona)
+                .values(conversation_id=conversation_id, persona_id=persona_id)
+                .on_conflict_do_nothing()
+            )
+
+    async def remove_persona(self, key: ConversationKey, persona_id: str) -> None:
+        async with self._sessions.begin() as session:
+            conversation = await self._conversation(session, key)
+            if conversation is not None:
+                await session.execute(
+                    delete(ConversationPersona).where(
+                        ConversationPersona.conversation_id == conversation.id,
+                        ConversationPersona.persona_id == persona_id,
+                    )
+                )

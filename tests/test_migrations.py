@@ -1,0 +1,106 @@
+"""Alembic migrations: empty -> head on SQLite and PostgreSQL, models and migrations agree, CLI works."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Column, Integer, MetaData, inspect
+from sqlalchemy.engine import Connection
+
+from bot.store.db import make_engine
+from bot.store.migrate import alembic_config, head_revision, upgrade, upgrade_async
+from bot.store.models import Base
+from bot.store.repository import ConversationStore
+from tests.test_store import GUILD, new_database_url
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = {"conversations", "conversation_personas", "messages"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return new_database_url(request, tmp_path, request.param)
+
+
+def _diff(connection: Connection, metadata: MetaData) -> list[object]:
+    return compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}), metadata)
+
+
+def _state(connection: Connection) -> tuple[set[str], str | None]:
+    tables = set(inspect(connection).get_table_names()) - {"alembic_version"}
+    return tables, MigrationContext.configure(connection).get_current_revision()
+
+
+async def test_empty_to_head_matches_models(empty_database_url: str) -> None:
+    await upgrade_async(empty_database_url)
+    await upgrade_async(empty_database_url)  # a second run is a no-op
+    engine = make_engine(empty_database_url)
+    try:
+        async with engine.connect() as connection:
+            assert await connection.run_sync(_state) == (TABLES, head_revision())
+            assert await connection.run_sync(_diff, Base.metadata) == []
+            # The comparison is not blind: a column the migrations lack shows up as a difference.
+            changed = MetaData()
+            for table in Base.metadata.sorted_tables:
+                table.to_metadata(changed)
+            changed.tables["messages"].append_column(Column("extra", Integer))
+            diff = await connection.run_sync(_diff, changed)
+            assert [d[0] for d in diff] == ["add_column"]  # type: ignore[index]
+    finally:
+        await engine.dispose()
+
+
+async def test_downgrade_to_base_and_back(empty_database_url: str) -> None:
+    await upgrade_async(empty_database_url)
+    engine = make_engine(empty_database_url)
+
+    def downgrade(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "base")
+
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(downgrade)
+        async with engine.connect() as connection:
+            assert await connection.run_sync(_state) == (set(), None)
+    finally:
+        await engine.dispose()
+    await upgrade_async(empty_database_url)
+    store = await ConversationStore.open(empty_database_url)
+    try:
+        assert await store.append(GUILD, discord_message_id=1, author_id=2, author_name="a", role="user", content="x")
+    finally:
+        await store.close()
+
+
+async def test_open_with_migrate_logs_the_upgrade(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'data' / 'hermes.db'}"
+    with caplog.at_level(logging.INFO, logger="bot.store.migrate"):
+        store = await ConversationStore.open(url, migrate=True)
+    try:
+        assert await store.window(GUILD, 5) == []
+    finally:
+        await store.close()
+    assert f"database schema upgraded empty -> {head_revision()}" in caplog.text
+    assert (tmp_path / "data" / "hermes.db").is_file()
+
+
+def test_cli_db_upgrade_from_another_directory(tmp_path: Path) -> None:
+    db = tmp_path / "deep" / "dir" / "hermes.db"
+    env = os.environ | {"HERMES_DATABASE_URL": f"sqlite+aiosqlite:///{db}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "db", "upgrade"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "database at head" in result.stdout
+    upgrade(f"sqlite+aiosqlite:///{db}")  # already at head: nothing to do, no error

@@ -1,0 +1,302 @@
+"""ConversationStore against a SQLite file and a real PostgreSQL server (same tests, both backends)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy import delete, select
+
+from bot.store.db import make_engine
+from bot.store.keys import ConversationKey
+from bot.store.migrate import upgrade
+from bot.store.models import Base
+from bot.store.repository import ChannelSettings, ConversationStore
+
+GUILD = ConversationKey(guild_id=1, channel_id=2)
+THREAD = ConversationKey(guild_id=1, channel_id=2, thread_id=3)
+DM = ConversationKey(guild_id=None, channel_id=9)
+
+
+def new_database_url(request: pytest.FixtureRequest, tmp_path: Path, backend: str) -> str:
+    """An empty database: a fresh SQLite file, or a fresh database on the session's PostgreSQL server."""
+    if backend == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'nested' / 'hermes.db'}"
+    server_url: str = request.getfixturevalue("postgres_url")
+    name = f"t_{uuid.uuid4().hex[:16]}"
+
+    async def create() -> None:
+        connection = await asyncpg.connect(server_url.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            await connection.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await connection.close()
+
+    asyncio.run(create())
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One migrated database per backend for this module; `store` empties it before each test."""
+    url = new_database_url(request, tmp_path_factory.mktemp("store"), request.param)
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[ConversationStore]:
+    store = ConversationStore(make_engine(database_url))
+    async with store.engine.begin() as connection:
+        for table in reversed(Base.metadata.sorted_tables):
+            await connection.execute(delete(table))
+    yield store
+    await store.close()
+
+
+async def add(store: ConversationStore, key: ConversationKey, mid: int | None, content: str, **kw: object) -> bool:
+    fields: dict[str, object] = {"author_id": 100, "author_name": "alice", "role": "user"} | kw
+    return await store.append(key, discord_message_id=mid, content=content, **fields)  # type: ignore[arg-type]
+
+
+async def all_rows(store: ConversationStore) -> list[tuple[object, ...]]:
+    async with store.engine.connect() as connection:
+        return [
+            tuple(row)
+            for table in Base.metadata.sorted_tables
+            for row in (await connection.execute(select(table))).all()
+        ]
+
+
+# -- keys --------------------------------------------------------------------------------------------
+
+
+def test_keys_round_trip() -> None:
+    assert GUILD.as_str() == "g1/c2"
+    assert THREAD.as_str() == "g1/c2/t3"
+    assert DM.as_str() == "dm/c9"
+    for key in (GUILD, THREAD, DM):
+        assert ConversationKey.from_str(key.as_str()) == key
+    for bad in ("", "g1", "c2", "g1/c2/x3", "dm/c2/t", "g-1/c2", " g1/c2"):
+        with pytest.raises(ValueError, match="not a conversation key"):
+            ConversationKey.from_str(bad)
+
+
+# -- append and window -------------------------------------------------------------------------------
+
+
+async def test_append_is_idempotent_on_discord_id(store: ConversationStore) -> None:
+    assert await add(store, GUILD, 10, "first") is True
+    assert await add(store, GUILD, 10, "replayed event with other text") is False
+    assert await add(store, THREAD, 10, "same id elsewhere") is False
+    assert [m.content for m in await store.window(GUILD, 10)] == ["first"]
+    assert await store.window(THREAD, 10) == []
+    # Turns without a Discord id (terminal chat) are never deduplicated.
+    assert await add(store, DM, None, "a") is True
+    assert await add(store, DM, None, "a") is True
+    assert await store.count_messages() == 3
+
+
+async def test_window_is_newest_turns_oldest_first(store: ConversationStore) -> None:
+    for i in range(10):
+        await add(store, GUILD, 1000 + i, f"m{i}")
+    assert [m.content for m in await store.window(GUILD, 3)] == ["m7", "m8", "m9"]
+    assert [m.content for m in await store.window(GUILD, 100)] == [f"m{i}" for i in range(10)]
+    assert await store.window(GUILD, 0) == []
+    assert await store.window(ConversationKey(guild_id=5, channel_id=6), 10) == []
+    with pytest.raises(ValueError, match="limit"):
+        await store.window(GUILD, -1)
+
+
+async def test_channel_thread_and_dm_are_separate_conversations(store: ConversationStore) -> None:
+    await add(store, GUILD, 1, "in channel")
+    await add(store, THREAD, 2, "in thread")
+    await add(store, DM, 3, "in dm")
+    assert [m.content for m in await store.window(GUILD, 10)] == ["in channel"]
+    assert [m.content for m in await store.window(THREAD, 10)] == ["in thread"]
+    dm = await store.window(DM, 10)
+    assert [(m.content, m.conversation_key) for m in dm] == [("in dm", "dm/c9")]
+
+
+async def test_stored_fields_and_timestamps(store: ConversationStore) -> None:
+    when = datetime(2024, 5, 1, 12, 0, tzinfo=UTC) + timedelta(microseconds=5)
+    await store.append(
+        GUILD, discord_message_id=7, author_id=None, author_name="Hermes 2", role="assistant",
+        content="hi", persona_id="hermes", reply_to_id=6, created_at=when.astimezone(timezone(timedelta(hours=2))),  # normalised to UTC
+    )
+    [message] = await store.window(GUILD, 1)
+    assert (message.discord_message_id, message.author_id, message.author_name, message.role) == (
+        7, None, "Hermes 2", "assistant",
+    )
+    assert (message.persona_id, message.reply_to_id, message.edited_at, message.deleted_at) == ("hermes", 6, None, None)
+    assert message.created_at == when and message.created_at.tzinfo == UTC
+    assert await store.find_message(7) == message
+    assert await store.find_message(8) is None
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await add(store, GUILD, 8, "x", created_at=datetime(2024, 1, 1))
+    with pytest.raises(ValueError, match="role must be one of"):
+        await add(store, GUILD, 8, "x", role="moderator")
+    assert await store.find_message(8) is None
+
+
+async def test_snowflake_sized_ids(store: ConversationStore) -> None:
+    big = 1_234_567_890_123_456_789  # Discord snowflakes need 64 bits
+    key = ConversationKey(guild_id=big, channel_id=big + 1, thread_id=big + 2)
+    assert await add(store, key, big + 3, "snowflakes", author_id=big + 4, reply_to_id=big + 5)
+    [message] = await store.window(ConversationKey.from_str(key.as_str()), 5)
+    assert (message.discord_message_id, message.author_id, message.reply_to_id) == (big + 3, big + 4, big + 5)
+
+
+# -- reset, edit, delete -----------------------------------------------------------------------------
+
+
+async def test_reset_starts_fresh_context_but_keeps_the_record(store: ConversationStore) -> None:
+    await add(store, GUILD, 1, "old one")
+    await add(store, GUILD, 2, "old two", role="assistant", author_id=None, persona_id="hermes")
+    await add(store, THREAD, 3, "thread keeps its context")
+    await store.reset(GUILD)
+    assert await store.window(GUILD, 10) == []
+    assert await store.last_assistant_turn(GUILD) is None
+    await add(store, GUILD, 4, "new")
+    assert [m.content for m in await store.window(GUILD, 10)] == ["new"]
+    assert [m.content for m in await store.window(THREAD, 10)] == ["thread keeps its context"]
+    exported = await store.export(GUILD)
+    assert [(m["content"], m["in_context"]) for m in exported["messages"]] == [
+        ("old one", False), ("old two", False), ("new", True),
+    ]
+    assert exported["reset_at"] is not None
+    await store.reset(DM)  # resetting a conversation never seen is fine
+    assert await store.window(DM, 10) == []
+
+
+async def test_edit_and_delete_mirror_discord(store: ConversationStore) -> None:
+    await add(store, GUILD, 1, "teh first")
+    await add(store, GUILD, 2, "second")
+    await add(store, GUILD, 3, "third")
+    assert await store.edit_message(1, "the first") is True
+    assert await store.edit_message(999, "unknown") is False
+    assert await store.delete_message(2) is True
+    assert await store.delete_message(2) is False
+    assert await store.delete_message(999) is False
+    window = await store.window(GUILD, 10)
+    assert [m.content for m in window] == ["the first", "third"]
+    assert window[0].edited_at is not None and window[1].edited_at is None
+    deleted = await store.find_message(2)
+    assert deleted is not None and deleted.deleted_at is not None and deleted.content == ""
+    assert await store.edit_message(2, "edit after delete") is False
+    assert await add(store, GUILD, 2, "second, re-delivered late") is False
+    assert (await store.find_message(2)).content == ""  # type: ignore[union-attr]
+    # Deleted turns do not count against the window limit.
+    assert [m.content for m in await store.window(GUILD, 2)] == ["the first", "third"]
+
+
+async def test_last_assistant_turn(store: ConversationStore) -> None:
+    assert await store.last_assistant_turn(GUILD) is None
+    await add(store, GUILD, 1, "question")
+    await add(store, GUILD, 2, "answer one", role="assistant", author_id=None, persona_id="hermes")
+    await add(store, GUILD, 3, "answer two", role="assistant", author_id=None, persona_id="edward_elric")
+    await add(store, GUILD, 4, "thanks")
+    last = await store.last_assistant_turn(GUILD)
+    assert last is not None and (last.content, last.persona_id) == ("answer two", "edward_elric")
+    await store.delete_message(3)
+    assert (await store.last_assistant_turn(GUILD)).content == "answer one"  # type: ignore[union-attr]
+
+
+# -- forget, export ----------------------------------------------------------------------------------
+
+
+async def test_forget_user_leaves_nothing_of_theirs(store: ConversationStore) -> None:
+    alice, bob = 10_000_001, 10_000_002
+    a1, a2, b1, r1 = 5_000_001, 5_000_002, 5_000_003, 5_000_004  # distinctive so the table scan is exact
+    await add(store, GUILD, a1, "alice secret one", author_id=alice)
+    await add(store, GUILD, b1, "bob here", author_id=bob, author_name="bob")
+    await add(store, GUILD, r1, "reply to her", role="assistant", author_id=None, author_name="Hermes 2",
+              reply_to_id=a1)
+    await add(store, THREAD, a2, "alice secret two", author_id=alice)
+    await add(store, DM, None, "alice secret three", author_id=alice)
+    await store.delete_message(a2)
+    await store.set_default_persona(GUILD, "hermes")
+
+    assert await store.forget_user(alice) == 3
+    assert await store.forget_user(alice) == 0
+    rows = await all_rows(store)
+    assert len(rows) == 3 + 2  # three conversations, bob's turn and the reply
+    for row in rows:
+        assert not {alice, a1, a2} & set(row), row
+        assert not any(isinstance(v, str) and "alice" in v for v in row), row
+    assert [m.content for m in await store.window(GUILD, 10)] == ["bob here", "reply to her"]
+    assert (await store.find_message(r1)).reply_to_id is None  # type: ignore[union-attr]
+    assert (await store.find_message(b1)).author_id == bob  # type: ignore[union-attr]
+
+
+async def test_export_is_json_with_everything(store: ConversationStore) -> None:
+    await add(store, GUILD, 1, "hello <@&123> @everyone")
+    await add(store, GUILD, 2, "hi", role="assistant", author_id=None, author_name="Hermes 2", persona_id="hermes",
+              reply_to_id=1)
+    await store.delete_message(1)
+    await store.add_persona(GUILD, "edward_elric")
+    await store.set_autorespond(GUILD, True)
+    exported = json.loads(json.dumps(await store.export(GUILD)))
+    assert exported["conversation"] == "g1/c2"
+    assert (exported["guild_id"], exported["channel_id"], exported["thread_id"]) == (1, 2, None)
+    assert exported["settings"] == {"default_persona": None, "personas": ["edward_elric"], "autorespond": True}
+    first, second = exported["messages"]
+    assert first["deleted_at"] is not None and first["content"] == "" and first["in_context"] is False
+    assert {k: second[k] for k in ("discord_message_id", "role", "persona_id", "reply_to_id", "content")} == {
+        "discord_message_id": 2, "role": "assistant", "persona_id": "hermes", "reply_to_id": 1, "content": "hi",
+    }
+    assert datetime.fromisoformat(second["created_at"]).tzinfo is not None
+    empty = await store.export(DM)
+    assert empty["messages"] == [] and empty["guild_id"] is None
+
+
+# -- channel settings --------------------------------------------------------------------------------
+
+
+async def test_channel_settings(store: ConversationStore) -> None:
+    assert await store.get_settings(GUILD) == ChannelSettings()
+    await store.set_default_persona(GUILD, "edward_elric")
+    await store.add_persona(GUILD, "hermes")
+    await store.add_persona(GUILD, "alphonse")
+    await store.add_persona(GUILD, "hermes")
+    await store.set_autorespond(GUILD, True)
+    settings = await store.get_settings(GUILD)
+    assert settings.default_persona == "edward_elric" and settings.autorespond is True
+    assert sorted(settings.personas) == ["alphonse", "hermes"]
+    await store.remove_persona(GUILD, "hermes")
+    await store.remove_persona(GUILD, "never added")
+    await store.remove_persona(DM, "hermes")
+    await store.set_autorespond(GUILD, False)
+    await store.set_default_persona(GUILD, None)
+    assert await store.get_settings(GUILD) == ChannelSettings(personas=["alphonse"])
+    assert await store.get_settings(THREAD) == ChannelSettings()
+
+
+# -- concurrency -------------------------------------------------------------------------------------
+
+
+async def test_concurrent_appends_lose_nothing(store: ConversationStore) -> None:
+    keys = [ConversationKey(guild_id=1, channel_id=c) for c in range(4)]
+
+    async def writer(task: int) -> bool:
+        for i in range(10):
+            await add(store, keys[task % 4], task * 1000 + i, f"t{task}-{i}")
+        return await add(store, keys[0], 999_999, f"duplicate from {task}")
+
+    results = await asyncio.gather(*(writer(t) for t in range(40)))
+    assert results.count(True) == 1
+    assert await store.count_messages() == 401
+    for k, key in enumerate(keys):
+        window = await store.window(key, 1000)
+        expected = {f"t{t}-{i}" for t in range(k, 40, 4) for i in range(10)}
+        assert {m.content for m in window if not m.content.startswith("duplicate")} == expected
+        ids = [m.id for m in window]
+        assert ids == sorted(ids)
+        for t in range(k, 40, 4):  # each task's own turns stay in the order it wrote them
+            assert [m.content for m in window if m.content.startswith(f"t{t}-")] == [f"t{t}-{i}" for i in range(10)]
