@@ -32,6 +32,11 @@ QueueEvent = TextDelta | Done | ErrorEvent
 DEADLINE_GRACE_S = 5.0
 
 
+def dead_letter_message(max_deliveries: int) -> str:
+    """What the bot is told when a job was given up after too many deliveries."""
+    return f"generation failed {max_deliveries} times; the request was set aside"
+
+
 class QueueBusy(Exception):
     """The job was not queued; `str(exc)` can be shown to the user as it is."""
 
@@ -136,6 +141,10 @@ class JobQueue(ABC):
         """The subset of `job_ids` for which `is_cancelled` is True (one round trip where possible)."""
         flags = await asyncio.gather(*(self.is_cancelled(job_id) for job_id in job_ids))
         return {job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag}
+
+    @abstractmethod
+    async def dead_letters(self, count: int = 100) -> list[GenerationJob]:
+        """The newest `count` dead-lettered jobs, oldest first, for inspection."""
 
     @abstractmethod
     async def ping(self) -> bool:

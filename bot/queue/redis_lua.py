@@ -1,0 +1,169 @@
+"""Lua scripts of the Redis Streams transport: each state change of a job is one atomic script.
+
+Keys under the prefix P (ARGV[1] of every script):
+  P:jobs          stream of submitted jobs, consumer group "workers" (fields: id, job)
+  P:waiting       zset of waiting job ids, score = arrival order (released jobs get 0: front of line)
+  P:conv:<key>    zset of a conversation's waiting job ids (fairness)
+  P:job:<id>      hash: conv, entry (stream id), attempt, deadline, cancelled, final
+  P:events:<id>   stream of the job's events (field e = event JSON); expires after the job
+  P:dead          stream of dead-lettered jobs
+The `attempt` field fences workers: only the holder of the current attempt may publish, ack or release.
+Only Redis 7.0 commands are used.
+"""
+
+from __future__ import annotations
+
+_PRELUDE = """
+local P = ARGV[1]
+local WAITING = P .. ':waiting'
+local JOBS = P .. ':jobs'
+local function meta(id) return P .. ':job:' .. id end
+local function events(id) return P .. ':events:' .. id end
+local function done(id, reason)
+  return cjson.encode({type = 'done', job_id = id, finish_reason = reason})
+end
+-- Append the job's final event unless it already has one.
+local function finish(id, event, ttl)
+  local m = meta(id)
+  if redis.call('HGET', m, 'final') == '1' then return 0 end
+  redis.call('XADD', events(id), '*', 'e', event)
+  redis.call('HSET', m, 'final', '1')
+  redis.call('EXPIRE', events(id), ttl)
+  redis.call('EXPIRE', m, ttl)
+  return 1
+end
+-- Take a job out of the line; 1 when it was waiting.
+local function unwait(id)
+  local conv = redis.call('HGET', meta(id), 'conv')
+  if conv then redis.call('ZREM', P .. ':conv:' .. conv, id) end
+  return redis.call('ZREM', WAITING, id)
+end
+local function drop_entry(entry)
+  redis.call('XACK', JOBS, 'workers', entry)
+  redis.call('XDEL', JOBS, entry)
+end
+"""
+
+# ARGV: P, id, conv, job_json, max_waiting, max_per_conv, supersede, ttl, deadline
+# -> {position, 0} | {-1, depth} queue full | {-2, n} conversation full | {-3, 0} duplicate id
+SUBMIT = _PRELUDE + """
+local id, conv, job = ARGV[2], ARGV[3], ARGV[4]
+local max_waiting, max_conv, ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[8])
+local convkey = P .. ':conv:' .. conv
+if redis.call('EXISTS', meta(id)) == 1 then return {-3, 0} end
+if ARGV[7] == '1' then
+  for _, old in ipairs(redis.call('ZRANGE', convkey, 0, -1)) do
+    unwait(old)
+    drop_entry(redis.call('HGET', meta(old), 'entry'))
+    redis.call('HSET', meta(old), 'cancelled', '1')
+    finish(old, done(old, 'cancelled'), ttl)
+  end
+else
+  local n = redis.call('ZCARD', convkey)
+  if n >= max_conv then return {-2, n} end
+end
+local depth = redis.call('ZCARD', WAITING)
+if depth >= max_waiting then return {-1, depth} end
+local entry = redis.call('XADD', JOBS, '*', 'id', id, 'job', job)
+local order = redis.call('INCR', P .. ':order')
+redis.call('ZADD', WAITING, order, id)
+redis.call('ZADD', convkey, order, id)
+redis.call('HSET', meta(id), 'conv', conv, 'entry', entry, 'attempt', 0, 'deadline', ARGV[9])
+redis.call('EXPIRE', meta(id), ttl)
+return {redis.call('ZRANK', WAITING, id) + 1, 0}
+"""
+
+# ARGV: P, id, ttl -> 1 ended a waiting job, 2 flagged an in-flight one, 0 nothing to do
+CANCEL = _PRELUDE + """
+local id, ttl = ARGV[2], tonumber(ARGV[3])
+local m = meta(id)
+if redis.call('EXISTS', m) == 0 or redis.call('HGET', m, 'final') == '1' then return 0 end
+redis.call('HSET', m, 'cancelled', '1')
+if unwait(id) == 1 then
+  drop_entry(redis.call('HGET', m, 'entry'))
+  finish(id, done(id, 'cancelled'), ttl)
+  return 1
+end
+return 2
+"""
+
+# ARGV: P, max_deliveries, ttl, now, dead_letter_message, then (id, entry, job_json) triples
+# -> one value per job: its attempt number, or 0 when it was finished here instead of delivered
+TAKE = _PRELUDE + """
+local max_deliveries, ttl, now, message = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local out = {}
+for i = 6, #ARGV, 3 do
+  local id, entry, job = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local m = meta(id)
+  local result = 0
+  unwait(id)
+  if redis.call('EXISTS', m) == 1 then
+    local attempt = redis.call('HINCRBY', m, 'attempt', 1)
+    local f = redis.call('HMGET', m, 'final', 'cancelled', 'deadline')
+    if f[1] == '1' then
+      result = 0
+    elseif f[2] == '1' then
+      finish(id, done(id, 'cancelled'), ttl)
+    elseif f[3] and f[3] ~= '' and tonumber(f[3]) <= now then
+      finish(id, done(id, 'deadline'), ttl)
+    elseif attempt > max_deliveries then
+      redis.call('XADD', P .. ':dead', 'MAXLEN', '~', 10000, '*', 'id', id, 'deliveries', attempt - 1, 'job', job)
+      finish(id, cjson.encode({type = 'error', job_id = id, kind = 'dead_letter', message = message}), ttl)
+    else
+      result = attempt
+    end
+  end
+  if result == 0 then drop_entry(entry) end
+  out[#out + 1] = result
+end
+return out
+"""
+
+# ARGV: P, id, attempt, event_json, is_final, ttl -> 1 published, 0 fenced (not this worker's job any more)
+PUBLISH = _PRELUDE + """
+local id, ttl = ARGV[2], tonumber(ARGV[6])
+local m = meta(id)
+local f = redis.call('HMGET', m, 'attempt', 'final')
+if f[1] ~= ARGV[3] or f[2] == '1' then return 0 end
+redis.call('XADD', events(id), '*', 'e', ARGV[4])
+redis.call('EXPIRE', events(id), ttl)
+if ARGV[5] == '1' then
+  redis.call('HSET', m, 'final', '1')
+  redis.call('EXPIRE', m, ttl)
+end
+return 1
+"""
+
+# ARGV: P, id, attempt, entry, ttl, incomplete_event_json -> 1 acked, 0 fenced
+COMPLETE = _PRELUDE + """
+local id = ARGV[2]
+if redis.call('HGET', meta(id), 'attempt') ~= ARGV[3] then return 0 end
+finish(id, ARGV[6], tonumber(ARGV[5]))
+drop_entry(ARGV[4])
+return 1
+"""
+
+# ARGV: P, id, attempt, entry, consumer -> 1 handed back, 0 fenced
+# The entry stays pending but looks long idle, so the next XAUTOCLAIM of any worker takes it.
+RELEASE = _PRELUDE + """
+local id = ARGV[2]
+local f = redis.call('HMGET', meta(id), 'attempt', 'final')
+if f[1] ~= ARGV[3] or f[2] == '1' then return 0 end
+redis.call('XCLAIM', JOBS, 'workers', ARGV[5], 0, ARGV[4], 'IDLE', 31536000000, 'JUSTID')
+redis.call('ZADD', WAITING, 0, id)
+return 1
+"""
+
+# ARGV: P, consumer, then (id, attempt, entry) triples -> ids this worker no longer owns
+HEARTBEAT = _PRELUDE + """
+local lost = {}
+for i = 3, #ARGV, 3 do
+  local id = ARGV[i]
+  if redis.call('HGET', meta(id), 'attempt') == ARGV[i + 1] then
+    redis.call('XCLAIM', JOBS, 'workers', ARGV[2], 0, ARGV[i + 2], 'JUSTID')
+  else
+    lost[#lost + 1] = id
+  end
+end
+return lost
+"""

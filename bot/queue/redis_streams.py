@@ -1,0 +1,287 @@
+"""Redis Streams transport: bots and workers in separate processes (see redis_lua.py for the keys).
+
+Jobs go through one stream read by the consumer group "workers" (XREADGROUP COUNT n, so a worker
+can batch). A job stays pending until its worker acks it on completion. While a worker process
+lives, a heartbeat re-claims its pending jobs every claim_idle/3; when it dies, they go idle and
+another worker takes them with XAUTOCLAIM, resuming from the events already published. Events
+come back on a per-job stream (resumable by id, unlike pub/sub) that expires after the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Collection, Iterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bot.config import Settings
+from bot.queue import redis_lua
+from bot.queue.base import (
+    DEADLINE_GRACE_S,
+    Delivery,
+    JobQueue,
+    QueueBusy,
+    QueueEvent,
+    QueueUnavailable,
+    dead_letter_message,
+)
+from bot.queue.jobs import ErrorEvent, GenerationJob, TextDelta, event_from_json, event_to_json, is_final
+
+GROUP = "workers"
+DEFAULT_PREFIX = "hermes:queue"
+# Finished jobs keep their events this long, so a late or reconnecting reader still sees them.
+EVENTS_TTL_S = 300
+
+
+@contextlib.contextmanager
+def _available() -> Iterator[None]:
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise QueueUnavailable(f"the Redis queue is unreachable: {exc}") from exc
+
+
+class RedisStreamsQueue(JobQueue):
+    def __init__(self, settings: Settings, *, prefix: str = DEFAULT_PREFIX) -> None:
+        self._redis: aioredis.Redis = aioredis.from_url(settings.queue_url, decode_responses=True)
+        self._p = prefix
+        self._jobs_key = f"{prefix}:jobs"
+        self._max_waiting = settings.queue_max_waiting
+        self._max_per_conversation = settings.queue_max_per_conversation
+        self._max_deliveries = settings.queue_max_deliveries
+        self._job_timeout_s = settings.job_timeout_s
+        self._claim_idle_ms = settings.queue_claim_idle_ms
+        self._ttl = int(settings.job_timeout_s) + EVENTS_TTL_S
+        self._consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._scripts = {
+            name: self._redis.register_script(getattr(redis_lua, name))
+            for name in ("SUBMIT", "CANCEL", "TAKE", "PUBLISH", "COMPLETE", "RELEASE", "HEARTBEAT")
+        }
+        # Worker side: job id -> (stream entry id, attempt) of the jobs this object holds; a job
+        # missing here (done, released, or taken over by another worker) reads as cancelled.
+        self._inflight: dict[str, tuple[str, int]] = {}
+        self._group_ready = False
+        self._next_reclaim = 0.0
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def _run(self, name: str, *args: object) -> Any:
+        return await self._scripts[name](args=[self._p, *args])
+
+    # ----- bot side -----
+
+    async def submit(self, job: GenerationJob, *, supersede: bool = False) -> int:
+        if job.deadline is None:
+            job.deadline = job.created_at + self._job_timeout_s
+        with _available():
+            result, count = await self._run(
+                "SUBMIT", job.job_id, job.conversation_key, job.model_dump_json(), self._max_waiting,
+                self._max_per_conversation, int(supersede), self._ttl, repr(job.deadline),
+            )
+        if result == -1:
+            raise QueueBusy(count, "queue", self._max_waiting)
+        if result == -2:
+            raise QueueBusy(count, "conversation", self._max_per_conversation)
+        if result == -3:
+            raise ValueError(f"job {job.job_id} was already submitted")
+        return int(result)
+
+    async def stream(self, job_id: str, *, after: str | None = None) -> AsyncIterator[tuple[str, QueueEvent]]:
+        key = f"{self._p}:events:{job_id}"
+        with _available():
+            deadline, exists = await self._redis.pipeline(transaction=False).hget(
+                f"{self._p}:job:{job_id}", "deadline"
+            ).exists(key).execute()
+        if deadline is None and not exists:
+            yield "", ErrorEvent(job_id=job_id, kind="unknown_job", message="this reply is no longer available")
+            return
+        give_up = float(deadline or time.time()) + DEADLINE_GRACE_S
+        last = after or "0-0"
+        while True:
+            block_ms = int((give_up - time.time()) * 1000)
+            with _available():
+                reply = await self._redis.xread({key: last}, count=256, block=max(block_ms, 1))
+            if not reply:
+                yield "", ErrorEvent(job_id=job_id, kind="timeout", message="no reply arrived in time")
+                return
+            for event_id, fields in reply[0][1]:
+                last = event_id
+                event = event_from_json(fields["e"])
+                yield event_id, event
+                if is_final(event):
+                    return
+
+    async def cancel(self, job_id: str) -> None:
+        with _available():
+            await self._run("CANCEL", job_id, self._ttl)
+
+    async def depth(self) -> int:
+        with _available():
+            return int(await self._redis.zcard(f"{self._p}:waiting"))
+
+    async def position(self, job_id: str) -> int | None:
+        with _available():
+            rank = await self._redis.zrank(f"{self._p}:waiting", job_id)
+        return None if rank is None else int(rank) + 1
+
+    # ----- worker side -----
+
+    async def fetch(self, max_jobs: int, block_ms: int) -> list[Delivery]:
+        with _available():
+            await self._ensure_group()
+            entries = await self._reclaim(max_jobs)
+            if len(entries) < max_jobs:
+                block = block_ms if block_ms > 0 and not entries else None
+                reply = await self._redis.xreadgroup(
+                    GROUP, self._consumer, {self._jobs_key: ">"}, count=max_jobs - len(entries), block=block
+                )
+                entries += reply[0][1] if reply else []
+            deliveries = await self._take(entries)
+        if self._inflight and self._heartbeat is None:
+            self._heartbeat = asyncio.create_task(self._beat(), name="queue-heartbeat")
+        return deliveries
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            # Id 0: jobs submitted before the first worker ever started are read too.
+            await self._redis.xgroup_create(self._jobs_key, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def _reclaim(self, max_jobs: int) -> list[tuple[str, dict[str, str]]]:
+        """Jobs whose worker stopped heartbeating (or released them), at most every claim_idle/4."""
+        now = time.monotonic()
+        if now < self._next_reclaim:
+            return []
+        self._next_reclaim = now + self._claim_idle_ms / 4000
+        claimed: list[tuple[str, dict[str, str]]] = []
+        cursor = "0-0"
+        while len(claimed) < max_jobs:
+            cursor, entries, *_ = await self._redis.xautoclaim(
+                self._jobs_key, GROUP, self._consumer, self._claim_idle_ms, cursor, count=max_jobs - len(claimed)
+            )
+            claimed += [(entry_id, fields) for entry_id, fields in entries if fields]
+            if cursor == "0-0":
+                break
+        return claimed
+
+    async def _take(self, entries: list[tuple[str, dict[str, str]]]) -> list[Delivery]:
+        if not entries:
+            return []
+        triples = [value for entry_id, fields in entries for value in (fields["id"], entry_id, fields["job"])]
+        attempts = await self._run(
+            "TAKE", self._max_deliveries, self._ttl, repr(time.time()),
+            dead_letter_message(self._max_deliveries), *triples,
+        )
+        deliveries = []
+        for (entry_id, fields), attempt in zip(entries, attempts, strict=True):
+            if not attempt:
+                continue
+            job = GenerationJob.model_validate_json(fields["job"])
+            delivery = Delivery(job=job, attempt=int(attempt))
+            if delivery.attempt > 1:
+                delivery.resume_text, delivery.next_seq = await self._resume_point(job.job_id)
+            self._inflight[job.job_id] = (entry_id, delivery.attempt)
+            deliveries.append(delivery)
+        return deliveries
+
+    async def _resume_point(self, job_id: str) -> tuple[str, int]:
+        """The text the bot already has and the next seq, from the job's event stream."""
+        entries = await self._redis.xrange(f"{self._p}:events:{job_id}")
+        deltas = [e for e in (event_from_json(fields["e"]) for _, fields in entries) if isinstance(e, TextDelta)]
+        return "".join(d.text for d in deltas), (deltas[-1].seq + 1 if deltas else 0)
+
+    async def _beat(self) -> None:
+        """Keep this worker's pending jobs fresh so nobody reclaims them while it lives."""
+        while True:
+            await asyncio.sleep(self._claim_idle_ms / 3000)
+            if not self._inflight:
+                continue
+            triples = [v for job_id, (entry, attempt) in self._inflight.items() for v in (job_id, attempt, entry)]
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+                for job_id in await self._run("HEARTBEAT", self._consumer, *triples):
+                    self._inflight.pop(job_id, None)
+
+    async def publish(self, event: QueueEvent) -> None:
+        held = self._inflight.get(event.job_id)
+        if held is None:
+            return
+        with _available():
+            ok = await self._run("PUBLISH", event.job_id, held[1], event_to_json(event), int(is_final(event)), self._ttl)
+        if not ok:
+            self._inflight.pop(event.job_id, None)
+
+    async def complete(self, job_id: str) -> None:
+        held = self._inflight.get(job_id)
+        if held is None:
+            return
+        incomplete = ErrorEvent(job_id=job_id, kind="incomplete", message="the reply ended unexpectedly")
+        with _available():
+            await self._run("COMPLETE", job_id, held[1], held[0], self._ttl, event_to_json(incomplete))
+        self._inflight.pop(job_id, None)
+
+    async def release(self, job_id: str) -> None:
+        held = self._inflight.get(job_id)
+        if held is None:
+            return
+        with _available():
+            await self._run("RELEASE", job_id, held[1], held[0], self._consumer)
+        self._inflight.pop(job_id, None)
+        self._next_reclaim = 0.0
+
+    async def is_cancelled(self, job_id: str) -> bool:
+        return job_id in await self.cancelled([job_id])
+
+    async def cancelled(self, job_ids: Collection[str]) -> set[str]:
+        held = [job_id for job_id in job_ids if job_id in self._inflight]
+        stopped = set(job_ids) - set(held)
+        if not held:
+            return stopped
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in held:
+            pipe.hmget(f"{self._p}:job:{job_id}", "attempt", "cancelled", "final")
+        with _available():
+            rows = await pipe.execute()
+        for job_id, (attempt, cancelled, final) in zip(held, rows, strict=True):
+            if attempt != str(self._inflight[job_id][1]) or cancelled == "1" or final == "1":
+                stopped.add(job_id)
+        return stopped
+
+    async def dead_letters(self, count: int = 100) -> list[GenerationJob]:
+        with _available():
+            entries = await self._redis.xrevrange(f"{self._p}:dead", count=count)
+        return [GenerationJob.model_validate_json(fields["job"]) for _, fields in reversed(entries)]
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
+        if self._group_ready:
+            # A consumer with nothing pending is forgotten; one with pending jobs stays so they can be claimed.
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+                pending = await self._redis.xpending_range(
+                    self._jobs_key, GROUP, min="-", max="+", count=1, consumername=self._consumer
+                )
+                if not pending:
+                    await self._redis.xgroup_delconsumer(self._jobs_key, GROUP, self._consumer)
+        await self._redis.aclose()

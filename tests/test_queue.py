@@ -1,0 +1,327 @@
+"""The same queue cases against the in-process transport and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.config import Settings
+from bot.queue.base import Delivery, JobQueue, QueueBusy, QueueEvent
+from bot.queue.factory import open_queue
+from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
+from bot.queue.memory import MemoryQueue
+from bot.queue.redis_streams import RedisStreamsQueue
+from tests.queue_worker_proc import TOTAL_PIECES, full_text, slow_worker
+
+ROOT = Path(__file__).resolve().parent.parent
+CLAIM_IDLE_MS = 300
+
+
+class Harness:
+    """Opens bot-side and worker-side queues of one transport; memory shares one object, as in-process."""
+
+    def __init__(self, kind: str, redis_url: str | None) -> None:
+        self.kind = kind
+        self.redis_url = redis_url
+        self.prefix = f"test:{uuid.uuid4().hex[:8]}"
+        self.settings = Settings()
+        self._opened: list[JobQueue] = []
+        self.bot: JobQueue
+
+    def start(self, **overrides: Any) -> JobQueue:
+        url = self.redis_url if self.kind == "redis" else "memory://"
+        self.settings = Settings(queue_url=url, queue_claim_idle_ms=CLAIM_IDLE_MS, **overrides)
+        self.bot = self._open()
+        return self.bot
+
+    def worker(self) -> JobQueue:
+        return self.bot if self.kind == "memory" else self._open()
+
+    def _open(self) -> JobQueue:
+        queue: JobQueue
+        if self.kind == "memory":
+            queue = MemoryQueue(self.settings)
+        else:
+            queue = RedisStreamsQueue(self.settings, prefix=self.prefix)
+        self._opened.append(queue)
+        return queue
+
+    async def aclose(self) -> None:
+        for queue in self._opened:
+            await queue.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    h = Harness(request.param, redis_url)
+    yield h
+    await h.aclose()
+
+
+def job(conversation: str = "chan-1", **fields: Any) -> GenerationJob:
+    return GenerationJob(
+        conversation_key=conversation, persona_id="hermes", messages=[{"role": "user", "content": "hi"}], **fields
+    )
+
+
+async def collect(queue: JobQueue, job_id: str, *, after: str | None = None) -> list[tuple[str, QueueEvent]]:
+    async with asyncio.timeout(10):
+        return [item async for item in queue.stream(job_id, after=after)]
+
+
+async def fetch_one(queue: JobQueue) -> Delivery:
+    deliveries = await queue.fetch(1, 2000)
+    assert len(deliveries) == 1
+    return deliveries[0]
+
+
+async def test_submit_and_stream(harness: Harness) -> None:
+    bot = harness.start()
+    worker = harness.worker()
+    j = job()
+    assert await bot.submit(j) == 1
+    assert j.deadline is not None and j.deadline > time.time()
+    delivery = await fetch_one(worker)
+    assert (delivery.job, delivery.attempt, delivery.resume_text, delivery.next_seq) == (j, 1, "", 0)
+    await worker.publish(TextDelta(job_id=j.job_id, seq=0, text="Hel"))
+    await worker.publish(TextDelta(job_id=j.job_id, seq=1, text="lo <@everyone>"))
+    await worker.publish(Done(job_id=j.job_id, finish_reason="stop", prompt_tokens=7, completion_tokens=2))
+    await worker.complete(j.job_id)
+
+    events = await collect(bot, j.job_id)
+    assert [e for _, e in events] == [
+        TextDelta(job_id=j.job_id, seq=0, text="Hel"),
+        TextDelta(job_id=j.job_id, seq=1, text="lo <@everyone>"),
+        Done(job_id=j.job_id, finish_reason="stop", prompt_tokens=7, completion_tokens=2),
+    ]
+    # A reader that reconnects after the first event gets exactly the rest.
+    resumed = await collect(bot, j.job_id, after=events[0][0])
+    assert resumed == events[1:]
+    # Published after the final event: dropped.
+    await worker.publish(TextDelta(job_id=j.job_id, seq=2, text="late"))
+    assert await collect(bot, j.job_id) == events
+    assert await bot.depth() == 0
+
+
+async def test_many_jobs_in_one_fetch(harness: Harness) -> None:
+    bot = harness.start()
+    worker = harness.worker()
+    jobs = [job(f"chan-{i}") for i in range(5)]
+    for j in jobs:
+        await bot.submit(j)
+    assert await bot.depth() == 5
+    deliveries = await worker.fetch(8, 2000)
+    assert [d.job.job_id for d in deliveries] == [j.job_id for j in jobs]
+    assert await bot.depth() == 0
+    assert await worker.fetch(8, 0) == []
+
+
+async def test_fetch_waits_for_a_job(harness: Harness) -> None:
+    bot = harness.start()
+    worker = harness.worker()
+    j = job()
+    fetching = asyncio.create_task(worker.fetch(4, 3000))
+    await asyncio.sleep(0.1)
+    await bot.submit(j)
+    async with asyncio.timeout(2):
+        deliveries = await fetching
+    assert [d.job.job_id for d in deliveries] == [j.job_id]
+
+
+async def test_cancel_waiting_job(harness: Harness) -> None:
+    bot = harness.start()
+    worker = harness.worker()
+    j = job()
+    await bot.submit(j)
+    await bot.cancel(j.job_id)
+    assert [e for _, e in await collect(bot, j.job_id)] == [Done(job_id=j.job_id, finish_reason="cancelled")]
+    assert await worker.fetch(4, 0) == []
+    assert await bot.depth() == 0
+
+
+async def test_cancel_in_flight_job(harness: Harness) -> None:
+    bot = harness.start()
+    worker = harness.worker()
+    a, b = job("a"), job("b")
+    await bot.submit(a)
+    await bot.submit(b)
+    assert len(await worker.fetch(2, 2000)) == 2
+    assert await worker.cancelled([a.job_id, b.job_id]) == set()
+    await worker.publish(TextDelta(job_id=a.job_id, seq=0, text="partial"))
+    await bot.cancel(a.job_id)
+    assert await worker.is_cancelled(a.job_id)
+    assert await worker.cancelled([a.job_id, b.job_id]) == {a.job_id}
+    await worker.publish(Done(job_id=a.job_id, finish_reason="cancelled", completion_tokens=1))
+    await worker.complete(a.job_id)
+    events = [e for _, e in await collect(bot, a.job_id)]
+    assert [type(e) for e in events] == [TextDelta, Done]
+    assert isinstance(events[-1], Done) and events[-1].finish_reason == "cancelled"
+
+
+async def test_backpressure_busy(harness: Harness) -> None:
+    bot = harness.start(queue_max_waiting=3, queue_max_per_conversation=10)
+    worker = harness.worker()
+    positions = [await bot.submit(job(f"c{i}")) for i in range(3)]
+    assert positions == [1, 2, 3]
+    with pytest.raises(QueueBusy) as info:
+        await bot.submit(job("c9"))
+    assert info.value.depth == 3 and info.value.scope == "queue"
+    assert "busy" in str(info.value) and "3" in str(info.value)
+    assert await bot.depth() == 3
+    await fetch_one(worker)
+    assert await bot.submit(job("c9")) == 3
+
+
+async def test_position_in_line(harness: Harness) -> None:
+    bot = harness.start()
+    worker = harness.worker()
+    jobs = [job(f"c{i}") for i in range(3)]
+    for j in jobs:
+        await bot.submit(j)
+    assert [await bot.position(j.job_id) for j in jobs] == [1, 2, 3]
+    await fetch_one(worker)
+    assert [await bot.position(j.job_id) for j in jobs] == [None, 1, 2]
+    assert await bot.position("no-such-job") is None
+
+
+async def test_fairness_per_conversation(harness: Harness) -> None:
+    bot = harness.start(queue_max_per_conversation=2)
+    worker = harness.worker()
+    chatty = [job("chatty") for _ in range(2)]
+    for j in chatty:
+        await bot.submit(j)
+    with pytest.raises(QueueBusy) as info:
+        await bot.submit(job("chatty"))
+    assert info.value.scope == "conversation" and info.value.depth == 2
+    quiet = job("quiet")
+    assert await bot.submit(quiet) == 3
+
+    # Superseding: the newest message of the conversation replaces its stale waiting ones.
+    newest = job("chatty")
+    assert await bot.submit(newest, supersede=True) == 2
+    for j in chatty:
+        assert [e for _, e in await collect(bot, j.job_id)] == [Done(job_id=j.job_id, finish_reason="cancelled")]
+    deliveries = await worker.fetch(8, 2000)
+    assert [d.job.job_id for d in deliveries] == [quiet.job_id, newest.job_id]
+
+
+async def test_release_resumes_then_dead_letter(harness: Harness) -> None:
+    bot = harness.start(queue_max_deliveries=2)
+    worker = harness.worker()
+    j = job()
+    await bot.submit(j)
+    first = await fetch_one(worker)
+    await worker.publish(TextDelta(job_id=j.job_id, seq=0, text="Hello"))
+    await worker.release(j.job_id)
+    assert await bot.position(j.job_id) == 1
+    # Released: this worker no longer owns it, its late events are dropped.
+    assert await worker.is_cancelled(j.job_id)
+    await worker.publish(TextDelta(job_id=j.job_id, seq=1, text=" stale"))
+
+    second = await fetch_one(worker)
+    assert (first.attempt, second.attempt) == (1, 2)
+    assert (second.resume_text, second.next_seq) == ("Hello", 1)
+    await worker.release(j.job_id)
+
+    assert await worker.fetch(4, 500) == []
+    events = [e for _, e in await collect(bot, j.job_id)]
+    assert events[0] == TextDelta(job_id=j.job_id, seq=0, text="Hello")
+    assert isinstance(events[-1], ErrorEvent) and events[-1].kind == "dead_letter"
+    assert len(events) == 2
+    assert [d.job_id for d in await bot.dead_letters()] == [j.job_id]
+
+
+async def test_expired_job_is_not_delivered(harness: Harness) -> None:
+    bot = harness.start()
+    worker = harness.worker()
+    j = job(deadline=time.time() + 0.2)
+    await bot.submit(j)
+    await asyncio.sleep(0.3)
+    assert await worker.fetch(4, 0) == []
+    assert [e for _, e in await collect(bot, j.job_id)] == [Done(job_id=j.job_id, finish_reason="deadline")]
+
+
+async def test_live_worker_keeps_its_job(harness: Harness) -> None:
+    """A job is reclaimed only when its worker is gone, not merely slow."""
+    bot = harness.start()
+    holder, other = harness.worker(), harness.worker()
+    j = job()
+    await bot.submit(j)
+    await fetch_one(holder)
+    assert await other.fetch(4, 4 * CLAIM_IDLE_MS) == []
+    assert not await holder.is_cancelled(j.job_id)
+
+
+async def test_worker_killed_mid_job_is_resumed(harness: Harness) -> None:
+    bot = harness.start()
+    j = job()
+    await bot.submit(j)
+    kill, first = await _start_doomed_worker(harness)
+    received: list[TextDelta] = []
+    final: QueueEvent | None = None
+    rescuer: asyncio.Task[Delivery] | None = None
+    async with asyncio.timeout(20):
+        async for _, event in bot.stream(j.job_id):
+            if isinstance(event, TextDelta):
+                received.append(event)
+            else:
+                final = event
+            if len(received) == 5 and rescuer is None:
+                await kill()
+                rescuer = asyncio.create_task(slow_worker(harness.worker(), delay_s=0))
+        assert rescuer is not None
+        second = await rescuer
+    assert [d.seq for d in received] == list(range(TOTAL_PIECES))
+    assert "".join(d.text for d in received) == full_text()
+    assert final == Done(job_id=j.job_id, finish_reason="stop", completion_tokens=TOTAL_PIECES)
+    assert second.attempt == 2 and second.next_seq >= 5
+    assert second.resume_text == full_text()[: len(second.resume_text)]
+    await first()
+
+
+async def _start_doomed_worker(harness: Harness) -> tuple[Any, Any]:
+    """A slow worker that the test kills: a real process (SIGKILL) on Redis, a task (cancel) in-process."""
+    if harness.kind == "memory":
+        task = asyncio.create_task(slow_worker(harness.bot, delay_s=0.05))
+
+        async def cancel() -> None:
+            task.cancel()
+
+        async def reap_task() -> None:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        return cancel, reap_task
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.queue_worker_proc", str(harness.redis_url), harness.prefix,
+        str(CLAIM_IDLE_MS), "0.05", cwd=ROOT,
+    )
+
+    async def sigkill() -> None:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+
+    async def reap_proc() -> None:
+        assert proc.returncode == -signal.SIGKILL
+
+    return sigkill, reap_proc
+
+
+async def test_open_queue_picks_transport(redis_url: str) -> None:
+    memory = open_queue(Settings(queue_url="memory://"))
+    redis_queue = open_queue(Settings(queue_url=redis_url))
+    try:
+        assert isinstance(memory, MemoryQueue) and isinstance(redis_queue, RedisStreamsQueue)
+        assert await memory.ping() and await redis_queue.ping()
+    finally:
+        await memory.close()
+        await redis_queue.close()
