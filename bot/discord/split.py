@@ -93,7 +93,7 @@ def split_message(text: str, limit: int = DISCORD_LIMIT) -> list[str]:
     if limit < 40:
         raise ValueError("limit must leave room for code fences (at least 40 characters)")
     chunks: list[str] = []
-    rest = text.strip("\n")
+    rest = text.lstrip("\n").rstrip()
     while len(rest) > limit:
         head, rest = _split_once(rest, limit)
         if head.strip():

@@ -1,0 +1,111 @@
+"""Show a growing reply in Discord: throttled edits, continuation messages, guaranteed final text.
+
+`LiveReply.show` is called as text arrives and only touches Discord when a message is due (at most
+one edit per second per message); `finish` delivers the final text exactly, waiting out the
+throttle and retrying rate limits and server errors, so the last word is never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+import aiohttp
+import discord
+
+from bot.discord.split import DISCORD_LIMIT, split_message
+
+log = logging.getLogger(__name__)
+
+EDIT_INTERVAL_S = 1.0
+FINAL_ATTEMPTS = 6
+T = TypeVar("T")
+
+
+class Outlet(Protocol):
+    """Where a reply's messages go: a persona webhook, or the bot's own messages."""
+
+    overhead: int  # characters every message spends on decoration (e.g. a bold name)
+
+    async def send(self, content: str) -> int: ...
+
+    async def edit(self, message_id: int, content: str) -> None: ...
+
+    async def delete(self, message_id: int) -> None: ...
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, discord.HTTPException):
+        return exc.status == 429 or exc.status >= 500
+    return isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError | OSError)
+
+
+async def deliver(call: Callable[[], Awaitable[T]], *, attempts: int = FINAL_ATTEMPTS) -> T:
+    """Run a Discord call until it succeeds; 429s and 5xx are retried with backoff, others raise."""
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except Exception as exc:
+            if not _retryable(exc) or attempt == attempts - 1:
+                raise
+            retry_after = getattr(getattr(exc, "response", None), "headers", {}).get("Retry-After")
+            delay = float(retry_after) if retry_after else min(0.5 * 2**attempt, 8.0)
+            log.warning("discord call failed (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class LiveReply:
+    """The Discord messages carrying one reply, kept in step with its text."""
+
+    def __init__(
+        self, outlet: Outlet, *, limit: int = DISCORD_LIMIT, interval: float = EDIT_INTERVAL_S
+    ) -> None:
+        self.outlet = outlet
+        self.limit = limit - outlet.overhead
+        self.interval = interval
+        self.ids: list[int] = []
+        self._shown: list[str] = []
+        self._touched: list[float] = []
+
+    def _due_in(self, index: int) -> float:
+        return self._touched[index] + self.interval - time.monotonic()
+
+    async def show(self, text: str) -> None:
+        """Bring Discord closer to `text` without waiting: skip edits that are not due yet."""
+        for index, chunk in enumerate(split_message(text, self.limit)):
+            if index >= len(self.ids):
+                await self._send(chunk)
+            elif chunk != self._shown[index] and self._due_in(index) <= 0:
+                try:
+                    await self._edit(index, chunk)
+                except discord.HTTPException as exc:  # the next show or finish catches up
+                    log.warning("streaming edit failed: %s", exc)
+
+    async def finish(self, text: str) -> None:
+        """Make Discord show exactly `text`; extra messages from an earlier, longer text are removed."""
+        chunks = split_message(text, self.limit) or ["…"]
+        for index, chunk in enumerate(chunks):
+            if index >= len(self.ids):
+                await deliver(lambda chunk=chunk: self._send(chunk))
+            elif chunk != self._shown[index]:
+                await asyncio.sleep(max(0.0, self._due_in(index)))
+                await deliver(lambda index=index, chunk=chunk: self._edit(index, chunk))
+        for message_id in self.ids[len(chunks) :]:
+            await deliver(lambda message_id=message_id: self.outlet.delete(message_id))
+        del self.ids[len(chunks) :], self._shown[len(chunks) :], self._touched[len(chunks) :]
+
+    async def _send(self, chunk: str) -> None:
+        message_id = await self.outlet.send(chunk)
+        self.ids.append(message_id)
+        self._shown.append(chunk)
+        self._touched.append(time.monotonic())
+
+    async def _edit(self, index: int, chunk: str) -> None:
+        self._touched[index] = time.monotonic()
+        await self.outlet.edit(self.ids[index], chunk)
+        self._shown[index] = chunk
+        self._touched[index] = time.monotonic()

@@ -1,0 +1,107 @@
+"""LiveReply against an in-memory outlet: throttle, continuation messages, exact final text, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import discord
+
+from bot.discord.stream import LiveReply
+
+
+def http_error(status: int) -> discord.HTTPException:
+    response = SimpleNamespace(status=status, reason="test", headers={"Retry-After": "0.01"})
+    return discord.HTTPException(response, {"message": "nope", "code": 0})  # type: ignore[arg-type]
+
+
+@dataclass
+class MemoryOutlet:
+    """Records what a channel would show; fails the next calls when told to."""
+
+    overhead: int = 0
+    messages: dict[int, str] = field(default_factory=dict)
+    writes: list[tuple[float, int]] = field(default_factory=list)
+    fail_next: list[int] = field(default_factory=list)
+
+    def _maybe_fail(self) -> None:
+        if self.fail_next:
+            raise http_error(self.fail_next.pop(0))
+
+    async def send(self, content: str) -> int:
+        self._maybe_fail()
+        message_id = len(self.messages) + 1
+        self.messages[message_id] = content
+        self.writes.append((time.monotonic(), message_id))
+        return message_id
+
+    async def edit(self, message_id: int, content: str) -> None:
+        self._maybe_fail()
+        assert len(content) <= 2000
+        self.messages[message_id] = content
+        self.writes.append((time.monotonic(), message_id))
+
+    async def delete(self, message_id: int) -> None:
+        del self.messages[message_id]
+
+
+async def test_edits_are_throttled_per_message_and_final_text_is_exact() -> None:
+    outlet = MemoryOutlet()
+    reply = LiveReply(outlet, interval=0.2)
+    text = ""
+    for _ in range(100):  # about 0.7 s of text arriving every 7 ms
+        text += "word "
+        await reply.show(text)
+        await asyncio.sleep(0.007)
+    await reply.finish(text)
+    assert list(outlet.messages.values()) == [text.strip()]
+    times = [t for t, _ in outlet.writes]
+    assert 3 <= len(times) <= 6
+    assert all(b - a >= 0.19 for a, b in zip(times, times[1:], strict=False))
+
+
+async def test_long_reply_continues_in_new_messages() -> None:
+    outlet = MemoryOutlet(overhead=20)
+    reply = LiveReply(outlet, interval=0.0)
+    text = ""
+    for i in range(500):
+        text += f"Sentence number {i}. "
+        if i % 25 == 0:
+            text += "\n\n"
+        await reply.show(text)
+    await reply.finish(text)
+    shown = [outlet.messages[i] for i in reply.ids]
+    assert len(shown) >= 5
+    assert all(len(m) <= 1980 for m in shown)
+    assert " ".join(shown).split() == text.split()
+
+
+async def test_final_text_survives_rate_limits_and_server_errors() -> None:
+    outlet = MemoryOutlet()
+    reply = LiveReply(outlet, interval=0.0)
+    await reply.show("partial")
+    outlet.fail_next = [429, 503, 429]
+    await reply.finish("the complete answer")
+    assert outlet.messages == {1: "the complete answer"}
+
+
+async def test_streaming_edit_failure_is_skipped_not_raised() -> None:
+    outlet = MemoryOutlet()
+    reply = LiveReply(outlet, interval=0.0)
+    await reply.show("one")
+    outlet.fail_next = [429]
+    await reply.show("one two")  # swallowed; the next show catches up
+    await reply.show("one two three")
+    assert outlet.messages == {1: "one two three"}
+
+
+async def test_finish_removes_messages_a_shorter_text_no_longer_needs() -> None:
+    outlet = MemoryOutlet()
+    reply = LiveReply(outlet, interval=0.0)
+    await reply.show("a" * 1500 + "\n\n" + "b" * 1500)
+    assert len(outlet.messages) == 2
+    await reply.finish("short")
+    assert list(outlet.messages.values()) == ["short"]
+    assert reply.ids == [1]
