@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from bot.config import Settings
-from bot.queue.base import Delivery, JobQueue, QueueBusy, QueueEvent
+from bot.queue.base import Delivery, JobQueue, QueueBusy, QueueEvent, QueueUnavailable
 from bot.queue.factory import open_queue
 from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
 from bot.queue.memory import MemoryQueue
@@ -23,6 +23,7 @@ from tests.queue_worker_proc import TOTAL_PIECES, full_text, slow_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 CLAIM_IDLE_MS = 300
+GRACE_S = 0.3
 
 
 class Harness:
@@ -48,9 +49,9 @@ class Harness:
     def _open(self) -> JobQueue:
         queue: JobQueue
         if self.kind == "memory":
-            queue = MemoryQueue(self.settings)
+            queue = MemoryQueue(self.settings, deadline_grace_s=GRACE_S)
         else:
-            queue = RedisStreamsQueue(self.settings, prefix=self.prefix)
+            queue = RedisStreamsQueue(self.settings, prefix=self.prefix, deadline_grace_s=GRACE_S)
         self._opened.append(queue)
         return queue
 
@@ -250,6 +251,16 @@ async def test_expired_job_is_not_delivered(harness: Harness) -> None:
     assert [e for _, e in await collect(bot, j.job_id)] == [Done(job_id=j.job_id, finish_reason="deadline")]
 
 
+async def test_stream_gives_up_after_deadline(harness: Harness) -> None:
+    bot = harness.start()
+    j = job(deadline=time.time() + 0.2)
+    await bot.submit(j)
+    events = [e for _, e in await collect(bot, j.job_id)]
+    assert len(events) == 1 and isinstance(events[0], ErrorEvent) and events[0].kind == "timeout"
+    unknown = [e for _, e in await collect(bot, "no-such-job")]
+    assert len(unknown) == 1 and isinstance(unknown[0], ErrorEvent) and unknown[0].kind == "unknown_job"
+
+
 async def test_live_worker_keeps_its_job(harness: Harness) -> None:
     """A job is reclaimed only when its worker is gone, not merely slow."""
     bot = harness.start()
@@ -257,7 +268,9 @@ async def test_live_worker_keeps_its_job(harness: Harness) -> None:
     j = job()
     await bot.submit(j)
     await fetch_one(holder)
-    assert await other.fetch(4, 4 * CLAIM_IDLE_MS) == []
+    stop = time.monotonic() + 4 * CLAIM_IDLE_MS / 1000
+    while time.monotonic() < stop:
+        assert await other.fetch(4, 50) == []
     assert not await holder.is_cancelled(j.job_id)
 
 
@@ -314,6 +327,48 @@ async def _start_doomed_worker(harness: Harness) -> tuple[Any, Any]:
         assert proc.returncode == -signal.SIGKILL
 
     return sigkill, reap_proc
+
+
+async def test_stalled_worker_is_fenced_after_takeover(redis_url: str) -> None:
+    """A worker paused past the claim idle time (SIGSTOP) loses its job; when it wakes its output is dropped."""
+    h = Harness("redis", redis_url)
+    bot = h.start()
+    try:
+        j = job()
+        await bot.submit(j)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.queue_worker_proc", redis_url, h.prefix, str(CLAIM_IDLE_MS), "0.05", cwd=ROOT
+        )
+        received: list[TextDelta] = []
+        rescuer: asyncio.Task[Delivery] | None = None
+        async with asyncio.timeout(20):
+            async for _, event in bot.stream(j.job_id):
+                if isinstance(event, TextDelta):
+                    received.append(event)
+                if len(received) == 3 and rescuer is None:
+                    proc.send_signal(signal.SIGSTOP)
+                    rescuer = asyncio.create_task(slow_worker(h.worker(), delay_s=0.02))
+                    await asyncio.sleep(3 * CLAIM_IDLE_MS / 1000)
+                    proc.send_signal(signal.SIGCONT)
+            assert rescuer is not None
+            assert (await rescuer).attempt == 2
+            assert await proc.wait() == 0  # it noticed it lost the job and stopped cleanly
+        assert [d.seq for d in received] == list(range(TOTAL_PIECES))
+        assert "".join(d.text for d in received) == full_text()
+    finally:
+        await h.aclose()
+
+
+async def test_unreachable_redis_is_reported() -> None:
+    from tests.services import free_port
+
+    queue = RedisStreamsQueue(Settings(queue_url=f"redis://127.0.0.1:{free_port()}/0"))
+    try:
+        assert not await queue.ping()
+        with pytest.raises(QueueUnavailable, match="unreachable"):
+            await queue.submit(job())
+    finally:
+        await queue.close()
 
 
 async def test_open_queue_picks_transport(redis_url: str) -> None:

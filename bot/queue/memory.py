@@ -36,12 +36,15 @@ class _JobState:
 
 
 class MemoryQueue(JobQueue):
-    def __init__(self, settings: Settings, *, events_ttl_s: float = EVENTS_TTL_S) -> None:
+    def __init__(
+        self, settings: Settings, *, events_ttl_s: float = EVENTS_TTL_S, deadline_grace_s: float = DEADLINE_GRACE_S
+    ) -> None:
         self._max_waiting = settings.queue_max_waiting
         self._max_per_conversation = settings.queue_max_per_conversation
         self._max_deliveries = settings.queue_max_deliveries
         self._job_timeout_s = settings.job_timeout_s
         self._events_ttl_s = events_ttl_s
+        self._grace_s = deadline_grace_s
         self._jobs: dict[str, _JobState] = {}
         self._waiting: deque[str] = deque()
         self._work = asyncio.Event()
@@ -75,7 +78,7 @@ class MemoryQueue(JobQueue):
             yield "", ErrorEvent(job_id=job_id, kind="unknown_job", message="this reply is no longer available")
             return
         index = int(after) if after else 0
-        give_up = (state.job.deadline or time.time()) + DEADLINE_GRACE_S
+        give_up = (state.job.deadline or time.time()) + self._grace_s
         while True:
             while index < len(state.events):
                 event = state.events[index]

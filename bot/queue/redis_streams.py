@@ -51,9 +51,12 @@ def _available() -> Iterator[None]:
 
 
 class RedisStreamsQueue(JobQueue):
-    def __init__(self, settings: Settings, *, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self, settings: Settings, *, prefix: str = DEFAULT_PREFIX, deadline_grace_s: float = DEADLINE_GRACE_S
+    ) -> None:
         self._redis: aioredis.Redis = aioredis.from_url(settings.queue_url, decode_responses=True)
         self._p = prefix
+        self._grace_s = deadline_grace_s
         self._jobs_key = f"{prefix}:jobs"
         self._max_waiting = settings.queue_max_waiting
         self._max_per_conversation = settings.queue_max_per_conversation
@@ -103,7 +106,7 @@ class RedisStreamsQueue(JobQueue):
         if deadline is None and not exists:
             yield "", ErrorEvent(job_id=job_id, kind="unknown_job", message="this reply is no longer available")
             return
-        give_up = float(deadline or time.time()) + DEADLINE_GRACE_S
+        give_up = float(deadline or time.time()) + self._grace_s
         last = after or "0-0"
         while True:
             block_ms = int((give_up - time.time()) * 1000)
