@@ -319,6 +319,7 @@ class StoredMessage:
     flags: int = 0
     interaction_id: int | None = None
     history: list[str] = field(default_factory=list)
+    edit_times: list[float] = field(default_factory=list)
     reactions: list[str] = field(default_factory=list)
     edited_at: str | None = None
     deleted: bool = False

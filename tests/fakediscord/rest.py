@@ -439,6 +439,10 @@ class RestApi:
         body = self._body(request)
         self._validate(body, creating=True)
         record = self._interaction(request)
+        if record is not None and record.original is not None and record.original.flags & LOADING_FLAG:
+            # Like Discord, the first followup after a deferral fills in the "thinking" message.
+            msg = await self._apply_edit(record.original, body)
+            return self._ok(request, self.fake.message_payload(msg))
         if record is not None:
             msg = self._interaction_message(record, body)
             record.followups.append(msg)
@@ -450,7 +454,7 @@ class RestApi:
             msg = self._new_message(self._target_channel(request, webhook), author, body, webhook=webhook)
             msg.username = msg.username or webhook.name
         await self.fake.store_message(msg)
-        if request.query.get("wait", "false").lower() != "true":
+        if request.query.get("wait", "false").lower() not in ("1", "true"):
             return self._ok(request)
         return self._ok(request, self.fake.message_payload(msg))
 

@@ -376,6 +376,7 @@ class FakeDiscord:
     async def edit_message(self, message: StoredMessage, content: str) -> StoredMessage:
         """Anyone's edit, as Discord reports it: MESSAGE_UPDATE with the full new message."""
         message.history.append(message.content)
+        message.edit_times.append(time.monotonic())
         message.content = content
         message.edited_at = iso_now()
         message.flags &= ~LOADING_FLAG
