@@ -65,6 +65,7 @@ class GenerationStream:
         self.request = request
         self.loop = loop or asyncio.get_running_loop()
         self.cancel_reason: FinishReason | None = None
+        self.cancel_requested = asyncio.Event()  # for engines that wait on I/O (openai)
         self.created_at = time.monotonic()
         self._items: asyncio.Queue[StreamItem | EngineError] = asyncio.Queue()
         self._done = False
@@ -74,9 +75,10 @@ class GenerationStream:
         return self.cancel_reason is not None
 
     def cancel(self, reason: FinishReason = "cancelled") -> None:
-        """Ask the engine to stop; idempotent, and the first reason wins."""
+        """Ask the engine to stop (call on the event loop); idempotent, and the first reason wins."""
         if self.cancel_reason is None:
             self.cancel_reason = reason
+            self.cancel_requested.set()
 
     def feed(self, items: Sequence[StreamItem | EngineError]) -> None:
         for item in items:

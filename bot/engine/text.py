@@ -12,16 +12,20 @@ from typing import Any
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without re-decoding the whole reply.
 
-    Byte-level BPE can split one UTF-8 character over several tokens; a decode that ends in U+FFFD is
-    held back until the character is complete. Decoding a short window (`prefix_offset`) instead of
-    one token at a time keeps tokenizer-specific spacing (SentencePiece's leading "▁") right.
+    Byte-level BPE can split one UTF-8 character over several tokens (and one token can hold the end
+    of one character and the start of the next), so trailing U+FFFD of an incomplete character is held
+    back until it completes. Only a short window of recent tokens is decoded; the window restarts at a
+    point where the text ends on a complete character, keeping a few tokens of context so tokenizers
+    that encode spaces in the next token (SentencePiece's "▁") still decode spacing right.
     """
+
+    CONTEXT = 4  # tokens kept before the window's new text
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self._prefix_offset = 0
-        self._read_offset = 0
+        self._start = 0  # first token of the decode window
+        self._sent = 0  # characters of decode(ids[_start:]) already returned
 
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
@@ -29,13 +33,14 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes ("" while a character is still partial)."""
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self._prefix_offset : self._read_offset])
-        full = self._decode(self.ids[self._prefix_offset :])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self.ids)
-        return full[len(prefix) :]
+        full = self._decode(self.ids[self._start :])
+        complete = full.rstrip("\ufffd")
+        delta = complete[self._sent :]
+        self._sent = max(self._sent, len(complete))
+        if complete == full and len(self.ids) - self._start > 2 * self.CONTEXT:
+            self._start = len(self.ids) - self.CONTEXT
+            self._sent = len(self._decode(self.ids[self._start :]))
+        return delta
 
 
 class StopMatcher:

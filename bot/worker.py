@@ -1,0 +1,221 @@
+"""The inference worker: takes jobs from the queue, drives an engine, publishes token deltas.
+
+One `Worker` holds up to `max_batch_size` jobs at once and submits them all to its engine, which
+batches them. Per job it publishes `TextDelta`s in order (continuing from `next_seq` on a redelivery,
+with the already-sent text as the start of the reply), then exactly one `Done` or `ErrorEvent`, and
+only then `complete`s the job. A watcher polls the queue for cancellations and enforces deadlines.
+
+Two ways to run it:
+- `hermes-bot worker` (`run_worker`): its own process on a Redis queue; SIGTERM/SIGINT stop taking
+  jobs, let held ones finish for `shutdown_grace_s`, and `release` the rest for another worker.
+- in-process, with `memory://`: `worker = Worker.in_process(settings, queue)`, then run
+  `asyncio.create_task(worker.run())` next to the bot and `await worker.shutdown()` on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+
+from bot import metrics
+from bot.config import Settings
+from bot.engine import Engine, EngineError, GenerationRequest, GenerationStream, TextChunk, make_engine
+from bot.logging_setup import log_context
+from bot.queue.base import Delivery, JobQueue
+from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """Consumes `queue` with `engine`. `run()` starts the engine and returns after `shutdown()`."""
+
+    def __init__(
+        self, settings: Settings, queue: JobQueue, engine: Engine, *,
+        poll_s: float = 0.2, shutdown_grace_s: float = 10.0,
+    ) -> None:
+        self.settings, self.queue, self.engine = settings, queue, engine
+        self.poll_s, self.shutdown_grace_s = poll_s, shutdown_grace_s
+        self._held: dict[str, tuple[GenerationJob, GenerationStream | None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self.started = asyncio.Event()
+
+    @classmethod
+    def in_process(cls, settings: Settings, queue: JobQueue) -> Worker:
+        """A worker with the engine from settings, to run as a task beside the bot (memory:// queue)."""
+        return cls(settings, queue, make_engine(settings))
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    async def run(self) -> None:
+        await self.engine.start()
+        self.started.set()
+        watcher = asyncio.create_task(self._watch())
+        try:
+            await self._take_jobs()
+            await self._drain()
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await self.engine.close()
+            self._stopped.set()
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown without waiting (safe from a signal handler)."""
+        self._stopping.set()
+
+    async def shutdown(self) -> None:
+        """Stop taking jobs; held jobs finish (up to shutdown_grace_s) or are released. Waits for run()."""
+        self._stopping.set()
+        if self.started.is_set():
+            await self._stopped.wait()
+
+    async def _take_jobs(self) -> None:
+        capacity = self.settings.max_batch_size
+        while not self._stopping.is_set():
+            free = capacity - len(self._held)
+            if free <= 0:
+                self._slot_free.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_free.wait(), self.poll_s)
+                continue
+            try:
+                deliveries = await self.queue.fetch(free, block_ms=250)
+            except Exception as exc:  # queue down: keep trying, the held jobs go on
+                log.warning("fetching jobs failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for delivery in deliveries:
+                self._held[delivery.job.job_id] = (delivery.job, None)
+                task = asyncio.create_task(self._serve(delivery))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self) -> None:
+        """Give held jobs shutdown_grace_s to finish, then release the rest to the queue."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self.shutdown_grace_s)
+        while self._tasks:
+            for _, stream in list(self._held.values()):
+                if stream is not None:
+                    stream.cancel("released")
+            await asyncio.wait(set(self._tasks), timeout=self.poll_s)
+
+    async def _watch(self) -> None:
+        """Every poll_s: cancel streams whose job was cancelled (or taken over) or whose deadline passed."""
+        while True:
+            await asyncio.sleep(self.poll_s)
+            metrics.set_active_conversations(len(self._held))
+            if not self._held:
+                continue
+            try:
+                cancelled = await self.queue.cancelled(list(self._held))
+            except Exception as exc:
+                log.warning("checking cancellations failed: %s", exc)
+                cancelled = set()
+            now = time.time()
+            for job_id, (job, stream) in list(self._held.items()):
+                if stream is None:
+                    continue
+                if job_id in cancelled:
+                    stream.cancel("cancelled")
+                elif job.expired(now):
+                    stream.cancel("deadline")
+
+    async def _serve(self, delivery: Delivery) -> None:
+        job = delivery.job
+        with log_context(job=job.job_id, conversation=job.conversation_key):
+            try:
+                await self._generate(delivery)
+            except Exception:
+                log.exception("serving job failed")
+            finally:
+                self._held.pop(job.job_id, None)
+                self._slot_free.set()
+
+    async def _generate(self, delivery: Delivery) -> None:
+        job, seq = delivery.job, delivery.next_seq
+        started = time.time()
+        metrics.observe_job_wait(started - job.created_at)
+        if job.expired(started):
+            await self._finish(job, Done(job_id=job.job_id, finish_reason="deadline"))
+            return
+        request = GenerationRequest(job.job_id, job.messages, job.sampling, job.stop, delivery.resume_text)
+        try:
+            stream = self.engine.submit(request)
+            self._held[job.job_id] = (job, stream)
+            async for item in stream:
+                if isinstance(item, TextChunk):
+                    if seq == delivery.next_seq:
+                        metrics.observe_first_token(time.time() - started)
+                    await self.queue.publish(TextDelta(job_id=job.job_id, seq=seq, text=item.text))
+                    seq += 1
+                elif item.reason == "released":
+                    await self.queue.release(job.job_id)
+                    log.info("released job for another worker after %d deltas", seq)
+                    return
+                else:
+                    metrics.observe_generation(time.time() - started, item.completion_tokens)
+                    done = Done(
+                        job_id=job.job_id, finish_reason=item.reason,
+                        prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens,
+                    )
+                    await self._finish(job, done)
+        except EngineError as exc:
+            metrics.count_error("engine")
+            log.warning("generation failed: %s", exc)
+            await self._finish(job, ErrorEvent(job_id=job.job_id, kind="engine", message=str(exc)))
+
+    async def _finish(self, job: GenerationJob, event: Done | ErrorEvent) -> None:
+        await self.queue.publish(event)
+        await self.queue.complete(job.job_id)
+
+
+def run_worker(settings: Settings) -> int:
+    """`hermes-bot worker`: consume the Redis queue until SIGTERM/SIGINT, then shut down gracefully."""
+    from bot.logging_setup import configure_logging
+
+    configure_logging(settings)
+    if settings.queue_url == "memory://":
+        print(
+            "hermes-bot: `hermes-bot worker` needs a shared queue (HERMES_QUEUE_URL=redis://host:6379/0); "
+            "with memory:// the worker runs inside `hermes-bot run` and `hermes-bot chat`.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        asyncio.run(_serve_forever(settings))
+    except EngineError as exc:
+        print(f"hermes-bot: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve_forever(settings: Settings) -> None:
+    from bot.health import serve_ops
+    from bot.queue.factory import open_queue
+
+    queue = open_queue(settings)
+    worker = Worker(settings, queue, make_engine(settings))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
+    ops = await serve_ops(settings, {"queue": queue.ping, "engine": worker.started.is_set})
+    try:
+        log.info("worker started engine=%s queue=%s", worker.engine.name, settings.queue_url.split("@")[-1])
+        await worker.run()
+    finally:
+        if ops is not None:
+            await ops.close()
+        await queue.close()
+    log.info("worker stopped")

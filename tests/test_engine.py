@@ -1,0 +1,188 @@
+"""The transformers engine on the tiny model, and its pure parts (detokenizer, stops, sampling, prefix LRU)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bot.config import Settings
+from bot.engine.base import EngineError, Finish, GenerationRequest, TextChunk
+from bot.engine.kv import PrefixCache, PrefixEntry, common_prefix
+from bot.engine.sampling import apply_repetition_penalty, sample_next
+from bot.engine.text import IncrementalDetokenizer, StopMatcher
+from bot.engine.transformers_engine import TransformersEngine, load_model
+from bot.personas import Sampling
+from bot.prompt import encode_messages
+
+GREEDY = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=24)
+
+
+def chat(text: str, system: str = "You are a helpful assistant.") -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> tuple[Any, Any]:
+    tokenizer, model, _ = load_model(Settings(model=str(tiny_model_dir), device="cpu"))
+    return tokenizer, model
+
+
+@pytest.fixture
+async def engine(loaded: tuple[Any, Any], tiny_model_dir: Path) -> AsyncIterator[TransformersEngine]:
+    tokenizer, model = loaded
+    settings = Settings(model=str(tiny_model_dir), device="cpu", max_batch_size=4, context_tokens=1024)
+    eng = TransformersEngine(settings, model=model, tokenizer=tokenizer)
+    await eng.start()
+    yield eng
+    await eng.close()
+
+
+def reference(engine: TransformersEngine, messages: list[dict[str, str]], max_new: int) -> str:
+    """One-at-a-time greedy model.generate(), decoded; a trailing partial character is not text yet."""
+    ids = encode_messages(engine.tokenizer, messages, context_tokens=1024, max_new_tokens=max_new).ids
+    out = engine.model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False)
+    new = [t for t in out[0, len(ids) :].tolist() if t != engine.tokenizer.eos_token_id]
+    return str(engine.tokenizer.decode(new, skip_special_tokens=True)).rstrip("\ufffd")
+
+
+# --- pure parts -------------------------------------------------------------------------------
+
+
+def test_detokenizer_never_emits_half_a_character(loaded: tuple[Any, Any]) -> None:
+    tokenizer, _ = loaded
+    text = "naïve café 日本語のテキスト emoji 🙂🎉 done"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.push(i) for i in ids]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert "" in deltas  # some tokens end mid-character and were held back
+
+
+def test_detokenizer_on_random_byte_soup_matches_a_full_decode(loaded: tuple[Any, Any]) -> None:
+    """Random ids split characters across tokens in every way; the stream must still add up."""
+    tokenizer, _ = loaded
+    rng = torch.Generator().manual_seed(5)
+    for _ in range(30):
+        ids = torch.randint(5, len(tokenizer), (40,), generator=rng).tolist()
+        detok = IncrementalDetokenizer(tokenizer)
+        streamed = "".join(detok.push(i) for i in ids)
+        assert streamed == tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+
+
+def test_stop_matcher_trims_and_holds_back() -> None:
+    stops = StopMatcher(["\nAlice:", "<END>"])
+    assert stops.feed("Hello") == ("Hello", False)
+    assert stops.feed(" there\nAl") == (" there", False)  # "\nAl" may start a stop: held
+    assert stops.feed("ready said") == ("\nAlready said", False)  # it did not
+    assert stops.feed(" bye <E") == (" bye ", False)
+    assert stops.feed("ND> ignored") == ("", True)
+    tail = StopMatcher(["###"])
+    assert tail.feed("end #") == ("end ", False)
+    assert tail.flush() == "#"
+
+
+def test_sampling_filters_per_row() -> None:
+    logits = torch.tensor([[0.0, 5.0, 4.9, 1.0]] * 4)
+    rows = sample_next(
+        logits,
+        temperature=torch.tensor([0.0, 1.0, 1.0, 1.0]),
+        top_k=torch.tensor([0, 1, 0, 0]),
+        top_p=torch.tensor([1.0, 1.0, 1e-6, 1.0]),
+    )
+    assert rows[:3].tolist() == [1, 1, 1]  # greedy, top_k=1 and a tiny top_p all keep only the best
+    draws = {int(sample_next(logits[3:], temperature=torch.tensor([1.0]), top_k=torch.tensor([0]),
+                             top_p=torch.tensor([1.0]))) for _ in range(200)}
+    assert {1, 2} <= draws  # a real draw, not argmax
+    seen = torch.tensor([[False, True, False, False]])
+    penalized = apply_repetition_penalty(logits[:1], seen, torch.tensor([2.0]))
+    assert torch.allclose(penalized[0], torch.tensor([0.0, 2.5, 4.9, 1.0]))
+
+
+def test_prefix_cache_longest_match_supersede_and_cap() -> None:
+    def entry(ids: list[int]) -> PrefixEntry:
+        kv = [torch.zeros(1, len(ids), 2)]
+        return PrefixEntry(torch.tensor(ids), kv, [t.clone() for t in kv])
+
+    assert common_prefix(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4, 5])) == 2
+    cache = PrefixCache(max_bytes=entry([0] * 10).nbytes * 2)
+    cache.store(entry([1, 2, 3]))
+    cache.store(entry([1, 2, 3, 4, 5]))  # extends the first: it replaces it
+    assert len(cache) == 1
+    cache.store(entry([9, 9]))
+    found, shared = cache.lookup(torch.tensor([1, 2, 3, 4, 7]))
+    assert found is not None and shared == 4
+    cache.store(entry([7] * 14))  # over the cap: the least recently used entry ([9, 9]) goes
+    assert cache.lookup(torch.tensor([9, 9]))[1] == 0
+    assert cache.lookup(torch.tensor([1, 2, 3]))[1] == 3
+    assert cache.bytes <= cache.max_bytes
+
+
+# --- the engine -------------------------------------------------------------------------------
+
+
+async def test_concurrent_requests_match_one_at_a_time_generate(engine: TransformersEngine) -> None:
+    prompts = [chat(f"Hello number {i}. " * (i + 1)) for i in range(7)]  # more than max_batch_size=4
+    outs = await asyncio.gather(
+        *(engine.generate_text(GenerationRequest(f"r{i}", p, GREEDY)) for i, p in enumerate(prompts))
+    )
+    for prompt, (text, finish) in zip(prompts, outs, strict=True):
+        assert text == reference(engine, prompt, 24)
+        assert finish.completion_tokens >= 1 and finish.prompt_tokens > 10
+        assert finish.reason in ("length", "stop")
+    assert engine.running == 0
+
+
+async def test_prefix_reuse_gives_the_same_reply(engine: TransformersEngine) -> None:
+    long_history = chat("Once upon a time, in a land far away, there lived a dragon. " * 12)
+    first, _ = await engine.generate_text(GenerationRequest("a", long_history, GREEDY))
+    assert len(engine.prefixes) == 1
+    follow_up = [*long_history, {"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
+    ids = torch.tensor(encode_messages(engine.tokenizer, follow_up, context_tokens=1024, max_new_tokens=24).ids)
+    shared = engine.prefixes.lookup(ids)[1]
+    assert shared > 100  # the whole first turn is reusable
+    second, _ = await engine.generate_text(GenerationRequest("b", follow_up, GREEDY))
+    assert second == reference(engine, follow_up, 24)
+
+
+async def test_stop_string_is_trimmed(engine: TransformersEngine) -> None:
+    prompt = chat("Tell me a story about tea.")
+    full, _ = await engine.generate_text(GenerationRequest("full", prompt, GREEDY))
+    stop = full[8:11]
+    assert len(stop) == 3 and full.find(stop) == 8
+    text, finish = await engine.generate_text(GenerationRequest("stopped", prompt, GREEDY, stop=[stop]))
+    assert (text, finish.reason) == (full[:8], "stop")
+
+
+async def test_cancel_and_streaming(engine: TransformersEngine) -> None:
+    long = Sampling(temperature=0.8, max_new_tokens=500)
+    stream = engine.submit(GenerationRequest("c", chat("Go on forever."), long))
+    items = []
+    async for item in stream:
+        items.append(item)
+        if isinstance(item, TextChunk) and len(items) == 3:
+            stream.cancel()
+    assert isinstance(items[-1], Finish) and items[-1].reason == "cancelled"
+    assert items[-1].completion_tokens < 500
+    assert all(isinstance(i, TextChunk) and i.text for i in items[:-1])
+
+
+async def test_resume_continues_after_the_assistant_prefix(engine: TransformersEngine) -> None:
+    prompt = chat("Say something.")
+    full, _ = await engine.generate_text(GenerationRequest("full", prompt, GREEDY))
+    cut = len(full) // 2
+    rest, _ = await engine.generate_text(GenerationRequest("resumed", prompt, GREEDY, assistant_prefix=full[:cut]))
+    assert rest  # the continuation is new text after the prefix, not a restart
+    assert not (full[:cut] and rest.startswith(full[:cut]))
+
+
+async def test_prompt_too_long_is_a_clear_error(engine: TransformersEngine) -> None:
+    huge = Sampling(max_new_tokens=100)
+    too_long = [{"role": "system", "content": "rule " * 2000}, {"role": "user", "content": "hi"}]
+    with pytest.raises(EngineError, match="system prompt alone"):
+        await engine.generate_text(GenerationRequest("x", too_long, huge))
