@@ -15,7 +15,7 @@ from sqlalchemy import delete, select
 
 from bot.store.db import make_engine
 from bot.store.keys import ConversationKey
-from bot.store.migrate import upgrade
+from bot.store.migrate import upgrade, upgrade_async
 from bot.store.models import Base
 from bot.store.repository import ChannelSettings, ConversationStore
 
@@ -300,3 +300,28 @@ async def test_concurrent_appends_lose_nothing(store: ConversationStore) -> None
         assert ids == sorted(ids)
         for t in range(k, 40, 4):  # each task's own turns stay in the order it wrote them
             assert [m.content for m in window if m.content.startswith(f"t{t}-")] == [f"t{t}-{i}" for i in range(10)]
+
+
+# -- SQLite sharing ----------------------------------------------------------------------------------
+
+
+async def test_sqlite_file_is_shared_safely_by_two_engines(tmp_path: Path) -> None:
+    """A bot and a worker process each have their own engine on one file: WAL + busy_timeout let both write."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'created' / 'by' / 'engine.db'}"
+    await upgrade_async(url)
+    bot, worker = ConversationStore(make_engine(url)), ConversationStore(make_engine(url))
+    try:
+        async with bot.engine.connect() as connection:
+            assert (await connection.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+            assert (await connection.exec_driver_sql("PRAGMA busy_timeout")).scalar() == 30_000
+            assert (await connection.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+
+        async def writes(store: ConversationStore, base: int) -> None:
+            for i in range(50):
+                await add(store, GUILD, base + i, f"{base}-{i}")
+
+        await asyncio.gather(writes(bot, 0), writes(worker, 1000), writes(bot, 2000), writes(worker, 3000))
+        assert len(await worker.window(GUILD, 500)) == 200
+    finally:
+        await bot.close()
+        await worker.close()
