@@ -1,0 +1,164 @@
+"""The Discord bot's lifecycle: store, queue, in-process worker, discord.py client, ops server.
+
+`BotApp` starts and stops everything inside the caller's event loop (tests use it as
+`async with BotApp(settings) as app`); `run_bot` is `hermes-bot run`. The REST base and gateway URL
+come from settings when set, which is how REST proxies and the tests' fake Discord are reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+import discord
+import yarl
+from discord.ext import commands
+
+from bot.config import Settings
+from bot.conversation import ChatService
+from bot.discord.chat import ChatCog
+from bot.discord.commands import CommandsCog
+from bot.discord.identity import SAFE_MENTIONS, Identities
+from bot.personas import PersonaRegistry
+from bot.queue.base import JobQueue
+from bot.queue.factory import open_queue
+from bot.store.repository import ConversationStore
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 60.0
+
+
+def point_discord_at(settings: Settings) -> None:
+    """Send REST and gateway traffic to the configured URLs (a proxy, or a local test server)."""
+    if settings.discord_api_base:
+        discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
+    if settings.discord_gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
+
+
+def intents() -> discord.Intents:
+    wanted = discord.Intents.none()
+    wanted.guilds = wanted.guild_messages = wanted.dm_messages = wanted.message_content = True
+    return wanted
+
+
+class HermesBot(commands.Bot):
+    """A discord.py bot with the chat and command cogs; it has no prefix commands."""
+
+    def __init__(self, settings: Settings, chat: ChatService) -> None:
+        super().__init__(command_prefix=[], intents=intents(), allowed_mentions=SAFE_MENTIONS, help_command=None)
+        self.settings, self.chat_service = settings, chat
+
+    async def setup_hook(self) -> None:
+        chat = ChatCog(self, self.settings, self.chat_service, Identities())
+        await self.add_cog(chat)
+        await self.add_cog(CommandsCog(self, self.settings, chat))
+        await self.tree.sync()
+
+    async def on_message(self, message: discord.Message, /) -> None:
+        """No prefix commands: the chat cog's listener handles messages."""
+
+
+class BotApp:
+    """Everything `hermes-bot run` runs, started and stopped in the current event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bot: HermesBot | None = None
+        self.store: ConversationStore | None = None
+        self.queue: JobQueue | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.connection: asyncio.Task[None] | None = None  # ends when the gateway connection does
+        self._closers: list[Callable[[], Awaitable[object]]] = []
+
+    async def start(self) -> None:
+        settings = self.settings
+        if settings.discord_token is None:
+            raise ValueError("DISCORD_TOKEN is not set")
+        point_discord_at(settings)
+        personas = PersonaRegistry.load(settings.personas_dir)
+        self.store = await ConversationStore.open(
+            settings.database_url, migrate=settings.database_url.startswith("sqlite")
+        )
+        self._closers.append(self.store.close)
+        self.queue = open_queue(settings)
+        self._closers.append(self.queue.close)
+        if settings.queue_url == "memory://":
+            from bot.worker import Worker
+
+            worker = Worker.in_process(settings, self.queue)
+            self._tasks.append(asyncio.create_task(worker.run()))
+            self._closers.append(worker.shutdown)
+        self.bot = HermesBot(settings, ChatService(settings, self.store, self.queue, personas))
+        self._closers.append(self.bot.close)
+        await self.bot.login(settings.discord_token.get_secret_value())
+        self.connection = connection = asyncio.create_task(self.bot.connect())
+        self._tasks.append(connection)
+        ready = asyncio.create_task(self.bot.wait_until_ready())
+        done, _ = await asyncio.wait({connection, ready}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            ready.cancel()
+            await self.close()
+            if connection in done:
+                connection.result()  # raises why the gateway connection ended
+            raise TimeoutError(f"no READY from the Discord gateway within {READY_TIMEOUT_S:.0f}s")
+        from bot.health import serve_ops
+
+        queue = self.queue
+        ops = await serve_ops(settings, {"discord": self.bot.is_ready, "queue": queue.ping})
+        if ops is not None:
+            self._closers.append(ops.close)
+        log.info("discord bot ready as %s", self.bot.user)
+
+    async def close(self) -> None:
+        """Stop in reverse order of start; safe to call twice."""
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                await closer()
+            except Exception:
+                log.exception("error while shutting down")
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+    async def __aenter__(self) -> BotApp:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+async def _run_until_signal(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with BotApp(settings) as app:
+        assert app.connection is not None
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({app.connection, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+
+
+def run_bot(settings: Settings) -> int:
+    """`hermes-bot run`: the bot (and, on memory://, its worker) until SIGTERM/SIGINT."""
+    from bot.logging_setup import configure_logging
+
+    configure_logging(settings)
+    try:
+        asyncio.run(_run_until_signal(settings))
+    except discord.LoginFailure:
+        log.error("Discord rejected the token (DISCORD_TOKEN); check it in the developer portal")
+        return 2
+    return 0

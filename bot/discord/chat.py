@@ -1,0 +1,219 @@
+"""The chat cog: decide whether a message is for the bot, store it, and stream a persona's reply.
+
+One handler per Discord event. A message in a conversation the bot takes part in is stored even when
+nobody addresses the bot, so the context is there when someone does. Replies stream through
+`LiveReply` (typing until the first text); queue-full and worker-down become a short friendly line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import discord
+from discord.ext import commands
+
+from bot import metrics
+from bot.config import Settings
+from bot.conversation import ChatService, PendingReply
+from bot.discord.identity import Identities
+from bot.discord.stream import LiveReply
+from bot.discord.triggers import Signals, choose_persona
+from bot.personas import Persona
+from bot.queue.base import QueueBusy, QueueUnavailable
+from bot.queue.jobs import Done, ErrorEvent, TextDelta
+from bot.store.keys import ConversationKey
+
+log = logging.getLogger(__name__)
+
+WAIT_NOTICE_POSITION = 3  # from this place in line on, say so instead of only typing
+TYPING_REFRESH_S = 8.0
+REMEMBERED_REPLIES = 2048
+
+WAITING = "⏳ You're number {position} in line, I'll answer as soon as I can."
+UNAVAILABLE = "Sorry, I can't reply right now: the reply service isn't answering. Please try again in a little while."
+FAILED = "Sorry, something went wrong while I was writing that. Please try again."
+TOO_SLOW = "Sorry, that took too long and I gave up. Please try again."
+EMPTY = "*(no reply)*"
+STOPPED = " *(stopped)*"
+
+
+def conversation_key(channel: discord.abc.Messageable | discord.abc.GuildChannel | None) -> ConversationKey:
+    """Threads are their own conversation (under their parent channel); DMs have no guild."""
+    if isinstance(channel, discord.Thread):
+        return ConversationKey(channel.guild.id, channel.parent_id, channel.id)
+    guild = getattr(channel, "guild", None)
+    return ConversationKey(guild.id if guild else None, channel.id)  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class SentReply:
+    """A reply the bot wrote: which conversation and persona, and all its Discord messages."""
+
+    key: ConversationKey
+    persona_id: str
+    message_ids: tuple[int, ...]
+
+
+class ChatCog(commands.Cog):
+    def __init__(self, bot: commands.Bot, settings: Settings, chat: ChatService, identities: Identities) -> None:
+        self.bot, self.settings, self.chat, self.identities = bot, settings, chat, identities
+        self.running: dict[ConversationKey, PendingReply] = {}
+        self.sent: OrderedDict[int, SentReply] = OrderedDict()  # every message id of recent replies
+        self._participating: set[ConversationKey] = set()
+        self.background: set[asyncio.Task[None]] = set()  # replies started by commands
+
+    # ----- incoming messages -----
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        if message.author.bot or message.webhook_id is not None or self.bot.user is None:
+            return
+        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return
+        metrics.count_discord_event("message")
+        key = conversation_key(message.channel)
+        channel = await self.chat.store.get_settings(key)
+        signals = await self._signals(message)
+        persona = choose_persona(signals, channel, self.chat.personas, self.settings.default_persona)
+        if persona is None and not await self._takes_part(key):
+            return
+        self._participating.add(key)
+        await self.chat.record_user_turn(
+            key,
+            message_id=message.id,
+            author_id=message.author.id,
+            author_name=message.author.display_name,
+            content=signals.text,
+            reply_to_id=message.reference.message_id if message.reference else None,
+        )
+        if persona is not None:
+            await self.reply(message.channel, key, persona)
+
+    async def _takes_part(self, key: ConversationKey) -> bool:
+        if key not in self._participating and await self.chat.store.last_assistant_turn(key) is not None:
+            self._participating.add(key)
+        return key in self._participating
+
+    async def _signals(self, message: discord.Message) -> Signals:
+        me = self.bot.user
+        assert me is not None
+        replied_author, reply_persona = None, None
+        ref = message.reference
+        if ref is not None and ref.message_id is not None:
+            known = self.sent.get(ref.message_id)
+            stored = None if known else await self.chat.store.find_message(ref.message_id)
+            if known is not None:
+                reply_persona = known.persona_id
+            elif stored is not None and stored.role == "assistant":
+                reply_persona = stored.persona_id
+            if isinstance(ref.resolved, discord.Message):
+                replied_author = ref.resolved.author.id
+        return Signals(
+            text=_without_leading_mention(message, me.id),
+            is_dm=isinstance(message.channel, discord.DMChannel),
+            mentions_bot=any(user.id == me.id for user in message.mentions),
+            replies_to_bot=replied_author == me.id,
+            reply_persona=reply_persona,
+        )
+
+    # ----- edits and deletions mirror into the store -----
+
+    @commands.Cog.listener()
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        message, me = payload.message, self.bot.user
+        if "content" not in payload.data or message.author.bot or message.webhook_id or me is None:
+            return
+        await self.chat.store.edit_message(payload.message_id, _without_leading_mention(message, me.id))
+
+    @commands.Cog.listener()
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        await self.chat.store.delete_message(payload.message_id)
+
+    @commands.Cog.listener()
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        for message_id in payload.message_ids:
+            await self.chat.store.delete_message(message_id)
+
+    # ----- replying -----
+
+    async def reply(self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona) -> None:
+        """Generate and stream one reply of `persona`; never raises for queue or worker trouble."""
+        live = LiveReply(await self.identities.outlet(channel, persona))
+        try:
+            pending = await self.chat.start_reply(key, persona)
+        except QueueBusy as exc:
+            metrics.count_error("busy")
+            await live.finish(str(exc))
+            return
+        except QueueUnavailable:
+            metrics.count_error("queue_unavailable")
+            await live.finish(UNAVAILABLE)
+            return
+        self.running[key] = pending
+        text = ""
+        try:
+            text, ending = await self._stream(channel, live, pending)
+            await live.finish(text + ending if text.strip() else ending or EMPTY)
+        except discord.HTTPException as exc:  # e.g. no permission to post here: nothing to show it on
+            log.warning("could not deliver reply in %s: %s", key, exc)
+            await pending.cancel()
+        finally:
+            if self.running.get(key) is pending:
+                del self.running[key]
+        if live.ids:
+            self._remember(SentReply(key, persona.id, tuple(live.ids)))
+        if text.strip() and live.ids:
+            await self.chat.store_reply(key, persona, text.strip(), live.ids[0])
+
+    async def _stream(self, channel: discord.abc.Messageable, live: LiveReply, pending: PendingReply) -> tuple[str, str]:
+        """Show text as it arrives; returns the reply text and what to append (a notice) at the end."""
+        if pending.position >= WAIT_NOTICE_POSITION:
+            await live.show(WAITING.format(position=pending.position))
+        typing = asyncio.create_task(_keep_typing(channel))
+        text, ending = "", ""
+        try:
+            async for event in pending.events():
+                if isinstance(event, TextDelta):
+                    text += event.text
+                    if text.strip():
+                        typing.cancel()
+                        await live.show(text)
+                elif isinstance(event, Done):
+                    ending = {"cancelled": STOPPED, "deadline": TOO_SLOW}.get(event.finish_reason, "")
+                elif isinstance(event, ErrorEvent):
+                    metrics.count_error(event.kind)
+                    log.warning("reply failed kind=%s: %s", event.kind, event.message)
+                    ending = UNAVAILABLE if event.kind in ("timeout", "dead_letter", "unavailable") else FAILED
+        finally:
+            typing.cancel()
+        if ending and ending != STOPPED and text.strip():
+            ending = "\n\n" + ending
+        return text, ending
+
+    def _remember(self, reply: SentReply) -> None:
+        for message_id in reply.message_ids:
+            self.sent[message_id] = reply
+        while len(self.sent) > REMEMBERED_REPLIES:
+            self.sent.popitem(last=False)
+
+
+async def _keep_typing(channel: discord.abc.Messageable) -> None:
+    """Show "typing…" until cancelled; a failure to show it never affects the reply."""
+    with contextlib.suppress(discord.HTTPException):
+        while True:
+            await channel.typing()
+            await asyncio.sleep(TYPING_REFRESH_S)
+
+
+def _without_leading_mention(message: discord.Message, bot_id: int) -> str:
+    """The text as people read it (mentions as @names), minus an @bot at the start."""
+    text = message.clean_content
+    for user in message.mentions:
+        if user.id == bot_id:
+            text = re.sub(rf"^\s*@{re.escape(user.display_name)}[\s,:]*", "", text)
+    return text.strip()

@@ -1,0 +1,191 @@
+"""Slash commands: /persona list|set|add|remove|show, /reset, /regenerate, /stop, /autorespond.
+
+Every command defers first (Discord wants an answer within 3 s; the store may be slower) and then
+answers ephemerally. Changing a channel needs Manage Channels or the configured admin role; anyone
+may look. In a DM the user owns the conversation and may change it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot import metrics
+from bot.config import Settings
+from bot.discord.chat import ChatCog, conversation_key
+from bot.discord.triggers import active_personas
+from bot.personas import Persona, PersonaRegistry
+
+NOT_ALLOWED = "You need the Manage Channels permission{role} to change this channel's settings."
+
+
+def may_change(interaction: discord.Interaction, admin_role: str | None) -> bool:
+    """Manage Channels in this channel, the admin role, or a DM."""
+    if interaction.guild is None:
+        return True
+    if interaction.permissions.manage_channels:
+        return True
+    roles = getattr(interaction.user, "roles", [])
+    return admin_role is not None and any(role.name == admin_role for role in roles)
+
+
+class PersonaGroup(app_commands.Group):
+    def __init__(self, cog: CommandsCog) -> None:
+        super().__init__(name="persona", description="Choose who talks in this channel")
+        self.cog = cog
+
+    async def _persona_choices(self, _: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        found = [p for p in self.cog.personas if current.lower() in f"{p.id} {p.name}".lower()]
+        return [app_commands.Choice(name=f"{p.name} ({p.id})", value=p.id) for p in found[:25]]
+
+    @app_commands.command(name="list", description="All personas this bot knows")
+    async def list_(self, interaction: discord.Interaction) -> None:
+        await self.cog.answer(interaction, None, self.cog.list_text)
+
+    @app_commands.command(name="show", description="Who answers in this channel")
+    async def show(self, interaction: discord.Interaction) -> None:
+        await self.cog.answer(interaction, None, self.cog.show_text)
+
+    @app_commands.command(name="set", description="Set the persona that answers here by default")
+    @app_commands.describe(persona="persona id")
+    async def set_(self, interaction: discord.Interaction, persona: str) -> None:
+        await self.cog.answer(interaction, persona, self.cog.set_default)
+
+    @app_commands.command(name="add", description="Let one more persona take part here")
+    @app_commands.describe(persona="persona id")
+    async def add(self, interaction: discord.Interaction, persona: str) -> None:
+        await self.cog.answer(interaction, persona, self.cog.add)
+
+    @app_commands.command(name="remove", description="Stop a persona taking part here")
+    @app_commands.describe(persona="persona id")
+    async def remove(self, interaction: discord.Interaction, persona: str) -> None:
+        await self.cog.answer(interaction, persona, self.cog.remove)
+
+    set_.autocomplete("persona")(_persona_choices)
+    add.autocomplete("persona")(_persona_choices)
+    remove.autocomplete("persona")(_persona_choices)
+
+
+class CommandsCog(commands.Cog):
+    def __init__(self, bot: commands.Bot, settings: Settings, chat: ChatCog) -> None:
+        self.bot, self.settings, self.chat = bot, settings, chat
+        self.personas: PersonaRegistry = chat.chat.personas
+        self.store = chat.chat.store
+        bot.tree.add_command(PersonaGroup(self))
+
+    async def answer(self, interaction: discord.Interaction, argument: str | None, action) -> None:  # type: ignore[no-untyped-def]
+        """Defer, check the permission for changes, run `action`, answer with its text."""
+        metrics.count_discord_event("interaction")
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        changes = action not in (self.list_text, self.show_text, self.stop, self.regenerate)
+        if changes and not may_change(interaction, self.settings.admin_role):
+            role = f" or the {self.settings.admin_role} role" if self.settings.admin_role else ""
+            text = NOT_ALLOWED.format(role=role)
+        elif argument is None:
+            text = await action(interaction)
+        else:
+            text = await action(interaction, argument)
+        await interaction.followup.send(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
+
+    def _persona(self, persona_id: str) -> Persona | None:
+        return self.personas.get(persona_id) if persona_id in self.personas else None
+
+    def _unknown(self, persona_id: str) -> str:
+        known = ", ".join(p.id for p in self.personas)
+        return f"I don't know a persona called `{discord.utils.escape_markdown(persona_id)}`. Known: {known}."
+
+    # ----- actions: each returns the text of the answer -----
+
+    async def list_text(self, _: discord.Interaction) -> str:
+        lines = [f"**{p.name}** (`{p.id}`) {p.description}".rstrip() for p in self.personas]
+        return "\n".join(lines)[:1900]
+
+    async def show_text(self, interaction: discord.Interaction) -> str:
+        channel = await self.store.get_settings(conversation_key(interaction.channel))
+        active = active_personas(channel, self.personas, self.settings.default_persona)
+        names = ", ".join(self.personas.get(pid).name for pid in active[1:]) or "none"
+        default = self.personas.get(active[0]).name if active else "none"
+        state = "on" if channel.autorespond else "off"
+        return f"Default persona: **{default}**. Also here: {names}. Auto-respond: {state}."
+
+    async def set_default(self, interaction: discord.Interaction, persona_id: str) -> str:
+        persona = self._persona(persona_id)
+        if persona is None:
+            return self._unknown(persona_id)
+        await self.store.set_default_persona(conversation_key(interaction.channel), persona.id)
+        return f"**{persona.name}** now answers here by default."
+
+    async def add(self, interaction: discord.Interaction, persona_id: str) -> str:
+        persona = self._persona(persona_id)
+        if persona is None:
+            return self._unknown(persona_id)
+        await self.store.add_persona(conversation_key(interaction.channel), persona.id)
+        words = ", ".join(persona.addressed_by())
+        return f"**{persona.name}** joins this channel. Address them by starting with: {words}."
+
+    async def remove(self, interaction: discord.Interaction, persona_id: str) -> str:
+        persona = self._persona(persona_id)
+        if persona is None:
+            return self._unknown(persona_id)
+        key = conversation_key(interaction.channel)
+        await self.store.remove_persona(key, persona.id)
+        if (await self.store.get_settings(key)).default_persona == persona.id:
+            await self.store.set_default_persona(key, None)
+        return f"**{persona.name}** left this channel."
+
+    @app_commands.command(name="reset", description="Start a fresh conversation here (forget the context)")
+    async def reset_command(self, interaction: discord.Interaction) -> None:
+        await self.answer(interaction, None, self.reset)
+
+    async def reset(self, interaction: discord.Interaction) -> str:
+        await self.store.reset(conversation_key(interaction.channel))
+        return "Fresh start: earlier messages here are no longer part of the conversation."
+
+    @app_commands.command(name="autorespond", description="Answer every message here, not only mentions")
+    async def autorespond_command(self, interaction: discord.Interaction, mode: Literal["on", "off"]) -> None:
+        await self.answer(interaction, mode, self.autorespond)
+
+    async def autorespond(self, interaction: discord.Interaction, mode: str) -> str:
+        await self.store.set_autorespond(conversation_key(interaction.channel), mode == "on")
+        return f"Auto-respond is {mode} here."
+
+    @app_commands.command(name="stop", description="Stop the reply being written here")
+    async def stop_command(self, interaction: discord.Interaction) -> None:
+        await self.answer(interaction, None, self.stop)
+
+    async def stop(self, interaction: discord.Interaction) -> str:
+        pending = self.chat.running.get(conversation_key(interaction.channel))
+        if pending is None:
+            return "Nothing is being written here right now."
+        await pending.cancel()
+        return "Stopped."
+
+    @app_commands.command(name="regenerate", description="Replace the last reply here with a new one")
+    async def regenerate_command(self, interaction: discord.Interaction) -> None:
+        await self.answer(interaction, None, self.regenerate)
+
+    async def regenerate(self, interaction: discord.Interaction) -> str:
+        key = conversation_key(interaction.channel)
+        if key in self.chat.running:
+            return "A reply is still being written here; use /stop first."
+        last = await self.store.last_assistant_turn(key)
+        if last is None or last.discord_message_id is None or last.persona_id not in self.personas:
+            return "There is no reply here to regenerate."
+        persona = self.personas.get(last.persona_id)
+        known = self.chat.sent.get(last.discord_message_id)
+        ids = known.message_ids if known else (last.discord_message_id,)
+        outlet = await self.chat.identities.outlet(interaction.channel, persona)  # type: ignore[arg-type]
+        for message_id in ids:
+            try:
+                await outlet.delete(message_id)
+            except discord.NotFound:
+                pass
+            await self.store.delete_message(message_id)
+        task = asyncio.create_task(self.chat.reply(interaction.channel, key, persona))  # type: ignore[arg-type]
+        self.chat.background.add(task)
+        task.add_done_callback(self.chat.background.discard)
+        return f"Writing a new reply as **{persona.name}**."

@@ -1,0 +1,117 @@
+"""Who a persona's messages come from: one reused webhook per channel, or the bot in bold.
+
+A webhook lets every message carry the persona's own name and avatar, so one webhook serves all
+personas of a channel (and its threads). Without Manage Webhooks the bot speaks itself and puts the
+persona's name in bold; that choice is re-checked from time to time, so granting the permission later
+takes effect without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import discord
+from discord.utils import MISSING, escape_markdown
+
+from bot.personas import Persona
+
+WEBHOOK_NAME = "hermes-personas"
+RECHECK_AFTER_S = 600.0
+
+# Untrusted text (user input echoed by the model) must never ping everyone, here or a role.
+SAFE_MENTIONS = discord.AllowedMentions(everyone=False, roles=False, users=True, replied_user=False)
+
+
+class WebhookOutlet:
+    """A persona speaking through the channel's webhook (name and avatar set per message)."""
+
+    overhead = 0
+
+    def __init__(self, webhook: discord.Webhook, persona: Persona, thread: discord.abc.Snowflake | None) -> None:
+        self.webhook, self.persona = webhook, persona
+        self.thread = thread if thread is not None else MISSING
+
+    async def send(self, content: str) -> int:
+        message = await self.webhook.send(
+            content,
+            username=self.persona.name,
+            avatar_url=self.persona.avatar_url or MISSING,
+            allowed_mentions=SAFE_MENTIONS,
+            thread=self.thread,
+            wait=True,
+        )
+        return message.id
+
+    async def edit(self, message_id: int, content: str) -> None:
+        await self.webhook.edit_message(
+            message_id, content=content, allowed_mentions=SAFE_MENTIONS, thread=self.thread
+        )
+
+    async def delete(self, message_id: int) -> None:
+        await self.webhook.delete_message(message_id, thread=self.thread)
+
+
+class BotOutlet:
+    """The fallback: the bot's own messages, each starting with the persona's name in bold."""
+
+    def __init__(self, channel: discord.abc.Messageable, persona: Persona) -> None:
+        self.channel = channel
+        self.prefix = f"**{escape_markdown(persona.name)}:** "
+        self.overhead = len(self.prefix)
+
+    async def send(self, content: str) -> int:
+        message = await self.channel.send(self.prefix + content, allowed_mentions=SAFE_MENTIONS)
+        return message.id
+
+    async def edit(self, message_id: int, content: str) -> None:
+        partial = self.channel.get_partial_message(message_id)  # type: ignore[attr-defined]
+        await partial.edit(content=self.prefix + content, allowed_mentions=SAFE_MENTIONS)
+
+    async def delete(self, message_id: int) -> None:
+        await self.channel.get_partial_message(message_id).delete()  # type: ignore[attr-defined]
+
+
+PersonaOutlet = WebhookOutlet | BotOutlet
+
+
+class Identities:
+    """Finds or creates the bot's webhook per channel, once, and hands out persona outlets."""
+
+    def __init__(self) -> None:
+        self._webhooks: dict[int, discord.Webhook] = {}
+        self._denied: dict[int, float] = {}  # channel id -> when webhooks were refused
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    async def outlet(self, channel: discord.abc.Messageable, persona: Persona) -> PersonaOutlet:
+        thread = channel if isinstance(channel, discord.Thread) else None
+        parent = channel.parent if isinstance(channel, discord.Thread) else channel
+        if not isinstance(parent, discord.TextChannel | discord.ForumChannel):
+            return BotOutlet(channel, persona)  # DMs and channel kinds without webhooks
+        webhook = await self._webhook(parent)
+        return WebhookOutlet(webhook, persona, thread) if webhook else BotOutlet(channel, persona)
+
+    def forget(self, channel_id: int) -> None:
+        """Drop a webhook that stopped working (deleted by a moderator); the next reply makes a new one."""
+        self._webhooks.pop(channel_id, None)
+
+    async def _webhook(self, channel: discord.TextChannel | discord.ForumChannel) -> discord.Webhook | None:
+        if channel.id in self._webhooks:
+            return self._webhooks[channel.id]
+        if time.monotonic() - self._denied.get(channel.id, -RECHECK_AFTER_S) < RECHECK_AFTER_S:
+            return None
+        async with self._locks.setdefault(channel.id, asyncio.Lock()):
+            if channel.id in self._webhooks:
+                return self._webhooks[channel.id]
+            me = channel.guild.me
+            if not channel.permissions_for(me).manage_webhooks:
+                self._denied[channel.id] = time.monotonic()
+                return None
+            try:
+                ours = [w for w in await channel.webhooks() if w.token and w.user and w.user.id == me.id]
+                webhook = ours[0] if ours else await channel.create_webhook(name=WEBHOOK_NAME)
+            except discord.Forbidden:
+                self._denied[channel.id] = time.monotonic()
+                return None
+            self._webhooks[channel.id] = webhook
+            return webhook
