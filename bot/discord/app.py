@@ -13,6 +13,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import Any
 
 import discord
 import yarl
@@ -50,8 +51,10 @@ def intents() -> discord.Intents:
 class HermesBot(commands.Bot):
     """A discord.py bot with the chat and command cogs; it has no prefix commands."""
 
-    def __init__(self, settings: Settings, chat: ChatService) -> None:
-        super().__init__(command_prefix=[], intents=intents(), allowed_mentions=SAFE_MENTIONS, help_command=None)
+    def __init__(self, settings: Settings, chat: ChatService, **options: Any) -> None:
+        super().__init__(
+            command_prefix=[], intents=intents(), allowed_mentions=SAFE_MENTIONS, help_command=None, **options
+        )
         self.settings, self.chat_service = settings, chat
 
     async def setup_hook(self) -> None:
@@ -67,8 +70,9 @@ class HermesBot(commands.Bot):
 class BotApp:
     """Everything `hermes-bot run` runs, started and stopped in the current event loop."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, **client_options: Any) -> None:
+        """`client_options` go to discord.py's client (tests pass a short guild_ready_timeout)."""
+        self.settings, self.client_options = settings, client_options
         self.bot: HermesBot | None = None
         self.store: ConversationStore | None = None
         self.queue: JobQueue | None = None
@@ -94,7 +98,7 @@ class BotApp:
             worker = Worker.in_process(settings, self.queue)
             self._tasks.append(asyncio.create_task(worker.run()))
             self._closers.append(worker.shutdown)
-        self.bot = HermesBot(settings, ChatService(settings, self.store, self.queue, personas))
+        self.bot = HermesBot(settings, ChatService(settings, self.store, self.queue, personas), **self.client_options)
         self._closers.append(self.bot.close)
         await self.bot.login(settings.discord_token.get_secret_value())
         self.connection = connection = asyncio.create_task(self.bot.connect())
