@@ -157,8 +157,11 @@ async def test_webhook_identity_thread_and_missing_permission(
     async with running(client, fake_discord):
         general = client.get_channel(w.general.id)
         assert isinstance(general, discord.TextChannel)
+        foreign = await fake_discord.add_webhook(w.general, "GitHub", creator=w.mod)
         hook = await general.create_webhook(name="hermes-personas")
-        assert [h.id for h in await general.webhooks()] == [hook.id]
+        listed = {h.id: h for h in await general.webhooks()}
+        assert set(listed) == {foreign.id, hook.id}
+        assert listed[hook.id].user == client.user and listed[foreign.id].user.id == w.mod.id  # type: ignore[union-attr]
         sent = await hook.send(
             "I am Edward", username="Edward Elric", avatar_url="https://x.invalid/ed.png", wait=True
         )
@@ -183,6 +186,11 @@ async def test_webhook_identity_thread_and_missing_permission(
         assert fake_discord.bot_messages(w.general) == [stored]
         echoed = await fake_discord.wait_for(lambda: [m for m in client.seen if m.webhook_id == hook.id])
         assert echoed[0].author.name == "Edward Elric"
+
+        await fake_discord.remove_webhook(fake_discord.webhooks[hook.id])
+        with pytest.raises(discord.NotFound) as gone:
+            await hook.send("anyone there?", username="Hermes 2")
+        assert gone.value.code == 10015
 
         await fake_discord.set_bot_permissions(w.guild, Perm.BOT_DEFAULT & ~Perm.MANAGE_WEBHOOKS)
         guild = client.get_guild(w.guild.id)
@@ -278,3 +286,11 @@ async def test_app_commands_sync_and_interactions(fake_discord: FakeDiscord, dis
         original_id = listed.original.id
         echoed = await fake_discord.wait_for(lambda: discord.utils.get(bot.cached_messages, id=original_id))
         assert echoed.interaction_metadata is not None and echoed.interaction_metadata.user.id == w.alice.id
+
+
+async def test_unknown_routes_fail_loudly(fake_discord: FakeDiscord, discord_world: World) -> None:
+    client = Recorder()
+    async with running(client, fake_discord):
+        with pytest.raises(discord.NotFound, match="fake Discord has no route GET /stickers/1"):
+            await client.http.request(discord.http.Route("GET", "/stickers/{sticker_id}", sticker_id=1))
+        assert fake_discord.requests[-1].status == 404

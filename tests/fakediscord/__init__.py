@@ -1,6 +1,7 @@
 """A fake Discord (REST + gateway websocket) on 127.0.0.1 for tests that run the real discord.py client.
 
-In a test module: `pytest_plugins = ("tests.fakediscord.fixtures",)`, then
+In a test module (or conftest): `pytest_plugins = ("tests.fakediscord.fixtures",)` for the
+`fake_discord` and `discord_world` fixtures, then
 
     async def test_x(fake_discord: FakeDiscord, discord_world: World) -> None:
         client = discord.Client(intents=..., guild_ready_timeout=0.1)
@@ -9,7 +10,6 @@ In a test module: `pytest_plugins = ("tests.fakediscord.fixtures",)`, then
             reply = await fake_discord.wait_for_message(discord_world.general, lambda m: m.author.bot)
 """
 
-from tests.fakediscord.fixtures import World, build_default_world, discord_world, fake_discord, running
 from tests.fakediscord.models import (
     Channel,
     ChannelType,
@@ -24,6 +24,7 @@ from tests.fakediscord.models import (
     User,
     Webhook,
 )
+from tests.fakediscord.scene import World, build_default_world, running
 from tests.fakediscord.server import FakeDiscord
 
 __all__ = [
@@ -42,7 +43,5 @@ __all__ = [
     "Webhook",
     "World",
     "build_default_world",
-    "discord_world",
-    "fake_discord",
     "running",
 ]

@@ -7,6 +7,7 @@ Z_SYNC_FLUSH so the client sees the 00 00 ff ff suffix it waits for.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -63,22 +64,24 @@ class GatewaySession:
         self.seq = 0
         self.heartbeats = 0
         self._compressor = _Compressor(compress)
+        self._send_lock = asyncio.Lock()
 
     def has_intent(self, bit: int) -> bool:
         return bool(self.intents & bit)
 
     async def send(self, op: int, data: Any, event: str | None = None) -> None:
         payload: dict[str, Any] = {"op": op, "d": data, "s": None, "t": event}
-        if op == Op.DISPATCH:
-            self.seq += 1
-            payload["s"] = self.seq
-        frame = self._compressor.frame(json.dumps(payload))
-        if self.ws.closed:
-            return
-        if isinstance(frame, bytes):
-            await self.ws.send_bytes(frame)
-        else:
-            await self.ws.send_str(frame)
+        async with self._send_lock:  # frames of one zlib stream must leave in the order compressed
+            if op == Op.DISPATCH:
+                self.seq += 1
+                payload["s"] = self.seq
+            frame = self._compressor.frame(json.dumps(payload))
+            if self.ws.closed:
+                return
+            if isinstance(frame, bytes):
+                await self.ws.send_bytes(frame)
+            else:
+                await self.ws.send_str(frame)
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
         await self.send(Op.DISPATCH, data, event)

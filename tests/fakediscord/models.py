@@ -375,7 +375,7 @@ class Webhook:
             "name": self.name,
             "avatar": None,
             "token": self.token,
-            "application_id": str(self.application_id),
+            "application_id": str(self.application_id) if self.application_id else None,
             "user": self.creator.payload(),
         }
 

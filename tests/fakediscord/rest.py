@@ -2,13 +2,13 @@
 
 Checks Discord makes that a bot could trip over are kept: 2,000-character content, empty
 messages, Manage Webhooks for webhook management, 15 webhooks per channel, no webhooks on threads,
-thread_id for webhook messages in threads, one callback per interaction within 3 seconds.
+thread_id for webhook messages in threads, one callback per interaction within
+`fake.interaction_deadline_s` (3 s, like Discord).
 """
 
 from __future__ import annotations
 
 import re
-import secrets
 import time
 from typing import Any
 
@@ -34,7 +34,6 @@ from tests.fakediscord.server import (
 
 MAX_CONTENT = 2000
 MAX_WEBHOOKS_PER_CHANNEL = 15
-INTERACTION_DEADLINE_S = 3.0
 
 
 def _form_error(field: str, code: str, message: str) -> ApiError:
@@ -382,16 +381,7 @@ class RestApi:
         _check_webhook_name(name, "name")
         if len(self.fake.channel_webhooks(channel)) >= MAX_WEBHOOKS_PER_CHANNEL:
             raise ApiError(400, 30007, f"Maximum number of webhooks reached ({MAX_WEBHOOKS_PER_CHANNEL})")
-        webhook = Webhook(
-            id=self.fake.ids.next(),
-            token=secrets.token_urlsafe(32),
-            channel_id=channel.id,
-            guild_id=channel.guild_id or 0,
-            name=name,
-            creator=self.fake.bot_user,
-            application_id=self.fake.application_id,
-        )
-        self.fake.webhooks[webhook.id] = webhook
+        webhook = await self.fake.add_webhook(channel, name, creator=self.fake.bot_user)
         return self._ok(request, webhook.payload())
 
     def _webhook(self, request: web.Request) -> Webhook:
@@ -501,7 +491,7 @@ class RestApi:
         record = self.fake.interactions.get(int(request.match_info["interaction_id"]))
         if record is None or record.token != request.match_info["token"]:
             raise ApiError(404, 10062, "Unknown interaction")
-        if time.monotonic() - record.created > INTERACTION_DEADLINE_S:
+        if time.monotonic() - record.created > self.fake.interaction_deadline_s:
             raise ApiError(404, 10062, "Unknown interaction")
         if record.responded:
             raise ApiError(400, 40060, "Interaction has already been acknowledged.")

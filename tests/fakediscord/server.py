@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import re
 import secrets
 import time
@@ -40,6 +41,7 @@ from tests.fakediscord.models import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 API_PREFIX = "/api/v10"
 LOADING_FLAG = 128
 RECORD = web.RequestKey("record", RecordedRequest)
@@ -99,6 +101,7 @@ class FakeDiscord:
         self._announced_dms: set[int] = set()
         self._waiters: set[asyncio.Event] = set()
         self._runner: web.AppRunner | None = None
+        self.interaction_deadline_s = 3.0  # Discord drops interactions not answered in 3 s
         self.port = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -334,6 +337,25 @@ class FakeDiscord:
         channel = Channel(self.ids.next(), ChannelType.DM, recipient=user)
         self.channels[channel.id] = channel
         return channel
+
+    async def add_webhook(self, channel: Channel, name: str, *, creator: User) -> Webhook:
+        """A webhook someone else made (an integration, a moderator): the bot must not take it over."""
+        webhook = Webhook(
+            id=self.ids.next(),
+            token=secrets.token_urlsafe(32),
+            channel_id=channel.id,
+            guild_id=_require(channel.guild_id),
+            name=name,
+            creator=creator,
+            application_id=self.application_id if creator == self.bot_user else 0,
+        )
+        self.webhooks[webhook.id] = webhook
+        return webhook
+
+    async def remove_webhook(self, webhook: Webhook) -> None:
+        """A moderator deletes the webhook: later calls with it answer 404 Unknown Webhook (10015)."""
+        del self.webhooks[webhook.id]
+        self._notify()
 
     def _register_channel(self, guild: Guild, channel: Channel) -> None:
         guild.channels[channel.id] = channel
@@ -667,6 +689,15 @@ class FakeDiscord:
                 response = await handler(request)
             except ApiError as exc:
                 response = json_response({"message": exc.message, "code": exc.code}, exc.status)
+            except web.HTTPException as exc:
+                # A route the fake lacks: say so plainly instead of aiohttp's text/plain page.
+                message = f"fake Discord has no route {request.method} {rec.path} ({exc.reason})"
+                log.warning(message)
+                response = json_response({"message": message, "code": 0}, exc.status)
+            except Exception as exc:  # a fake bug must fail the test fast, not 500-retry
+                log.exception("fake Discord failed on %s %s", request.method, rec.path)
+                message = f"fake Discord error on {request.method} {rec.path}: {exc!r}"
+                response = json_response({"message": message, "code": 0}, 400)
         rec.status = response.status
         self._notify()
         return response
