@@ -17,6 +17,7 @@ The server honours `stop` like real servers do (the text ends before the first s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import deque
 from collections.abc import Callable
@@ -75,6 +76,7 @@ class OpenAITestServer:
         self.headers: list[dict[str, str]] = []
         self._script: deque[Behaviour] = deque()
         self._runner: web.AppRunner | None = None
+        self._closing = asyncio.Event()
         self.port = 0
 
     @property
@@ -97,6 +99,7 @@ class OpenAITestServer:
         return self.base_url
 
     async def close(self) -> None:
+        self._closing.set()  # ends stalled requests now instead of after their full delay
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -121,7 +124,8 @@ class OpenAITestServer:
                 {"error": {"message": behaviour.message, "type": "server_error"}}, status=behaviour.status
             )
         if isinstance(behaviour, Stall):
-            await asyncio.sleep(behaviour.seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), behaviour.seconds)
             return web.json_response({"error": {"message": "stalled"}}, status=504)
         text = behaviour.text if isinstance(behaviour, Reply) else behaviour.text_before
         for stop in body.get("stop") or []:

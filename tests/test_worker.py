@@ -1,0 +1,176 @@
+"""The worker end to end: tiny model -> transformers engine -> worker -> memory and Redis queues -> bot side."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.config import Settings
+from bot.engine.base import GenerationRequest
+from bot.engine.transformers_engine import TransformersEngine, load_model
+from bot.personas import Sampling
+from bot.queue.base import JobQueue, QueueEvent
+from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
+from bot.queue.memory import MemoryQueue
+from bot.queue.redis_streams import RedisStreamsQueue
+from bot.worker import Worker
+
+GREEDY = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=20)
+LONG = Sampling(temperature=0.9, max_new_tokens=3000)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> tuple[Any, Any]:
+    tokenizer, model, _ = load_model(Settings(model=str(tiny_model_dir), device="cpu"))
+    return tokenizer, model
+
+
+class Rig:
+    """A bot-side queue, a worker-side queue (the same object on memory://) and running workers."""
+
+    def __init__(self, kind: str, redis_url: str | None, loaded: tuple[Any, Any], model_dir: Path) -> None:
+        self.kind, self.redis_url, self.loaded = kind, redis_url, loaded
+        self.prefix = f"wtest:{uuid.uuid4().hex[:8]}"
+        self.settings = Settings(
+            queue_url=redis_url if kind == "redis" else "memory://", model=str(model_dir), device="cpu",
+            max_batch_size=4, context_tokens=4096, queue_claim_idle_ms=300,
+        )
+        self.bot = self._queue()
+        self.workers: list[tuple[Worker, asyncio.Task[None]]] = []
+        self._queues = [self.bot]
+
+    def _queue(self) -> JobQueue:
+        if self.kind == "memory":
+            return MemoryQueue(self.settings)
+        return RedisStreamsQueue(self.settings, prefix=self.prefix)
+
+    async def start_worker(self, **kw: float) -> Worker:
+        tokenizer, model = self.loaded
+        queue = self.bot if self.kind == "memory" else self._queue()
+        if queue is not self.bot:
+            self._queues.append(queue)
+        engine = TransformersEngine(self.settings, model=model, tokenizer=tokenizer)
+        worker = Worker(self.settings, queue, engine, poll_s=0.05, **kw)
+        self.workers.append((worker, asyncio.create_task(worker.run())))
+        await worker.started.wait()
+        return worker
+
+    async def close(self) -> None:
+        for worker, task in self.workers:
+            await worker.shutdown()
+            await task
+        for queue in self._queues:
+            await queue.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def rig(request: pytest.FixtureRequest, loaded: tuple[Any, Any], tiny_model_dir: Path) -> AsyncIterator[Rig]:
+    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    r = Rig(request.param, redis_url, loaded, tiny_model_dir)
+    yield r
+    await r.close()
+
+
+def job(text: str, sampling: Sampling = GREEDY, **fields: Any) -> GenerationJob:
+    messages = [{"role": "system", "content": "You are Hermes."}, {"role": "user", "content": text}]
+    return GenerationJob(conversation_key=f"chan-{text}", persona_id="hermes", messages=messages,
+                         sampling=sampling, **fields)
+
+
+async def events(queue: JobQueue, job_id: str) -> list[QueueEvent]:
+    async with asyncio.timeout(30):
+        return [event async for _, event in queue.stream(job_id)]
+
+
+def reply_of(evs: list[QueueEvent]) -> str:
+    deltas = [e for e in evs if isinstance(e, TextDelta)]
+    assert [d.seq for d in deltas] == list(range(len(deltas)))  # in order, no gaps, no repeats
+    assert evs and not isinstance(evs[-1], TextDelta) and all(isinstance(e, TextDelta) for e in evs[:-1])
+    return "".join(d.text for d in deltas)
+
+
+async def test_concurrent_jobs_stream_in_order(rig: Rig) -> None:
+    await rig.start_worker()
+    jobs = [job(f"Hello {i}! " * (i + 1)) for i in range(6)]
+    for j in jobs:
+        await rig.bot.submit(j)
+    results = await asyncio.gather(*(events(rig.bot, j.job_id) for j in jobs))
+    tokenizer, model = rig.loaded
+    direct = TransformersEngine(rig.settings, model=model, tokenizer=tokenizer)
+    await direct.start()
+    for j, evs in zip(jobs, results, strict=True):
+        expected, _ = await direct.generate_text(GenerationRequest("ref", j.messages, GREEDY))
+        assert reply_of(evs) == expected
+        assert isinstance(evs[-1], Done) and evs[-1].completion_tokens > 0
+    await direct.close()
+
+
+async def test_stop_strings_through_the_worker(rig: Rig) -> None:
+    await rig.start_worker()
+    plain = job("Tell me about tea.")
+    await rig.bot.submit(plain)
+    full = reply_of(await events(rig.bot, plain.job_id))
+    stopped = job("Tell me about tea.", stop=[full[5:8]])
+    stopped.conversation_key = "other"
+    await rig.bot.submit(stopped)
+    evs = await events(rig.bot, stopped.job_id)
+    assert reply_of(evs) == full[: full.find(full[5:8])]
+    assert isinstance(evs[-1], Done) and evs[-1].finish_reason == "stop"
+
+
+async def test_cancel_in_flight(rig: Rig) -> None:
+    await rig.start_worker()
+    j = job("Go on and on.", LONG)
+    await rig.bot.submit(j)
+    seen: list[QueueEvent] = []
+    async with asyncio.timeout(30):
+        async for _, event in rig.bot.stream(j.job_id):
+            seen.append(event)
+            if len(seen) == 2:
+                await rig.bot.cancel(j.job_id)
+    reply_of(seen)
+    assert isinstance(seen[-1], Done) and seen[-1].finish_reason == "cancelled"
+
+
+async def test_deadline_ends_the_reply(rig: Rig) -> None:
+    await rig.start_worker()
+    j = job("Talk for a long time.", LONG, deadline=time.time() + 0.6)
+    await rig.bot.submit(j)
+    evs = await events(rig.bot, j.job_id)
+    reply_of(evs)
+    assert isinstance(evs[-1], Done) and evs[-1].finish_reason == "deadline"
+    assert evs[-1].completion_tokens < 3000
+
+
+async def test_shutdown_releases_held_job_and_another_worker_resumes(rig: Rig) -> None:
+    first = await rig.start_worker(shutdown_grace_s=0.0)
+    medium = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=400)
+    j = job("A long story, please.", medium)
+    await rig.bot.submit(j)
+    stream = rig.bot.stream(j.job_id)
+    seen: list[QueueEvent] = []
+    async with asyncio.timeout(30):
+        while len(seen) < 3:
+            seen.append((await anext(stream))[1])
+        await first.shutdown()  # grace 0: the job goes back to the queue mid-reply
+        assert first.held == 0
+        await rig.start_worker()
+        async for _, event in stream:
+            seen.append(event)
+    reply_of(seen)  # one seamless stream: seq continues where the first worker stopped
+    assert isinstance(seen[-1], Done) and seen[-1].finish_reason in ("stop", "length")
+
+
+async def test_engine_error_becomes_an_error_event(rig: Rig) -> None:
+    await rig.start_worker()
+    j = job("hi")
+    j.messages[0]["content"] = "rule " * 5000  # the system prompt alone overflows the context
+    await rig.bot.submit(j)
+    evs = await events(rig.bot, j.job_id)
+    assert isinstance(evs[-1], ErrorEvent) and evs[-1].kind == "engine" and "system prompt" in evs[-1].message
