@@ -59,6 +59,19 @@ async def test_connects_and_sees_the_world(fake_discord: FakeDiscord, discord_wo
         await fake_discord.wait_for(lambda: guild.get_channel(extra.id), what="CHANNEL_CREATE")
     assert fake_discord.requests_to("GET", "/users/@me")
 
+    # With the members intent discord.py chunks the guild at startup (REQUEST_GUILD_MEMBERS).
+    intents = _intents()
+    intents.members = True
+    chunked = Recorder(intents=intents)
+    async with running(chunked, fake_discord):
+        guild = chunked.get_guild(discord_world.guild.id)
+        assert guild is not None and guild.chunked
+        mod = guild.get_member(discord_world.mod.id)
+        assert mod is not None and mod.guild_permissions.manage_channels
+        late = await fake_discord.add_user("late")
+        await fake_discord.add_member(discord_world.guild, late)
+        await fake_discord.wait_for(lambda: guild.get_member(late.id), what="GUILD_MEMBER_ADD")
+
 
 async def test_on_message_mentions_replies_and_content_intent(
     fake_discord: FakeDiscord, discord_world: World
@@ -221,6 +234,14 @@ async def test_429_is_retried_by_discord_py(fake_discord: FakeDiscord, discord_w
         assert fake_discord.messages[via_hook.id].content == "through a 429"
         hits = fake_discord.requests_to("POST", "/webhooks/{webhook_id}/{token}")
         assert [r.status for r in hits] == [429, 200]
+
+        fake_discord.inject_error(
+            "POST", f"/channels/{general.id}/messages", status=403, code=50001, message="Missing Access"
+        )
+        with pytest.raises(discord.Forbidden) as refused:
+            await general.send("not allowed this once")
+        assert refused.value.code == 50001
+        await general.send("allowed again")
 
 
 class PersonaCommands(app_commands.Group):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -23,14 +23,10 @@ from tests.fakediscord.models import (
     User,
     Webhook,
 )
-from tests.fakediscord.server import (
-    EPHEMERAL_FLAG,
-    LOADING_FLAG,
-    RECORD,
-    ApiError,
-    FakeDiscord,
-    json_response,
-)
+from tests.fakediscord.wire import EPHEMERAL_FLAG, LOADING_FLAG, RECORD, ApiError, json_response
+
+if TYPE_CHECKING:
+    from tests.fakediscord.server import FakeDiscord
 
 MAX_CONTENT = 2000
 MAX_WEBHOOKS_PER_CHANNEL = 15

@@ -39,21 +39,12 @@ from tests.fakediscord.models import (
     Webhook,
     iso_now,
 )
+from tests.fakediscord.rest import RestApi
+from tests.fakediscord.wire import LOADING_FLAG, RECORD, ApiError, json_response
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 API_PREFIX = "/api/v10"
-LOADING_FLAG = 128
-RECORD = web.RequestKey("record", RecordedRequest)
-EPHEMERAL_FLAG = 64
-
-
-class ApiError(Exception):
-    """Raised by handlers and world operations; answered as Discord's JSON error shape."""
-
-    def __init__(self, status: int, code: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 @dataclass
@@ -67,15 +58,6 @@ class _Fault:
 
     def matches(self, rec: RecordedRequest) -> bool:
         return self.remaining > 0 and self.method == rec.method and self.route in (rec.route, rec.path)
-
-
-def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    """discord.py parses JSON only when Content-Type is exactly application/json (no charset)."""
-    return web.Response(
-        body=json.dumps(data).encode(),
-        status=status,
-        headers={"Content-Type": "application/json", **(headers or {})},
-    )
 
 
 class FakeDiscord:
@@ -117,8 +99,6 @@ class FakeDiscord:
         return f"ws://127.0.0.1:{self.port}/gateway"
 
     async def start(self) -> None:
-        from tests.fakediscord.rest import RestApi
-
         app = web.Application(middlewares=[self._middleware])
         app.router.add_get("/gateway", self._gateway)
         app.router.add_routes(RestApi(self).routes(API_PREFIX))
