@@ -3,9 +3,11 @@ scripted OpenAI-compatible server through the in-process queue and worker, histo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -18,6 +20,7 @@ from tests.openai_test_server import OpenAITestServer, Reply
 pytest_plugins = ("tests.fakediscord.fixtures",)
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 @dataclass
@@ -62,6 +65,15 @@ async def env(
         yield Env(fake_discord, discord_world, llm, app)
 
 
+async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 5.0) -> T:  # noqa: ASYNC109
+    """The first truthy result of an async check (for state only the bot's store shows)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (result := await check()):
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting for the store"
+        await asyncio.sleep(0.05)
+    return result
+
+
 def mention(env: Env) -> str:
     return f"<@{env.fake.bot_user.id}>"
 
@@ -80,3 +92,81 @@ async def test_mention_gets_a_streamed_reply_as_the_default_persona(env: Env) ->
         ("assistant", "Hello Alice, nice to meet you."),
     ]
     assert stored[0].discord_message_id == asked.id
+
+
+def persona_reply(env: Env, channel, text: str):  # type: ignore[no-untyped-def]
+    return env.fake.wait_for_message(channel, lambda m: m.webhook_id is not None and m.content == text)
+
+
+def no_mass_pings(body: object) -> bool:
+    if not isinstance(body, dict) or "content" not in body:
+        return True
+    allowed = body.get("allowed_mentions")
+    return isinstance(allowed, dict) and not {"everyone", "roles"} & set(allowed.get("parse", []))
+
+
+async def test_typing_until_text_and_every_write_has_safe_allowed_mentions(env: Env) -> None:
+    env.llm.script(Reply("@everyone look <@&123> here", chunk_chars=5, delay_s=0.02))
+    w = env.world
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} say @everyone")
+    await persona_reply(env, w.general, "@everyone look <@&123> here")
+    assert env.fake.requests_to("POST", "/channels/{channel_id}/typing")
+    writes = [r for r in env.fake.requests if r.method in ("POST", "PATCH") and "/messages" in r.route
+              or r.route == "/webhooks/{webhook_id}/{token}"]
+    assert writes and all(no_mass_pings(r.json) for r in writes)
+
+
+async def test_reply_dm_and_bots_ignored(env: Env) -> None:
+    w = env.world
+    env.llm.script(Reply("first answer"), Reply("answer to the reply"), Reply("dm answer"))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} one")
+    first = await persona_reply(env, w.general, "first answer")
+    await env.fake.send_message(w.general, w.bob, "and two?", reply_to=first, mention_author=False)
+    await persona_reply(env, w.general, "answer to the reply")
+    dm = await env.fake.open_dm(w.alice)
+    await env.fake.send_message(dm, w.alice, "hello in private")
+    got = await env.fake.wait_for_message(dm, lambda m: m.content == "**Hermes 2:** dm answer")
+    assert got.author.id == env.fake.bot_user.id and got.webhook_id is None
+    before = len(env.llm.requests)
+    await env.fake.send_message(w.general, w.other_bot, f"{mention(env)} bots talking")
+    await env.fake.send_message(w.general, w.alice, "just chatting")  # stored (the bot takes part), no reply
+    key = ConversationKey(w.guild.id, w.general.id)
+
+    async def stored_chatter():  # type: ignore[no-untyped-def]
+        history = await env.store.window(key, 20)
+        return history if history[-1].content == "just chatting" else None
+
+    history = await eventually(stored_chatter)
+    assert "bots talking" not in [m.content for m in history]
+    assert len(env.llm.requests) == before
+
+
+async def test_thread_is_its_own_conversation_through_the_parent_webhook(env: Env) -> None:
+    w = env.world
+    env.llm.script(Reply("thread answer"))
+    await env.fake.send_message(w.thread, w.alice, f"{mention(env)} in the thread")
+    await persona_reply(env, w.thread, "thread answer")
+    hook_posts = env.fake.requests_to("POST", "/webhooks/{webhook_id}/{token}")
+    assert hook_posts[-1].query.get("thread_id") == str(w.thread.id)
+    assert [h.channel_id for h in env.fake.webhooks.values()] == [w.general.id]
+    thread_history = await env.store.window(ConversationKey(w.guild.id, w.general.id, w.thread.id), 10)
+    assert [m.content for m in thread_history] == ["in the thread", "thread answer"]
+    assert await env.store.window(ConversationKey(w.guild.id, w.general.id), 10) == []
+
+
+async def test_webhook_is_reused_and_falls_back_to_bold_name_without_manage_webhooks(env: Env) -> None:
+    w = env.world
+    env.llm.script(Reply("one"), Reply("two"))
+    for text in ("one", "two"):
+        await env.fake.send_message(w.general, w.alice, f"{mention(env)} {text}?")
+        await persona_reply(env, w.general, text)
+    assert len(env.fake.requests_to("POST", "/channels/{channel_id}/webhooks")) == 1
+    other = await env.fake.add_channel(w.guild, "no-hooks")
+    from tests.fakediscord import Perm
+
+    await env.fake.set_bot_permissions(w.guild, Perm.BOT_DEFAULT & ~Perm.MANAGE_WEBHOOKS)
+    env.llm.script(Reply("plain answer"))
+    await env.fake.send_message(other, w.alice, f"{mention(env)} hi")
+    got = await env.fake.wait_for_message(other, lambda m: m.author.id == env.fake.bot_user.id)
+    await env.fake.wait_for(lambda: got.content == "**Hermes 2:** plain answer", what="final fallback text")
+    assert got.webhook_id is None
