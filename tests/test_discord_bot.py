@@ -170,3 +170,84 @@ async def test_webhook_is_reused_and_falls_back_to_bold_name_without_manage_webh
     got = await env.fake.wait_for_message(other, lambda m: m.author.id == env.fake.bot_user.id)
     await env.fake.wait_for(lambda: got.content == "**Hermes 2:** plain answer", what="final fallback text")
     assert got.webhook_id is None
+
+
+async def slash(env: Env, command: str, options: dict | None = None, *, user=None, channel=None) -> str:  # type: ignore[no-untyped-def]
+    record = await env.fake.invoke_slash(
+        command, options, user=user or env.world.mod, channel=channel or env.world.general
+    )
+    texts = await env.fake.wait_for(record.texts, what=f"an answer to /{command}")
+    assert record.deferred and record.callbacks
+    return texts[-1]
+
+
+async def test_persona_commands_two_personas_and_wake_words(env: Env) -> None:
+    w = env.world
+    assert "Edward Elric" in await slash(env, "persona list", user=w.alice)
+    assert "Hermes 2" in await slash(env, "persona show", user=w.alice)
+    denied = await slash(env, "persona add", {"persona": "edward_elric"}, user=w.alice)
+    assert "Manage Channels" in denied
+    assert "Edward Elric" in await slash(env, "persona add", {"persona": "edward_elric"})
+    assert "don't know" in await slash(env, "persona add", {"persona": "nobody"})
+    env.llm.script(Reply("I'm not short!"), Reply("Hermes here."))
+    await env.fake.send_message(w.general, w.alice, "Edward, how tall are you?")
+    ed = await persona_reply(env, w.general, "I'm not short!")
+    await env.fake.send_message(w.general, w.bob, "hermes, what do you think?")
+    hermes = await persona_reply(env, w.general, "Hermes here.")
+    assert (ed.username, hermes.username) == ("Edward Elric", "Hermes 2")
+    assert ed.webhook_id == hermes.webhook_id
+    assert "Sherlock" in await slash(env, "persona set", {"persona": "sherlock_holmes"})
+    env.llm.script(Reply("Elementary."))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} who did it?")
+    assert (await persona_reply(env, w.general, "Elementary.")).username == "Sherlock Holmes"
+    assert "left" in await slash(env, "persona remove", {"persona": "edward_elric"})
+    shown = await slash(env, "persona show")
+    assert "Sherlock Holmes" in shown and "Edward" not in shown
+
+
+async def test_autorespond_and_admin_role(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
+) -> None:
+    w = discord_world
+    helpers = await fake_discord.add_role(w.guild, "bot-admins")
+    await fake_discord.add_member(w.guild, w.bob, roles=[helpers])
+    settings = make_settings(fake_discord, llm, tmp_path, admin_role="bot-admins")
+    async with BotApp(settings, guild_ready_timeout=0.1) as app:
+        env = Env(fake_discord, w, llm, app)
+        assert "bot-admins" in await slash(env, "autorespond", {"mode": "on"}, user=w.alice)
+        assert "on" in await slash(env, "autorespond", {"mode": "on"}, user=w.bob)
+        llm.script(Reply("Anyone there? Yes."))
+        await fake_discord.send_message(w.general, w.alice, "anyone there?")
+        await persona_reply(env, w.general, "Anyone there? Yes.")
+        assert "off" in await slash(env, "autorespond", {"mode": "off"})
+        await fake_discord.send_message(w.general, w.alice, "quiet now")
+        await eventually(lambda: _last_is(env, "quiet now"))
+        assert len(llm.requests) == 1
+
+
+async def _last_is(env: Env, text: str) -> bool:
+    history = await env.store.window(ConversationKey(env.world.guild.id, env.world.general.id), 5)
+    return bool(history) and history[-1].content == text
+
+
+async def test_edits_and_deletes_are_mirrored_and_reset_starts_fresh(env: Env) -> None:
+    w = env.world
+    env.llm.script(Reply("noted"))
+    asked = await env.fake.send_message(w.general, w.alice, f"{mention(env)} my name is Al")
+    await persona_reply(env, w.general, "noted")
+    await env.fake.edit_message(asked, f"{mention(env)} my name is Alice")
+    assert await eventually(lambda: _content_is(env, asked.id, "my name is Alice"))
+    await env.fake.delete_message(asked)
+    assert await eventually(lambda: _deleted(env, asked.id))
+    assert "Fresh start" in await slash(env, "reset")
+    assert await env.store.window(ConversationKey(w.guild.id, w.general.id), 10) == []
+
+
+async def _content_is(env: Env, message_id: int, text: str) -> bool:
+    found = await env.store.find_message(message_id)
+    return found is not None and found.content == text
+
+
+async def _deleted(env: Env, message_id: int) -> bool:
+    found = await env.store.find_message(message_id)
+    return found is not None and found.deleted_at is not None
