@@ -1,0 +1,133 @@
+"""`hermes-bot chat`: talk to a persona in the terminal through the same store, queue and engine as Discord.
+
+Lines are read from stdin (a pipe works: EOF ends the chat); `/reset` clears this conversation's
+history, `/quit` leaves. Replies stream to stdout as they are generated; the banner, notices and
+errors go to stderr, so `echo hi | hermes-bot chat > reply.txt` captures only the conversation.
+
+With `HERMES_QUEUE_URL=memory://` (the default) a worker runs in this process; with redis:// the
+chat is answered by whatever `hermes-bot worker`s serve that queue. Each persona has its own terminal
+conversation (a DM-style key derived from the persona id), so history survives between sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import zlib
+
+from bot.config import Settings
+from bot.conversation import ChatService
+from bot.engine import EngineError
+from bot.personas import Persona, PersonaError, PersonaRegistry
+from bot.queue.base import JobQueue, QueueBusy
+from bot.queue.jobs import Done, ErrorEvent, TextDelta
+from bot.store.keys import ConversationKey
+from bot.worker import Worker
+
+USER_NAME = "you"
+
+
+def console_key(persona_id: str) -> ConversationKey:
+    """The terminal conversation of one persona: stable across runs, never a real Discord channel id."""
+    return ConversationKey(guild_id=None, channel_id=zlib.crc32(f"console:{persona_id}".encode()))
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_chat(settings: Settings, persona_id: str) -> int:
+    """The `hermes-bot chat` entry point; returns the exit status."""
+    try:
+        personas = PersonaRegistry.load(settings.personas_dir)
+        persona = personas.get(persona_id)
+    except PersonaError as exc:
+        _note(f"hermes-bot: {exc}")
+        return 2
+    except KeyError as exc:
+        _note(f"hermes-bot: {exc.args[0]}")
+        return 2
+    try:
+        return asyncio.run(_chat(settings, personas, persona))
+    except EngineError as exc:
+        _note(f"hermes-bot: {exc}")
+        return 1
+
+
+async def _chat(settings: Settings, personas: PersonaRegistry, persona: Persona) -> int:
+    from bot.queue.factory import open_queue
+    from bot.store.repository import ConversationStore
+
+    store = await ConversationStore.open(settings.database_url, migrate=True)
+    queue = open_queue(settings)
+    worker: Worker | None = None
+    worker_task: asyncio.Task[None] | None = None
+    try:
+        if settings.queue_url == "memory://":
+            _note(f"loading {settings.model} ...")
+            worker = Worker.in_process(settings, queue)
+            worker_task = asyncio.create_task(worker.run())
+            started = asyncio.create_task(worker.started.wait())
+            await asyncio.wait({started, worker_task}, return_when=asyncio.FIRST_COMPLETED)
+            if worker_task.done():
+                started.cancel()
+                worker_task.result()  # raises the engine's start error
+        service = ChatService(settings, store, queue, personas)
+        await _converse(service, queue, persona)
+    finally:
+        if worker is not None and worker_task is not None and not worker_task.done():
+            await worker.shutdown()
+            await worker_task
+        await queue.close()
+        await store.close()
+    return 0
+
+
+async def _converse(service: ChatService, queue: JobQueue, persona: Persona) -> None:
+    key = console_key(persona.id)
+    _note(f"Chatting with {persona.name} ({persona.id}). /reset clears the history, /quit leaves.")
+    if persona.greeting:
+        print(f"{persona.name}: {persona.greeting}", flush=True)
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/quit":
+            break
+        if text == "/reset":
+            await service.store.reset(key)
+            _note("(history cleared)")
+            continue
+        await service.record_user_turn(key, message_id=None, author_id=None, author_name=USER_NAME, content=text)
+        reply = await _reply(service, key, persona)
+        if reply:
+            await service.store_reply(key, persona, reply, None)
+
+
+async def _reply(service: ChatService, key: ConversationKey, persona: Persona) -> str:
+    """Stream one reply to stdout; returns its text ("" when it failed)."""
+    try:
+        pending = await service.start_reply(key, persona)
+    except QueueBusy as exc:
+        _note(str(exc))
+        return ""
+    if pending.position > 1:
+        _note(f"(you are number {pending.position} in line)")
+    print(f"{persona.name}: ", end="", flush=True)
+    parts: list[str] = []
+    async for event in pending.events():
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+            print(event.text, end="", flush=True)
+        elif isinstance(event, ErrorEvent):
+            print(flush=True)
+            _note(f"(error: {event.message})")
+            return ""
+        elif isinstance(event, Done) and event.finish_reason in ("cancelled", "deadline"):
+            _note(f"({event.finish_reason})")
+    print(flush=True)
+    return "".join(parts)

@@ -1,0 +1,53 @@
+"""`hermes-bot chat` driven through stdin in a subprocess: tiny model, in-process worker, SQLite store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bot.console import console_key
+from bot.store.repository import ConversationStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def chat(stdin: str, tmp_path: Path, model: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "HERMES_MODEL": str(model),
+        "HERMES_DEVICE": "cpu",
+        "HERMES_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
+        "HERMES_PERSONAS_DIR": str(ROOT / "personas"),
+        "HERMES_QUEUE_URL": "memory://",
+        "HERMES_CONFIG_FILE": str(tmp_path / "absent.yaml"),
+        "HERMES_LOG_LEVEL": "WARNING",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "bot", "chat", *args], input=stdin, capture_output=True, text=True,
+        env=env, cwd=tmp_path, timeout=120,
+    )
+
+
+async def test_chat_through_stdin(tmp_path: Path, tiny_model_dir: Path) -> None:
+    result = chat("hello there\n/reset\n\nhi again\n", tmp_path, tiny_model_dir, "--persona", "hermes")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")
+    assert lines[0] == "Hermes 2: Hi there! My name is Hermes 2. How can I help you today?"
+    assert sum(line.startswith("Hermes 2: ") for line in lines) >= 3  # greeting + two streamed replies
+    assert "(history cleared)" in result.stderr
+    store = await ConversationStore.open(f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}")
+    try:
+        history = await store.window(console_key("hermes"), 10)
+    finally:
+        await store.close()
+    assert [m.role for m in history] == ["user", "assistant"]  # /reset dropped the first exchange
+    assert history[0].content == "hi again" and history[1].persona_id == "hermes"
+    assert history[1].content and history[1].content in result.stdout
+
+
+def test_unknown_persona_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    result = chat("", tmp_path, tiny_model_dir, "--persona", "nobody")
+    assert result.returncode == 2
+    assert "unknown persona 'nobody'" in result.stderr and "hermes" in result.stderr
