@@ -128,6 +128,13 @@ async def test_dm_edit_and_delete_events(fake_discord: FakeDiscord, discord_worl
         assert client.deleted == [said.id]
         assert said.history == ["psst"] and said.deleted
 
+        async def bot_dm_text() -> str:  # async predicates are awaited
+            return fake_discord.channel_messages(dm)[-1].content
+
+        assert await fake_discord.wait_for(bot_dm_text) == "hi Alice"
+        with pytest.raises(AssertionError, match="timed out after 0.1s waiting for nothing"):
+            await fake_discord.wait_for(lambda: None, 0.1, what="nothing")
+
 
 async def test_send_edit_delete_and_allowed_mentions(fake_discord: FakeDiscord, discord_world: World) -> None:
     w = discord_world

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import json
 import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -121,13 +122,22 @@ class FakeDiscord:
         for event in self._waiters:
             event.set()
 
-    async def wait_for(self, predicate: Callable[[], T], timeout: float = 5.0, *, what: str = "") -> T:  # noqa: ASYNC109
-        """Return predicate()'s first truthy value; re-checked on every change here (and every 50 ms,
-        so predicates over the client's own state work too). Times out with the recent requests."""
+    async def wait_for(
+        self,
+        predicate: Callable[[], T | Awaitable[T]],
+        timeout: float = 5.0,  # noqa: ASYNC109
+        *,
+        what: str = "",
+    ) -> T:
+        """Return predicate()'s first truthy value; re-checked on every change here and every 50 ms,
+        so predicates over the client's state or (async ones) over a database work too.
+        Times out with an AssertionError that lists the recent requests."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             result = predicate()
+            if inspect.isawaitable(result):
+                result = await result
             if result:
                 return result
             remaining = deadline - loop.time()
@@ -136,7 +146,7 @@ class FakeDiscord:
                     f"{r.status} {r.method} {r.path} {r.json!r:.200}" for r in self.requests[-15:]
                 )
                 raise AssertionError(
-                    f"timed out after {timeout}s waiting for {what or predicate!r}; last requests:\n  {recent}"
+                    f"timed out after {timeout}s waiting for {what or repr(predicate)}; last requests:\n  {recent}"
                 )
             event = asyncio.Event()
             self._waiters.add(event)
