@@ -251,3 +251,78 @@ async def _content_is(env: Env, message_id: int, text: str) -> bool:
 async def _deleted(env: Env, message_id: int) -> bool:
     found = await env.store.find_message(message_id)
     return found is not None and found.deleted_at is not None
+
+
+async def test_streaming_edits_are_throttled_and_survive_a_429(env: Env) -> None:
+    w = env.world
+    text = " ".join(f"word{i}" for i in range(60))
+    env.llm.script(Reply(text, chunk_chars=6, delay_s=0.05))  # about 3 s of streaming
+    env.fake.inject_429("PATCH", "/webhooks/{webhook_id}/{token}/messages/{message_id}", retry_after=0.3)
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} talk for a while")
+    reply = await env.fake.wait_for_message(w.general, lambda m: m.content == text, timeout=15)
+    assert reply.edits >= 2
+    gaps = [b - a for a, b in zip([reply.created, *reply.edit_times], reply.edit_times, strict=False)]
+    assert min(gaps) >= 0.95, gaps
+    assert [r.status for r in env.fake.requests_to("PATCH", "/webhooks/{webhook_id}/{token}/messages/{message_id}")][0] == 429
+
+
+async def test_long_reply_is_split_with_code_fences_intact(env: Env) -> None:
+    w = env.world
+    code = "```python\n" + "\n".join(f"print('line {i}')" for i in range(150)) + "\n```"
+    text = "Here is the script:\n\n" + code + "\n\nThat's all."
+    env.llm.script(Reply(text, chunk_chars=400))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} write a long script")
+    done = await env.fake.wait_for(
+        lambda: [m for m in env.fake.bot_messages(w.general) if m.content.endswith("That's all.")], timeout=15
+    )
+    parts = [m.content for m in env.fake.bot_messages(w.general)]
+    assert done and len(parts) >= 2 and all(len(p) <= 2000 for p in parts)
+    assert all(p.count("```") % 2 == 0 for p in parts)
+    assert parts[1].startswith("```python\n")
+
+    async def stored() -> bool:
+        last = await env.store.last_assistant_turn(ConversationKey(w.guild.id, w.general.id))
+        return last is not None and last.content == text
+
+    assert await eventually(stored)
+
+
+async def test_stop_and_regenerate(env: Env) -> None:
+    w = env.world
+    env.llm.script(Reply("slow " * 200, chunk_chars=5, delay_s=0.05))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} go on and on")
+    await env.fake.wait_for(lambda: env.fake.bot_messages(w.general), what="a first streamed message")
+    assert "Stopped" in await slash(env, "stop", user=w.alice)
+    stopped = await env.fake.wait_for_message(w.general, lambda m: m.content.endswith("*(stopped)*"), timeout=10)
+    assert "Nothing is being written" in await slash(env, "stop", user=w.alice)
+    env.llm.script(Reply("a better answer"))
+    assert "new reply" in await slash(env, "regenerate", user=w.alice)
+    await persona_reply(env, w.general, "a better answer")
+    assert stopped.id not in [m.id for m in env.fake.bot_messages(w.general)]
+
+    async def regenerated() -> bool:
+        last = await env.store.last_assistant_turn(ConversationKey(w.guild.id, w.general.id))
+        return last is not None and last.content == "a better answer"
+
+    assert await eventually(regenerated)
+
+
+async def test_queue_full_gets_a_friendly_message(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
+) -> None:
+    from tests.openai_test_server import Stall
+
+    w = discord_world
+    settings = make_settings(fake_discord, llm, tmp_path, queue_max_waiting=1, max_batch_size=1)
+    async with BotApp(settings, guild_ready_timeout=0.1) as app:
+        env = Env(fake_discord, w, llm, app)
+        llm.script(Stall(3.0), Reply("second"), Reply("third"))
+        await fake_discord.send_message(w.general, w.alice, f"{mention(env)} one")
+        await fake_discord.wait_for(lambda: llm.requests, what="the first job in generation")
+        await fake_discord.send_message(w.thread, w.bob, f"{mention(env)} two")
+        assert app.queue is not None
+        await eventually(app.queue.depth)  # "two" waits in line behind the stalled "one"
+        dm = await fake_discord.open_dm(w.alice)
+        await fake_discord.send_message(dm, w.alice, "three")
+        busy = await fake_discord.wait_for_message(dm, lambda m: "busy" in m.content, timeout=10)
+        assert busy.content.startswith("**Hermes 2:** I'm busy right now")
