@@ -20,7 +20,7 @@ class UsageError(Exception):
 
 
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    if settings.discord_token is None:
+    if settings.discord_token is None or not settings.discord_token.get_secret_value().strip():
         raise UsageError(
             "DISCORD_TOKEN is not set. Put your bot token in the environment or in .env "
             "(DISCORD_TOKEN=...), then run `hermes-bot run` again.\n"

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, validation_alias=AliasChoices("HERMES_METRICS_PORT", "metrics_port")
     )
+    shutdown_grace_s: float = Field(
+        20.0, ge=0, validation_alias=AliasChoices("HERMES_SHUTDOWN_GRACE_S", "shutdown_grace_s")
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", validation_alias=AliasChoices("HERMES_LOG_LEVEL", "log_level")
     )

@@ -207,11 +207,6 @@ async def test_bot_sigterm_closes_discord_database_and_exits(
     assert "Traceback" not in bot.log and "Unclosed" not in bot.log, bot.log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/discord/app.py closes the Discord client before the in-process worker finishes the "
-    "reply in flight (RuntimeError: Session is closed); BotApp.close must drain replies first",
-)
 async def test_bot_sigterm_finishes_the_reply_in_flight(
     fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
 ) -> None:

@@ -114,13 +114,17 @@ class BotApp:
         from bot.health import serve_ops
 
         queue = self.queue
-        ops = await serve_ops(settings, {"discord": self.bot.is_ready, "queue": queue.ping})
+        store = self.store
+        ops = await serve_ops(settings, {"discord": self.bot.is_ready, "database": store.ping, "queue": queue.ping})
         if ops is not None:
             self._closers.append(ops.close)
         log.info("discord bot ready as %s", self.bot.user)
 
     async def close(self) -> None:
-        """Stop in reverse order of start; safe to call twice."""
+        """Finish replies in flight, then stop in reverse order of start; safe to call twice."""
+        chat = self.bot.get_cog("ChatCog") if self.bot is not None else None
+        if isinstance(chat, ChatCog) and not await chat.drain(self.settings.shutdown_grace_s):
+            log.warning("replies still running after %.0fs; closing anyway", self.settings.shutdown_grace_s)
         while self._closers:
             closer = self._closers.pop()
             try:

@@ -66,12 +66,25 @@ class ChatCog(commands.Cog):
         self.sent: OrderedDict[int, SentReply] = OrderedDict()  # every message id of recent replies
         self._participating: set[ConversationKey] = set()
         self.background: set[asyncio.Task[None]] = set()  # replies started by commands
+        self.accepting = True  # False once shutdown starts: new messages are left alone
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking messages and wait up to `timeout` s for replies in flight; True when all finished."""
+        self.accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
 
     # ----- incoming messages -----
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
-        if message.author.bot or message.webhook_id is not None or self.bot.user is None:
+        if not self.accepting or message.author.bot or message.webhook_id is not None or self.bot.user is None:
             return
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return
@@ -143,6 +156,16 @@ class ChatCog(commands.Cog):
 
     async def reply(self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona) -> None:
         """Generate and stream one reply of `persona`; never raises for queue or worker trouble."""
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await self._reply(channel, key, persona)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _reply(self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona) -> None:
         live = LiveReply(await self.identities.outlet(channel, persona))
         try:
             pending = await self.chat.start_reply(key, persona)

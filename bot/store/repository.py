@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -85,6 +85,15 @@ class ConversationStore:
     async def close(self) -> None:
         """Dispose of the engine (and its pooled connections) this store was given."""
         await self.engine.dispose()
+
+    async def ping(self) -> bool:
+        """True when the database answers a trivial query (for /readyz)."""
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return False
 
     # -- conversations ---------------------------------------------------------------------------
 
