@@ -36,10 +36,11 @@ class Worker:
 
     def __init__(
         self, settings: Settings, queue: JobQueue, engine: Engine, *,
-        poll_s: float = 0.2, shutdown_grace_s: float = 10.0,
+        poll_s: float = 0.2, shutdown_grace_s: float | None = None,
     ) -> None:
         self.settings, self.queue, self.engine = settings, queue, engine
-        self.poll_s, self.shutdown_grace_s = poll_s, shutdown_grace_s
+        self.poll_s = poll_s
+        self.shutdown_grace_s = settings.shutdown_grace_s if shutdown_grace_s is None else shutdown_grace_s
         self._held: dict[str, tuple[GenerationJob, GenerationStream | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -116,12 +117,11 @@ class Worker:
         while True:
             await asyncio.sleep(self.poll_s)
             metrics.set_active_conversations(len(self._held))
-            if not self._held:
-                continue
             try:
-                cancelled = await self.queue.cancelled(list(self._held))
+                metrics.set_queue_depth(await self.queue.depth())
+                cancelled = await self.queue.cancelled(list(self._held)) if self._held else set()
             except Exception as exc:
-                log.warning("checking cancellations failed: %s", exc)
+                log.warning("checking the queue failed: %s", exc)
                 cancelled = set()
             now = time.time()
             for job_id, (job, stream) in list(self._held.items()):
@@ -210,7 +210,7 @@ async def _serve_forever(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
-    ops = await serve_ops(settings, {"queue": queue.ping, "engine": worker.started.is_set})
+    ops = await serve_ops(settings, {"queue": queue.ping, "model": worker.started.is_set})
     try:
         log.info("worker started engine=%s queue=%s", worker.engine.name, settings.queue_url.split("@")[-1])
         await worker.run()

@@ -127,13 +127,14 @@ async def test_worker_sigterm_finishes_short_jobs_hands_back_long_ones_and_takes
     queue_url: str, llm: OpenAITestServer, tmp_path: Path
 ) -> None:
     short_text = "The quick brown fox jumps over the lazy dog."  # 15 chunks, 0.1 s apart: done in ~1.5 s
-    long_text = "abcdefghijklmnopqrstuvwxyz0123456789"  # 18 chunks, 1 s apart: outlives the grace period
+    long_text = "abcdefghijklmnopqrstuvwxyz0123456789"  # 18 chunks, 1 s apart: outlives the 3 s grace period
     llm.script(Reply(short_text, chunk_chars=3, delay_s=0.1), Reply(long_text, chunk_chars=2, delay_s=1.0))
     settings = Settings(queue_url=queue_url, queue_claim_idle_ms=600_000)
     queue = RedisStreamsQueue(settings)
     worker = await Process.start(
         "worker", tmp_path, HERMES_QUEUE_URL=queue_url, HERMES_ENGINE="openai",
         HERMES_OPENAI_BASE_URL=llm.base_url, HERMES_MODEL="test-model", HERMES_QUEUE_CLAIM_IDLE_MS="600000",
+        HERMES_SHUTDOWN_GRACE_S="3",
     )
     try:
         await worker.wait_ready()
