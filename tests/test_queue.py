@@ -333,12 +333,12 @@ async def test_stalled_worker_is_fenced_after_takeover(redis_url: str) -> None:
     """A worker paused past the claim idle time (SIGSTOP) loses its job; when it wakes its output is dropped."""
     h = Harness("redis", redis_url)
     bot = h.start()
+    j = job()
+    await bot.submit(j)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.queue_worker_proc", redis_url, h.prefix, str(CLAIM_IDLE_MS), "0.05", cwd=ROOT
+    )
     try:
-        j = job()
-        await bot.submit(j)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.queue_worker_proc", redis_url, h.prefix, str(CLAIM_IDLE_MS), "0.05", cwd=ROOT
-        )
         received: list[TextDelta] = []
         rescuer: asyncio.Task[Delivery] | None = None
         async with asyncio.timeout(20):
@@ -356,6 +356,9 @@ async def test_stalled_worker_is_fenced_after_takeover(redis_url: str) -> None:
         assert [d.seq for d in received] == list(range(TOTAL_PIECES))
         assert "".join(d.text for d in received) == full_text()
     finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
         await h.aclose()
 
 

@@ -75,6 +75,7 @@ class RedisStreamsQueue(JobQueue):
         self._group_ready = False
         self._next_reclaim = 0.0
         self._heartbeat: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
 
     async def _run(self, name: str, *args: object) -> Any:
         return await self._scripts[name](args=[self._p, *args])
@@ -208,9 +209,10 @@ class RedisStreamsQueue(JobQueue):
 
     async def _beat(self) -> None:
         """Keep this worker's pending jobs fresh so nobody reclaims them while it lives."""
-        while True:
-            await asyncio.sleep(self._claim_idle_ms / 3000)
-            if not self._inflight:
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), timeout=self._claim_idle_ms / 3000)
+            if not self._inflight or self._closing.is_set():
                 continue
             triples = [v for job_id, (entry, attempt) in self._inflight.items() for v in (job_id, attempt, entry)]
             with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
@@ -248,8 +250,8 @@ class RedisStreamsQueue(JobQueue):
         return job_id in await self.cancelled([job_id])
 
     async def cancelled(self, job_ids: Collection[str]) -> set[str]:
-        held = [job_id for job_id in job_ids if job_id in self._inflight]
-        stopped = set(job_ids) - set(held)
+        held = {job_id: self._inflight[job_id][1] for job_id in job_ids if job_id in self._inflight}
+        stopped = set(job_ids) - held.keys()
         if not held:
             return stopped
         pipe = self._redis.pipeline(transaction=False)
@@ -257,8 +259,8 @@ class RedisStreamsQueue(JobQueue):
             pipe.hmget(f"{self._p}:job:{job_id}", "attempt", "cancelled", "final")
         with _available():
             rows = await pipe.execute()
-        for job_id, (attempt, cancelled, final) in zip(held, rows, strict=True):
-            if attempt != str(self._inflight[job_id][1]) or cancelled == "1" or final == "1":
+        for (job_id, mine), (attempt, cancelled, final) in zip(held.items(), rows, strict=True):
+            if attempt != str(mine) or cancelled == "1" or final == "1":
                 stopped.add(job_id)
         return stopped
 
@@ -274,10 +276,10 @@ class RedisStreamsQueue(JobQueue):
             return False
 
     async def close(self) -> None:
+        # A stop flag, not task.cancel(): redis-py may turn a cancellation mid-command into a ConnectionError.
+        self._closing.set()
         if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+            await self._heartbeat
             self._heartbeat = None
         if self._group_ready:
             # A consumer with nothing pending is forgotten; one with pending jobs stays so they can be claimed.
