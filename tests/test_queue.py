@@ -94,8 +94,10 @@ async def test_submit_and_stream(harness: Harness) -> None:
     delivery = await fetch_one(worker)
     assert (delivery.job, delivery.attempt, delivery.resume_text, delivery.next_seq) == (j, 1, "", 0)
     await worker.publish(TextDelta(job_id=j.job_id, seq=0, text="Hel"))
-    await worker.publish(TextDelta(job_id=j.job_id, seq=1, text="lo <@everyone>"))
-    await worker.publish(Done(job_id=j.job_id, finish_reason="stop", prompt_tokens=7, completion_tokens=2))
+    await worker.publish_many([
+        TextDelta(job_id=j.job_id, seq=1, text="lo <@everyone>"),
+        Done(job_id=j.job_id, finish_reason="stop", prompt_tokens=7, completion_tokens=2),
+    ])
     await worker.complete(j.job_id)
 
     events = await collect(bot, j.job_id)

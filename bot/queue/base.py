@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -121,6 +121,11 @@ class JobQueue(ABC):
     @abstractmethod
     async def publish(self, event: QueueEvent) -> None:
         """Send an event of an in-flight job to the bot. Dropped if this worker no longer owns the job."""
+
+    async def publish_many(self, events: Sequence[QueueEvent]) -> None:
+        """Publish several events in order, in one round trip where possible (a batch's decode step)."""
+        for event in events:
+            await self.publish(event)
 
     @abstractmethod
     async def complete(self, job_id: str) -> None:

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -40,6 +40,9 @@ GROUP = "workers"
 DEFAULT_PREFIX = "hermes:queue"
 # Finished jobs keep their events this long, so a late or reconnecting reader still sees them.
 EVENTS_TTL_S = 300
+# Longest single blocking read: well under redis-py's 5 s socket timeout, and short enough that a
+# waiting worker still looks for abandoned jobs now and then.
+MAX_BLOCK_MS = 2000
 
 
 @contextlib.contextmanager
@@ -111,11 +114,13 @@ class RedisStreamsQueue(JobQueue):
         last = after or "0-0"
         while True:
             block_ms = int((give_up - time.time()) * 1000)
-            with _available():
-                reply = await self._redis.xread({key: last}, count=256, block=max(block_ms, 1))
-            if not reply:
+            if block_ms <= 0:
                 yield "", ErrorEvent(job_id=job_id, kind="timeout", message="no reply arrived in time")
                 return
+            with _available():
+                reply = await self._redis.xread({key: last}, count=256, block=min(block_ms, MAX_BLOCK_MS))
+            if not reply:
+                continue
             for event_id, fields in reply[0][1]:
                 last = event_id
                 event = event_from_json(fields["e"])
@@ -139,16 +144,21 @@ class RedisStreamsQueue(JobQueue):
     # ----- worker side -----
 
     async def fetch(self, max_jobs: int, block_ms: int) -> list[Delivery]:
+        give_up = time.monotonic() + block_ms / 1000
         with _available():
             await self._ensure_group()
-            entries = await self._reclaim(max_jobs)
-            if len(entries) < max_jobs:
-                block = block_ms if block_ms > 0 and not entries else None
-                reply = await self._redis.xreadgroup(
-                    GROUP, self._consumer, {self._jobs_key: ">"}, count=max_jobs - len(entries), block=block
-                )
-                entries += reply[0][1] if reply else []
-            deliveries = await self._take(entries)
+            while True:
+                entries = await self._reclaim(max_jobs)
+                if len(entries) < max_jobs:
+                    wait_ms = min(int((give_up - time.monotonic()) * 1000), MAX_BLOCK_MS)
+                    block = wait_ms if wait_ms > 0 and not entries else None
+                    reply = await self._redis.xreadgroup(
+                        GROUP, self._consumer, {self._jobs_key: ">"}, count=max_jobs - len(entries), block=block
+                    )
+                    entries += reply[0][1] if reply else []
+                deliveries = await self._take(entries)
+                if deliveries or time.monotonic() >= give_up:
+                    break
         if self._inflight and self._heartbeat is None:
             self._heartbeat = asyncio.create_task(self._beat(), name="queue-heartbeat")
         return deliveries
@@ -220,13 +230,21 @@ class RedisStreamsQueue(JobQueue):
                     self._inflight.pop(job_id, None)
 
     async def publish(self, event: QueueEvent) -> None:
-        held = self._inflight.get(event.job_id)
-        if held is None:
+        await self.publish_many([event])
+
+    async def publish_many(self, events: Sequence[QueueEvent]) -> None:
+        held = [(event, self._inflight[event.job_id][1]) for event in events if event.job_id in self._inflight]
+        if not held:
             return
+        pipe = self._redis.pipeline(transaction=False)
+        for event, attempt in held:
+            args = [self._p, event.job_id, attempt, event_to_json(event), int(is_final(event)), self._ttl]
+            await self._scripts["PUBLISH"](args=args, client=pipe)  # queued; sent by execute()
         with _available():
-            ok = await self._run("PUBLISH", event.job_id, held[1], event_to_json(event), int(is_final(event)), self._ttl)
-        if not ok:
-            self._inflight.pop(event.job_id, None)
+            published = await pipe.execute()
+        for (event, _), ok in zip(held, published, strict=True):
+            if not ok:  # fenced: another worker owns the job now
+                self._inflight.pop(event.job_id, None)
 
     async def complete(self, job_id: str) -> None:
         held = self._inflight.get(job_id)
