@@ -2,7 +2,9 @@
 
 Starts its own redis-server on a free loopback port and an echo worker in a separate process, then
 measures sequential round trips (latency) and many jobs in flight (throughput). The same
-measurements on the in-process memory:// queue are the baseline. Prints one JSON object.
+measurements on the in-process memory:// queue are the baseline, and a bare-socket PING to the same
+redis-server gives the machine's floor per network hop (a round trip needs at least four sequential
+hops: submit, worker wake-up, publish, bot wake-up). Prints one JSON object.
 
     .venv/bin/python bench/queue_roundtrip.py [--jobs 2000] [--concurrency 64]
 """
@@ -93,6 +95,21 @@ async def bench_memory(jobs: int, concurrency: int) -> dict[str, float]:
         await queue.close()
 
 
+async def loopback_ping_ms(url: str, pings: int = 2000) -> float:
+    """Median PING round trip on a bare asyncio socket: the floor this machine puts under every hop."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    times = []
+    for _ in range(pings):
+        start = time.perf_counter()
+        writer.write(b"*1\r\n$4\r\nPING\r\n")
+        await reader.readline()
+        times.append(time.perf_counter() - start)
+    writer.close()
+    await writer.wait_closed()
+    return round(statistics.median(times) * 1000, 3)
+
+
 async def bench_redis(url: str, jobs: int, concurrency: int) -> dict[str, float]:
     prefix = f"bench:{uuid.uuid4().hex[:8]}"
     worker = await asyncio.create_subprocess_exec(sys.executable, __file__, "--worker", url, prefix, cwd=ROOT)
@@ -128,6 +145,7 @@ def main() -> None:
     memory = asyncio.run(bench_memory(args.jobs, args.concurrency))
     with redis_server() as url:
         redis_result = asyncio.run(bench_redis(url, args.jobs, args.concurrency))
+        ping_ms = asyncio.run(loopback_ping_ms(url))
     print(json.dumps({
         "bench": "queue_roundtrip",
         "transport": "redis",
@@ -136,6 +154,8 @@ def main() -> None:
         **redis_result,
         "baseline_memory": memory,
         "p50_ratio_vs_memory": round(redis_result["p50_ms"] / memory["p50_ms"], 2),
+        "loopback_ping_ms": ping_ms,
+        "p50_in_loopback_pings": round(redis_result["p50_ms"] / ping_ms, 1),
         "goal_p50_ms": 1.0,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}",
     }))

@@ -87,13 +87,14 @@ end
 return 2
 """
 
-# ARGV: P, max_deliveries, ttl, now, dead_letter_message, then (id, entry, job_json) triples
-# -> one value per job: its attempt number, or 0 when it was finished here instead of delivered
-TAKE = _PRELUDE + """
-local max_deliveries, ttl, now, message = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local out = {}
-for i = 6, #ARGV, 3 do
-  local id, entry, job = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+# Shared by TAKE and READ. ARGV: P, max_deliveries, ttl, dead_letter_message, ...
+_TAKE_ONE = """
+local max_deliveries, ttl, message = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+-- A job read from the stream: its attempt number when it goes to the worker, or 0 when it was
+-- finished here instead (cancelled, past its deadline, delivered too often, or already final).
+local function take_one(id, entry, job)
   local m = meta(id)
   local result = 0
   unwait(id)
@@ -114,24 +115,75 @@ for i = 6, #ARGV, 3 do
     end
   end
   if result == 0 then drop_entry(entry) end
-  out[#out + 1] = result
+  return result
+end
+"""
+
+# ARGV: P, max_deliveries, ttl, dead_letter_message, then (id, entry, job_json) triples of reclaimed entries
+# -> one attempt number (or 0) per entry
+TAKE = _PRELUDE + _TAKE_ONE + """
+local out = {}
+for i = 5, #ARGV, 3 do
+  out[#out + 1] = take_one(ARGV[i], ARGV[i + 1], ARGV[i + 2])
 end
 return out
 """
 
-# ARGV: P, id, attempt, event_json, is_final, ttl -> 1 published, 0 fenced (not this worker's job any more)
-PUBLISH = _PRELUDE + """
-local id, ttl = ARGV[2], tonumber(ARGV[6])
-local m = meta(id)
-local f = redis.call('HMGET', m, 'attempt', 'final')
-if f[1] ~= ARGV[3] or f[2] == '1' then return 0 end
-redis.call('XADD', events(id), '*', 'e', ARGV[4])
-redis.call('EXPIRE', events(id), ttl)
-if ARGV[5] == '1' then
-  redis.call('HSET', m, 'final', '1')
-  redis.call('EXPIRE', m, ttl)
+# ARGV: P, max_deliveries, ttl, dead_letter_message, consumer, count
+# Reads new jobs for `consumer` and takes them in the same step, so a worker that waits with
+# XREAD BLOCK pipelined before this script gets its jobs in a single round trip.
+# -> {last_delivered_id, id, entry, job_json, attempt, id, entry, ...} (only delivered jobs)
+READ = _PRELUDE + _TAKE_ONE + """
+local out = {''}
+local reply = redis.call('XREADGROUP', 'GROUP', 'workers', ARGV[5], 'COUNT', tonumber(ARGV[6]), 'STREAMS', JOBS, '>')
+if reply then
+  for _, item in ipairs(reply[1][2]) do
+    local entry, fields = item[1], item[2]
+    local id, job
+    for k = 1, #fields, 2 do
+      if fields[k] == 'id' then id = fields[k + 1] elseif fields[k] == 'job' then job = fields[k + 1] end
+    end
+    local attempt = take_one(id, entry, job)
+    if attempt > 0 then
+      out[#out + 1] = id
+      out[#out + 1] = entry
+      out[#out + 1] = job
+      out[#out + 1] = attempt
+    end
+  end
 end
-return 1
+local groups = redis.call('XINFO', 'GROUPS', JOBS)
+for _, group in ipairs(groups) do
+  for k = 1, #group, 2 do
+    if group[k] == 'name' and group[k + 1] ~= 'workers' then break end
+    if group[k] == 'last-delivered-id' then out[1] = group[k + 1] end
+  end
+end
+return out
+"""
+
+# ARGV: P, ttl, then (id, attempt, event_json, is_final) quads, in order
+# -> one value per event: 1 published, 0 fenced (not this worker's job any more, or already final)
+PUBLISH = _PRELUDE + """
+local ttl = tonumber(ARGV[2])
+local out = {}
+for i = 3, #ARGV, 4 do
+  local id = ARGV[i]
+  local m = meta(id)
+  local f = redis.call('HMGET', m, 'attempt', 'final')
+  if f[1] ~= ARGV[i + 1] or f[2] == '1' then
+    out[#out + 1] = 0
+  else
+    redis.call('XADD', events(id), '*', 'e', ARGV[i + 2])
+    redis.call('EXPIRE', events(id), ttl)
+    if ARGV[i + 3] == '1' then
+      redis.call('HSET', m, 'final', '1')
+      redis.call('EXPIRE', m, ttl)
+    end
+    out[#out + 1] = 1
+  end
+end
+return out
 """
 
 # ARGV: P, id, attempt, entry, ttl, incomplete_event_json -> 1 acked, 0 fenced

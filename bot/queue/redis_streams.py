@@ -15,12 +15,13 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot.config import Settings
@@ -43,6 +44,7 @@ EVENTS_TTL_S = 300
 # Longest single blocking read: well under redis-py's 5 s socket timeout, and short enough that a
 # waiting worker still looks for abandoned jobs now and then.
 MAX_BLOCK_MS = 2000
+MAX_REMEMBERED_DEADLINES = 10_000
 
 
 @contextlib.contextmanager
@@ -70,13 +72,16 @@ class RedisStreamsQueue(JobQueue):
         self._consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._scripts = {
             name: self._redis.register_script(getattr(redis_lua, name))
-            for name in ("SUBMIT", "CANCEL", "TAKE", "PUBLISH", "COMPLETE", "RELEASE", "HEARTBEAT")
+            for name in ("SUBMIT", "CANCEL", "TAKE", "READ", "PUBLISH", "COMPLETE", "RELEASE", "HEARTBEAT")
         }
+        # Bot side: deadlines of jobs submitted here and not streamed yet (saves stream() a round trip).
+        self._deadlines: dict[str, float] = {}
         # Worker side: job id -> (stream entry id, attempt) of the jobs this object holds; a job
         # missing here (done, released, or taken over by another worker) reads as cancelled.
         self._inflight: dict[str, tuple[str, int]] = {}
         self._group_ready = False
         self._next_reclaim = 0.0
+        self._last_read = "0-0"  # the group's last delivered id: a waiting XREAD BLOCK starts after it
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
 
@@ -99,17 +104,22 @@ class RedisStreamsQueue(JobQueue):
             raise QueueBusy(count, "conversation", self._max_per_conversation)
         if result == -3:
             raise ValueError(f"job {job.job_id} was already submitted")
+        self._deadlines[job.job_id] = job.deadline
+        if len(self._deadlines) > MAX_REMEMBERED_DEADLINES:
+            del self._deadlines[next(iter(self._deadlines))]
         return int(result)
 
     async def stream(self, job_id: str, *, after: str | None = None) -> AsyncIterator[tuple[str, QueueEvent]]:
         key = f"{self._p}:events:{job_id}"
-        with _available():
-            deadline, exists = await self._redis.pipeline(transaction=False).hget(
-                f"{self._p}:job:{job_id}", "deadline"
-            ).exists(key).execute()
-        if deadline is None and not exists:
-            yield "", ErrorEvent(job_id=job_id, kind="unknown_job", message="this reply is no longer available")
-            return
+        deadline: float | str | None = self._deadlines.pop(job_id, None)
+        if deadline is None:  # not submitted through this object: ask Redis
+            with _available():
+                deadline, exists = await self._redis.pipeline(transaction=False).hget(
+                    f"{self._p}:job:{job_id}", "deadline"
+                ).exists(key).execute()
+            if deadline is None and not exists:
+                yield "", ErrorEvent(job_id=job_id, kind="unknown_job", message="this reply is no longer available")
+                return
         give_up = float(deadline or time.time()) + self._grace_s
         last = after or "0-0"
         while True:
@@ -147,21 +157,53 @@ class RedisStreamsQueue(JobQueue):
         give_up = time.monotonic() + block_ms / 1000
         with _available():
             await self._ensure_group()
-            while True:
-                entries = await self._reclaim(max_jobs)
-                if len(entries) < max_jobs:
-                    wait_ms = min(int((give_up - time.monotonic()) * 1000), MAX_BLOCK_MS)
-                    block = wait_ms if wait_ms > 0 and not entries else None
-                    reply = await self._redis.xreadgroup(
-                        GROUP, self._consumer, {self._jobs_key: ">"}, count=max_jobs - len(entries), block=block
-                    )
-                    entries += reply[0][1] if reply else []
-                deliveries = await self._take(entries)
-                if deliveries or time.monotonic() >= give_up:
-                    break
+            deliveries = await self._take(await self._reclaim(max_jobs))
+            if len(deliveries) < max_jobs:
+                deliveries += await self._read_new(max_jobs - len(deliveries), wait_ms=0)
+            while not deliveries and (wait_ms := int((give_up - time.monotonic()) * 1000)) > 0:
+                deliveries = await self._take(await self._reclaim(max_jobs))
+                if not deliveries:
+                    deliveries = await self._read_new(max_jobs, wait_ms=min(wait_ms, MAX_BLOCK_MS))
         if self._inflight and self._heartbeat is None:
             self._heartbeat = asyncio.create_task(self._beat(), name="queue-heartbeat")
         return deliveries
+
+    async def _read_new(self, count: int, *, wait_ms: int) -> list[Delivery]:
+        """New jobs, read and taken by one script; with wait_ms, an XREAD BLOCK pipelined before it
+        waits for the next job, so a waiting worker gets it in one round trip."""
+        read = self._scripts["READ"]
+        args = (self._p, self._max_deliveries, self._ttl, dead_letter_message(self._max_deliveries),
+                self._consumer, count)
+        if wait_ms > 0:
+            replies = await self._pipelined(lambda pipe: (
+                pipe.xread({self._jobs_key: self._last_read}, count=1, block=wait_ms),
+                pipe.evalsha(read.sha, 0, *args),
+            ))
+            reply = replies[1]
+        else:
+            reply = await read(args=args)
+        self._last_read = reply[0] or self._last_read
+        return [
+            await self._deliver(reply[i], reply[i + 1], reply[i + 2], int(reply[i + 3]))
+            for i in range(1, len(reply), 4)
+        ]
+
+    async def _pipelined(self, build: Callable[[Pipeline], object]) -> list[Any]:
+        """Run a pipeline that calls scripts by EVALSHA; reload them once if Redis forgot them.
+
+        (A pipeline given Script objects asks SCRIPT EXISTS first: an extra round trip every time.)
+        """
+        for retry in (True, False):
+            pipe = self._redis.pipeline(transaction=False)
+            build(pipe)
+            try:
+                return await pipe.execute()
+            except NoScriptError:
+                if not retry:
+                    raise
+                for script in self._scripts.values():
+                    await self._redis.script_load(script.script)
+        raise AssertionError("unreachable")
 
     async def _ensure_group(self) -> None:
         if self._group_ready:
@@ -192,24 +234,24 @@ class RedisStreamsQueue(JobQueue):
         return claimed
 
     async def _take(self, entries: list[tuple[str, dict[str, str]]]) -> list[Delivery]:
+        """Deliver reclaimed entries (or finish them: cancelled, expired, dead letter)."""
         if not entries:
             return []
         triples = [value for entry_id, fields in entries for value in (fields["id"], entry_id, fields["job"])]
-        attempts = await self._run(
-            "TAKE", self._max_deliveries, self._ttl, repr(time.time()),
-            dead_letter_message(self._max_deliveries), *triples,
-        )
-        deliveries = []
-        for (entry_id, fields), attempt in zip(entries, attempts, strict=True):
-            if not attempt:
-                continue
-            job = GenerationJob.model_validate_json(fields["job"])
-            delivery = Delivery(job=job, attempt=int(attempt))
-            if delivery.attempt > 1:
-                delivery.resume_text, delivery.next_seq = await self._resume_point(job.job_id)
-            self._inflight[job.job_id] = (entry_id, delivery.attempt)
-            deliveries.append(delivery)
-        return deliveries
+        attempts = await self._run("TAKE", self._max_deliveries, self._ttl,
+                                   dead_letter_message(self._max_deliveries), *triples)
+        return [
+            await self._deliver(fields["id"], entry_id, fields["job"], int(attempt))
+            for (entry_id, fields), attempt in zip(entries, attempts, strict=True)
+            if attempt
+        ]
+
+    async def _deliver(self, job_id: str, entry_id: str, job_json: str, attempt: int) -> Delivery:
+        delivery = Delivery(job=GenerationJob.model_validate_json(job_json), attempt=attempt)
+        if attempt > 1:
+            delivery.resume_text, delivery.next_seq = await self._resume_point(job_id)
+        self._inflight[job_id] = (entry_id, attempt)
+        return delivery
 
     async def _resume_point(self, job_id: str) -> tuple[str, int]:
         """The text the bot already has and the next seq, from the job's event stream."""
@@ -236,12 +278,9 @@ class RedisStreamsQueue(JobQueue):
         held = [(event, self._inflight[event.job_id][1]) for event in events if event.job_id in self._inflight]
         if not held:
             return
-        pipe = self._redis.pipeline(transaction=False)
-        for event, attempt in held:
-            args = [self._p, event.job_id, attempt, event_to_json(event), int(is_final(event)), self._ttl]
-            await self._scripts["PUBLISH"](args=args, client=pipe)  # queued; sent by execute()
+        quads = [v for event, attempt in held for v in (event.job_id, attempt, event_to_json(event), int(is_final(event)))]
         with _available():
-            published = await pipe.execute()
+            published = await self._run("PUBLISH", self._ttl, *quads)
         for (event, _), ok in zip(held, published, strict=True):
             if not ok:  # fenced: another worker owns the job now
                 self._inflight.pop(event.job_id, None)
