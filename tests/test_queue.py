@@ -364,6 +364,28 @@ async def test_stalled_worker_is_fenced_after_takeover(redis_url: str) -> None:
         await h.aclose()
 
 
+async def test_scripts_reload_after_redis_forgets_them(redis_url: str) -> None:
+    """SCRIPT FLUSH (or a Redis restart) must not break submit, fetch or publish."""
+    import redis.asyncio as aioredis
+
+    h = Harness("redis", redis_url)
+    bot = h.start()
+    worker = h.worker()
+    try:
+        j = job()
+        admin = aioredis.from_url(redis_url)
+        await admin.script_flush()
+        await bot.submit(j)
+        await admin.script_flush()
+        await fetch_one(worker)
+        await admin.script_flush()
+        await admin.aclose()
+        await worker.publish_many([Done(job_id=j.job_id, finish_reason="stop")])
+        assert [e for _, e in await collect(bot, j.job_id)] == [Done(job_id=j.job_id, finish_reason="stop")]
+    finally:
+        await h.aclose()
+
+
 async def test_unreachable_redis_is_reported() -> None:
     from tests.services import free_port
 
