@@ -386,6 +386,25 @@ async def test_scripts_reload_after_redis_forgets_them(redis_url: str) -> None:
         await h.aclose()
 
 
+async def test_worker_recovers_when_the_stream_vanishes(redis_url: str) -> None:
+    """After a Redis restart without persistence the consumer group is gone; workers recreate it."""
+    import redis.asyncio as aioredis
+
+    h = Harness("redis", redis_url)
+    bot = h.start()
+    worker = h.worker()
+    try:
+        assert await worker.fetch(4, 0) == []
+        admin = aioredis.from_url(redis_url)
+        await admin.delete(f"{h.prefix}:jobs")
+        await admin.aclose()
+        j = job()
+        await bot.submit(j)
+        assert [d.job.job_id for d in await worker.fetch(4, 1000)] == [j.job_id]
+    finally:
+        await h.aclose()
+
+
 async def test_unreachable_redis_is_reported() -> None:
     from tests.services import free_port
 

@@ -154,6 +154,17 @@ class RedisStreamsQueue(JobQueue):
     # ----- worker side -----
 
     async def fetch(self, max_jobs: int, block_ms: int) -> list[Delivery]:
+        try:
+            return await self._fetch(max_jobs, block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or its group vanished (Redis restarted without persistence, or was flushed).
+            self._group_ready = False
+            self._last_read = "0-0"
+            return await self._fetch(max_jobs, block_ms)
+
+    async def _fetch(self, max_jobs: int, block_ms: int) -> list[Delivery]:
         give_up = time.monotonic() + block_ms / 1000
         with _available():
             await self._ensure_group()
