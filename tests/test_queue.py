@@ -379,9 +379,17 @@ async def test_scripts_reload_after_redis_forgets_them(redis_url: str) -> None:
         await admin.script_flush()
         await fetch_one(worker)
         await admin.script_flush()
-        await admin.aclose()
         await worker.publish_many([Done(job_id=j.job_id, finish_reason="stop")])
         assert [e for _, e in await collect(bot, j.job_id)] == [Done(job_id=j.job_id, finish_reason="stop")]
+
+        # Flushed while a worker waits with XREAD BLOCK and the read script queued behind it.
+        waiting = asyncio.create_task(worker.fetch(4, 3000))
+        await asyncio.sleep(0.2)
+        await admin.script_flush()
+        await bot.submit(second := job())
+        async with asyncio.timeout(3):
+            assert [d.job.job_id for d in await waiting] == [second.job_id]
+        await admin.aclose()
     finally:
         await h.aclose()
 

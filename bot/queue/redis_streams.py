@@ -204,17 +204,16 @@ class RedisStreamsQueue(JobQueue):
 
         (A pipeline given Script objects asks SCRIPT EXISTS first: an extra round trip every time.)
         """
-        for retry in (True, False):
-            pipe = self._redis.pipeline(transaction=False)
-            build(pipe)
-            try:
-                return await pipe.execute()
-            except NoScriptError:
-                if not retry:
-                    raise
-                for script in self._scripts.values():
-                    await self._redis.script_load(script.script)
-        raise AssertionError("unreachable")
+        pipe = self._redis.pipeline(transaction=False)
+        build(pipe)
+        try:
+            return await pipe.execute()
+        except NoScriptError:
+            for script in self._scripts.values():
+                await self._redis.script_load(script.script)
+        pipe = self._redis.pipeline(transaction=False)
+        build(pipe)
+        return await pipe.execute()
 
     async def _ensure_group(self) -> None:
         if self._group_ready:
