@@ -39,7 +39,7 @@ class Harness:
 
     def start(self, **overrides: Any) -> JobQueue:
         url = self.redis_url if self.kind == "redis" else "memory://"
-        self.settings = Settings(queue_url=url, queue_claim_idle_ms=CLAIM_IDLE_MS, **overrides)
+        self.settings = Settings(**{"queue_url": url, "queue_claim_idle_ms": CLAIM_IDLE_MS, **overrides})
         self.bot = self._open()
         return self.bot
 
@@ -410,6 +410,33 @@ async def test_worker_recovers_when_the_stream_vanishes(redis_url: str) -> None:
         await bot.submit(j)
         assert [d.job.job_id for d in await worker.fetch(4, 1000)] == [j.job_id]
     finally:
+        await h.aclose()
+
+
+async def test_dead_consumers_are_forgotten_once_empty(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    h = Harness("redis", redis_url)
+    bot = h.start(queue_claim_idle_ms=50)  # consumers idle 10 x 50 ms with nothing pending are pruned
+    worker = h.worker()
+    admin = aioredis.from_url(redis_url, decode_responses=True)
+    jobs_key = f"{h.prefix}:jobs"
+    try:
+        assert await worker.fetch(1, 0) == []  # creates the group
+        await admin.xgroup_createconsumer(jobs_key, "workers", "ghost-empty")
+        await bot.submit(job())
+        await admin.xreadgroup("workers", "ghost-holding", {jobs_key: ">"}, count=1)  # died holding a job
+        await asyncio.sleep(0.6)
+        await admin.xgroup_createconsumer(jobs_key, "workers", "fresh")
+        prune_now = RedisStreamsQueue(h.settings, prefix=h.prefix)
+        # Prunes the idle empty consumer, then reclaims the job of the one that died holding it.
+        assert len(await prune_now.fetch(1, 0)) == 1
+        await prune_now.close()
+        names = {c["name"] for c in await admin.xinfo_consumers(jobs_key, "workers")}
+        assert "ghost-empty" not in names
+        assert {"ghost-holding", "fresh"} <= names
+    finally:
+        await admin.aclose()
         await h.aclose()
 
 

@@ -219,3 +219,20 @@ for i = 3, #ARGV, 3 do
 end
 return lost
 """
+
+# ARGV: P, min_idle_ms -> number of consumers removed
+# Forgets consumers (workers that died) with nothing pending, idle at least min_idle_ms. Checked and
+# deleted in one step: DELCONSUMER would drop pending entries, and a live worker is recreated by its
+# next read anyway.
+PRUNE = _PRELUDE + """
+local removed = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', JOBS, 'workers')) do
+  local info = {}
+  for k = 1, #consumer, 2 do info[consumer[k]] = consumer[k + 1] end
+  if info['pending'] == 0 and info['idle'] >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', JOBS, 'workers', info['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""

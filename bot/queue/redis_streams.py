@@ -45,6 +45,8 @@ EVENTS_TTL_S = 300
 # waiting worker still looks for abandoned jobs now and then.
 MAX_BLOCK_MS = 2000
 MAX_REMEMBERED_DEADLINES = 10_000
+# Consumers of dead workers are forgotten once they hold nothing and were idle this many claim idle times.
+PRUNE_AFTER_IDLES = 10
 
 
 @contextlib.contextmanager
@@ -72,7 +74,7 @@ class RedisStreamsQueue(JobQueue):
         self._consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._scripts = {
             name: self._redis.register_script(getattr(redis_lua, name))
-            for name in ("SUBMIT", "CANCEL", "TAKE", "READ", "PUBLISH", "COMPLETE", "RELEASE", "HEARTBEAT")
+            for name in ("SUBMIT", "CANCEL", "TAKE", "READ", "PUBLISH", "COMPLETE", "RELEASE", "HEARTBEAT", "PRUNE")
         }
         # Bot side: deadlines of jobs submitted here and not streamed yet (saves stream() a round trip).
         self._deadlines: dict[str, float] = {}
@@ -81,6 +83,7 @@ class RedisStreamsQueue(JobQueue):
         self._inflight: dict[str, tuple[str, int]] = {}
         self._group_ready = False
         self._next_reclaim = 0.0
+        self._next_prune = 0.0
         self._last_read = "0-0"  # the group's last delivered id: a waiting XREAD BLOCK starts after it
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
@@ -227,11 +230,15 @@ class RedisStreamsQueue(JobQueue):
         self._group_ready = True
 
     async def _reclaim(self, max_jobs: int) -> list[tuple[str, dict[str, str]]]:
-        """Jobs whose worker stopped heartbeating (or released them), at most every claim_idle/4."""
+        """Jobs whose worker stopped heartbeating (or released them), at most every claim_idle/4;
+        now and then also forgets the consumers of dead workers."""
         now = time.monotonic()
         if now < self._next_reclaim:
             return []
         self._next_reclaim = now + self._claim_idle_ms / 4000
+        if now >= self._next_prune:
+            self._next_prune = now + self._claim_idle_ms * PRUNE_AFTER_IDLES / 1000
+            await self._run("PRUNE", self._claim_idle_ms * PRUNE_AFTER_IDLES)
         claimed: list[tuple[str, dict[str, str]]] = []
         cursor = "0-0"
         while len(claimed) < max_jobs:
