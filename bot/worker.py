@@ -137,8 +137,11 @@ class Worker:
         with log_context(job=job.job_id, conversation=job.conversation_key):
             try:
                 await self._generate(delivery)
-            except Exception:
+            except Exception as exc:  # a bug, not the engine: end the job so the user is not left waiting
                 log.exception("serving job failed")
+                metrics.count_error("worker")
+                with contextlib.suppress(Exception):
+                    await self._finish(job, ErrorEvent(job_id=job.job_id, kind="worker", message=str(exc)))
             finally:
                 self._held.pop(job.job_id, None)
                 self._slot_free.set()

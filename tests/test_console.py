@@ -24,10 +24,12 @@ def chat(stdin: str, tmp_path: Path, model: Path, *args: str) -> subprocess.Comp
         "HERMES_CONFIG_FILE": str(tmp_path / "absent.yaml"),
         "HERMES_LOG_LEVEL": "WARNING",
     }
-    return subprocess.run(
-        [sys.executable, "-m", "bot", "chat", *args], input=stdin, capture_output=True, text=True,
+    # Bytes, decoded here: text=True would turn a "\r" in the random model's reply into "\n".
+    done = subprocess.run(
+        [sys.executable, "-m", "bot", "chat", *args], input=stdin.encode(), capture_output=True,
         env=env, cwd=tmp_path, timeout=120,
     )
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
 async def test_chat_through_stdin(tmp_path: Path, tiny_model_dir: Path) -> None:

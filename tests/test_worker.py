@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bot.config import Settings
-from bot.engine.base import GenerationRequest
+from bot.engine.base import GenerationRequest, GenerationStream
 from bot.engine.transformers_engine import TransformersEngine, load_model
 from bot.personas import Sampling
 from bot.queue.base import JobQueue, QueueEvent
@@ -175,3 +175,18 @@ async def test_engine_error_becomes_an_error_event(rig: Rig) -> None:
     await rig.bot.submit(j)
     evs = await events(rig.bot, j.job_id)
     assert isinstance(evs[-1], ErrorEvent) and evs[-1].kind == "engine" and "system prompt" in evs[-1].message
+
+
+async def test_unexpected_worker_failure_still_ends_the_job(rig: Rig) -> None:
+    """A bug outside the engine (here: submit raising) must not leave the user waiting until the deadline."""
+    worker = await rig.start_worker()
+
+    def broken_submit(request: GenerationRequest) -> GenerationStream:
+        raise RuntimeError("bug in the worker path")
+
+    worker.engine.submit = broken_submit  # type: ignore[method-assign]
+    j = job("hi")
+    await rig.bot.submit(j)
+    evs = await events(rig.bot, j.job_id)
+    assert isinstance(evs[-1], ErrorEvent) and evs[-1].kind == "worker"
+    assert await rig.bot.depth() == 0

@@ -71,11 +71,12 @@ class ChatCog(commands.Cog):
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def drain(self, timeout: float) -> bool:
-        """Stop taking messages and wait up to `timeout` s for replies in flight; True when all finished."""
+    async def drain(self, grace_s: float) -> bool:
+        """Stop taking messages and wait up to `grace_s` for replies in flight; True when all finished."""
         self.accepting = False
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(grace_s):
+                await self._idle.wait()
             return True
         except TimeoutError:
             return False
