@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import Select, delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -60,6 +60,19 @@ def _stored(message: Message, key: str) -> StoredMessage:
         created_at=message.created_at,
         edited_at=message.edited_at,
         deleted_at=message.deleted_at,
+    )
+
+
+def _live_turns(conversation: Conversation) -> Select[tuple[Message]]:
+    """Undeleted turns since the conversation's reset point, newest first (served by the window index)."""
+    return (
+        select(Message)
+        .where(
+            Message.conversation_id == conversation.id,
+            Message.id > conversation.reset_after_id,
+            Message.deleted_at.is_(None),
+        )
+        .order_by(Message.id.desc())
     )
 
 
@@ -163,16 +176,7 @@ class ConversationStore:
             conversation = await self._conversation(session, key)
             if conversation is None or limit == 0:
                 return []
-            rows = await session.scalars(
-                select(Message)
-                .where(
-                    Message.conversation_id == conversation.id,
-                    Message.id > conversation.reset_after_id,
-                    Message.deleted_at.is_(None),
-                )
-                .order_by(Message.id.desc())
-                .limit(limit)
-            )
+            rows = await session.scalars(_live_turns(conversation).limit(limit))
             return [_stored(m, conversation.key) for m in reversed(rows.all())]
 
     async def last_assistant_turn(self, key: ConversationKey) -> StoredMessage | None:
@@ -181,17 +185,7 @@ class ConversationStore:
             conversation = await self._conversation(session, key)
             if conversation is None:
                 return None
-            message = await session.scalar(
-                select(Message)
-                .where(
-                    Message.conversation_id == conversation.id,
-                    Message.id > conversation.reset_after_id,
-                    Message.deleted_at.is_(None),
-                    Message.role == "assistant",
-                )
-                .order_by(Message.id.desc())
-                .limit(1)
-            )
+            message = await session.scalar(_live_turns(conversation).where(Message.role == "assistant").limit(1))
             return None if message is None else _stored(message, conversation.key)
 
     async def find_message(self, discord_message_id: int) -> StoredMessage | None:
