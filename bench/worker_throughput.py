@@ -5,6 +5,8 @@
 1. Aggregate completion tokens/s with 1, 4, 16 and 64 concurrent conversations through the real
    Worker (memory:// queue, transformers engine), against one-at-a-time `model.generate()` on the
    same model with the same sampling, in the same run: `speedup_<n>`.
+   `forward_ceiling_<n>` is the same ratio for the model's bare batched forward: no batching scheme
+   on this machine can beat it.
 2. Time to first token of a new turn after ~3,000 tokens of history, with the previous turn's KV
    reused against a cold prefill: `ttft_ratio_prefix_reuse`.
 
@@ -142,6 +144,31 @@ async def ttft_ratio(settings: Settings, model: Any, tokenizer: Any, history_tok
     return {"ttft_reuse_s": reuse, "ttft_cold_s": cold, "ttft_ratio_prefix_reuse": reuse / cold}
 
 
+def forward_ceiling(model: Any, levels: list[int], context: int = 64, steps: int = 20) -> dict[str, float]:
+    """Upper bound for any batching on this machine: one bare decode forward at batch n vs batch 1.
+
+    `forward_ceiling_<n>` = (n tokens per step at batch n) / (1 token per step at batch 1), from the
+    model's own forward with its own DynamicCache, no sampling, no Python around it.
+    """
+    device = next(model.parameters()).device
+    step_s: dict[int, float] = {}
+    with torch.no_grad():
+        for n in sorted({1, *levels}):
+            out = model(torch.randint(0, 500, (n, context), device=device), use_cache=True)
+            cache, token = out.past_key_values, torch.randint(0, 500, (n, 1), device=device)
+            for _ in range(3):
+                model(token, past_key_values=cache, use_cache=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                model(token, past_key_values=cache, use_cache=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            step_s[n] = (time.perf_counter() - start) / steps
+    return {f"forward_ceiling_{n}": round(n * step_s[1] / step_s[n], 2) for n in levels}
+
+
 async def measure(
     model: Any, tokenizer: Any, settings: Settings, *, levels: list[int], new_tokens: int, prompt_words: int,
     baseline_runs: int, history_tokens: int, ttft_repeats: int,
@@ -155,6 +182,7 @@ async def measure(
         tps = await worker_tokens_per_s(settings, model, tokenizer, sampling, n, seed=n * 1000, words=prompt_words)
         result[f"tokens_per_s_{n}"] = round(tps, 1)
         result[f"speedup_{n}"] = round(tps / base, 2)
+    result.update(forward_ceiling(model, levels))
     result.update({k: round(v, 4) for k, v in (await ttft_ratio(settings, model, tokenizer, history_tokens,
                                                                    ttft_repeats)).items()})
     return result
