@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     queue_max_per_conversation: int = Field(
         2, ge=1, validation_alias=AliasChoices("HERMES_QUEUE_MAX_PER_CONVERSATION", "queue_max_per_conversation")
     )
+    queue_supersede: bool = Field(
+        False, validation_alias=AliasChoices("HERMES_QUEUE_SUPERSEDE", "queue_supersede")
+    )
     job_timeout_s: float = Field(180.0, gt=0, validation_alias=AliasChoices("HERMES_JOB_TIMEOUT_S", "job_timeout_s"))
     queue_claim_idle_ms: int = Field(
         30000, ge=50, validation_alias=AliasChoices("HERMES_QUEUE_CLAIM_IDLE_MS", "queue_claim_idle_ms")

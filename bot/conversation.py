@@ -90,9 +90,12 @@ class ChatService:
         )
 
     async def start_reply(self, key: ConversationKey, persona: Persona) -> PendingReply:
-        """Submit a reply job; raises QueueBusy when the queue is full."""
+        """Submit a reply job; raises QueueBusy when the queue (or this conversation's share) is full.
+
+        With HERMES_QUEUE_SUPERSEDE the new job replaces the conversation's older waiting ones instead.
+        """
         job = await self.build_job(key, persona)
-        position = await self.queue.submit(job)
+        position = await self.queue.submit(job, supersede=self.settings.queue_supersede)
         return PendingReply(job=job, position=position, queue=self.queue)
 
     async def store_reply(
