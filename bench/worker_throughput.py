@@ -30,7 +30,7 @@ import torch
 
 from bot.config import Settings
 from bot.engine.base import GenerationRequest, TextChunk
-from bot.engine.transformers_engine import TransformersEngine, load_model
+from bot.engine.transformers_engine import TransformersEngine, cpu_threads, load_model
 from bot.personas import Sampling
 from bot.queue.jobs import Done, GenerationJob
 from bot.queue.memory import MemoryQueue
@@ -160,12 +160,15 @@ def forward_ceiling(model: Any, levels: list[int], context: int = 64, steps: int
                 model(token, past_key_values=cache, use_cache=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(steps):
-                model(token, past_key_values=cache, use_cache=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            step_s[n] = (time.perf_counter() - start) / steps
+            timings = []
+            for _ in range(3):  # best of three: the ceiling, not the neighbours' noise
+                start = time.perf_counter()
+                for _ in range(steps):
+                    model(token, past_key_values=cache, use_cache=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                timings.append((time.perf_counter() - start) / steps)
+            step_s[n] = min(timings)
     return {f"forward_ceiling_{n}": round(n * step_s[1] / step_s[n], 2) for n in levels}
 
 
@@ -204,6 +207,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_model(Path(tmp), hidden_size=args.hidden, layers=args.layers, heads=8, kv_heads=4)
         settings = Settings(model=str(path), device="cpu", max_batch_size=max(levels), context_tokens=4096)
+        torch.set_num_threads(cpu_threads(settings))  # what the engine will use: the baseline runs the same
         tokenizer, model, _ = load_model(settings)
         result = asyncio.run(measure(
             model, tokenizer, settings, levels=levels, new_tokens=args.new_tokens, prompt_words=args.prompt_words,

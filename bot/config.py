@@ -74,6 +74,7 @@ class Settings(BaseSettings):
         "none", validation_alias=AliasChoices("HERMES_QUANTIZATION", "quantization")
     )
     context_tokens: int = Field(8192, ge=256, validation_alias=AliasChoices("HERMES_CONTEXT_TOKENS", "context_tokens"))
+    cpu_threads: int = Field(0, ge=0, validation_alias=AliasChoices("HERMES_CPU_THREADS", "cpu_threads"))
     max_batch_size: int = Field(32, ge=1, validation_alias=AliasChoices("HERMES_MAX_BATCH_SIZE", "max_batch_size"))
     prefix_cache_mb: int = Field(
         2048, ge=0, validation_alias=AliasChoices("HERMES_PREFIX_CACHE_MB", "prefix_cache_mb")
