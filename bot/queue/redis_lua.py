@@ -70,7 +70,8 @@ redis.call('ZADD', WAITING, order, id)
 redis.call('ZADD', convkey, order, id)
 redis.call('HSET', meta(id), 'conv', conv, 'entry', entry, 'attempt', 0, 'deadline', ARGV[9])
 redis.call('EXPIRE', meta(id), ttl)
-return {redis.call('ZRANK', WAITING, id) + 1, 0}
+-- Last in line: every other waiting job has a lower score (earlier order, or 0 when released).
+return {depth + 1, 0}
 """
 
 # ARGV: P, id, ttl -> 1 ended a waiting job, 2 flagged an in-flight one, 0 nothing to do
@@ -97,15 +98,17 @@ local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local function take_one(id, entry, job)
   local m = meta(id)
   local result = 0
-  unwait(id)
-  if redis.call('EXISTS', m) == 1 then
+  -- unwait(id), reading the rest of the hash in the same call; conv is set whenever the hash exists.
+  local f = redis.call('HMGET', m, 'conv', 'final', 'cancelled', 'deadline')
+  if f[1] then redis.call('ZREM', P .. ':conv:' .. f[1], id) end
+  redis.call('ZREM', WAITING, id)
+  if f[1] then
     local attempt = redis.call('HINCRBY', m, 'attempt', 1)
-    local f = redis.call('HMGET', m, 'final', 'cancelled', 'deadline')
-    if f[1] == '1' then
+    if f[2] == '1' then
       result = 0
-    elseif f[2] == '1' then
+    elseif f[3] == '1' then
       finish(id, done(id, 'cancelled'), ttl)
-    elseif f[3] and f[3] ~= '' and tonumber(f[3]) <= now then
+    elseif f[4] and f[4] ~= '' and tonumber(f[4]) <= now then
       finish(id, done(id, 'deadline'), ttl)
     elseif attempt > max_deliveries then
       redis.call('XADD', P .. ':dead', 'MAXLEN', '~', 10000, '*', 'id', id, 'deliveries', attempt - 1, 'job', job)
@@ -150,39 +153,54 @@ if reply then
       out[#out + 1] = job
       out[#out + 1] = attempt
     end
+    out[1] = entry  -- the group's last delivered id is now the last entry read
   end
-end
-local groups = redis.call('XINFO', 'GROUPS', JOBS)
-for _, group in ipairs(groups) do
-  for k = 1, #group, 2 do
-    if group[k] == 'name' and group[k + 1] ~= 'workers' then break end
-    if group[k] == 'last-delivered-id' then out[1] = group[k + 1] end
+else
+  local groups = redis.call('XINFO', 'GROUPS', JOBS)
+  for _, group in ipairs(groups) do
+    for k = 1, #group, 2 do
+      if group[k] == 'name' and group[k + 1] ~= 'workers' then break end
+      if group[k] == 'last-delivered-id' then out[1] = group[k + 1] end
+    end
   end
 end
 return out
 """
 
-# ARGV: P, ttl, then (id, attempt, event_json, is_final) quads, in order
+# ARGV: P, ttl, then (id, attempt, entry, event_json, is_final) quints, in order
 # -> one value per event: 1 published, 0 fenced (not this worker's job any more, or already final)
+# A published final event also acks the job (what COMPLETE would do next), saving the worker a round trip.
 PUBLISH = _PRELUDE + """
 local ttl = tonumber(ARGV[2])
 local out = {}
-for i = 3, #ARGV, 4 do
+local state = {}      -- id -> {attempt, final}, read once per job and kept up to date here
+local published, seen = {}, {}  -- ids whose event stream got an event, in order
+for i = 3, #ARGV, 5 do
   local id = ARGV[i]
   local m = meta(id)
-  local f = redis.call('HMGET', m, 'attempt', 'final')
+  local f = state[id]
+  if not f then
+    f = redis.call('HMGET', m, 'attempt', 'final')
+    state[id] = f
+  end
   if f[1] ~= ARGV[i + 1] or f[2] == '1' then
     out[#out + 1] = 0
   else
-    redis.call('XADD', events(id), '*', 'e', ARGV[i + 2])
-    redis.call('EXPIRE', events(id), ttl)
-    if ARGV[i + 3] == '1' then
+    redis.call('XADD', events(id), '*', 'e', ARGV[i + 3])
+    if not seen[id] then
+      seen[id] = true
+      published[#published + 1] = id
+    end
+    if ARGV[i + 4] == '1' then
       redis.call('HSET', m, 'final', '1')
       redis.call('EXPIRE', m, ttl)
+      drop_entry(ARGV[i + 2])
+      f[2] = '1'
     end
     out[#out + 1] = 1
   end
 end
+for _, id in ipairs(published) do redis.call('EXPIRE', events(id), ttl) end
 return out
 """
 

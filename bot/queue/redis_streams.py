@@ -15,11 +15,11 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -47,6 +47,15 @@ MAX_BLOCK_MS = 2000
 MAX_REMEMBERED_DEADLINES = 10_000
 # Consumers of dead workers are forgotten once they hold nothing and were idle this many claim idle times.
 PRUNE_AFTER_IDLES = 10
+
+
+def _pack(command: tuple[object, ...]) -> bytes:
+    """One command in the Redis protocol (bytes as they are, anything else as its str)."""
+    parts = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 @contextlib.contextmanager
@@ -87,9 +96,71 @@ class RedisStreamsQueue(JobQueue):
         self._last_read = "0-0"  # the group's last delivered id: a waiting XREAD BLOCK starts after it
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
+        # Connections of the per-job commands (see _direct): idle ones, and all of them for close().
+        self._idle: list[AbstractConnection] = []
+        self._direct_conns: set[AbstractConnection] = set()
+        # redis-py's socket timeout (its default unless the URL sets one), applied by _direct per exchange.
+        self._io_timeout_s: float | None = self._redis.connection_pool.make_connection().socket_timeout
+
+    async def _direct(self, *commands: tuple[object, ...], block_ms: int = 0) -> list[Any]:
+        """Send `commands` in one write on a connection of this queue's own and read every reply.
+
+        The commands on a job's way (the scripts, the bot's and the waiting worker's blocking reads)
+        go straight to a connection, past redis-py's per-command layers (pool lock, retry,
+        observability, pipeline bookkeeping, and a task per write for the socket timeout, which
+        delays the write to the next loop turn): together they cost more than the Redis work. An
+        idle connection is reused; each concurrent caller gets its own. One timeout covers the
+        whole exchange (the socket timeout, plus block_ms for a blocking read). An error reply is
+        raised once all replies are read, so the connection stays in step.
+        """
+        conn = self._idle.pop() if self._idle else self._new_direct()
+        try:
+            async with asyncio.timeout(None if self._io_timeout_s is None else self._io_timeout_s + block_ms / 1000):
+                if not conn.is_connected:
+                    await conn.connect()
+                elif await conn.can_read():  # closed by the server, or out of step: start afresh
+                    await conn.disconnect()
+                    await conn.connect()
+                await conn.send_packed_command(b"".join(map(_pack, commands)), check_health=False)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await conn.read_response())
+                    except ResponseError as exc:
+                        replies.append(exc)
+        except BaseException as exc:
+            self._direct_conns.discard(conn)
+            await conn.disconnect(nowait=True)
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError(f"Redis did not answer within {self._io_timeout_s} s") from exc
+            raise
+        self._idle.append(conn)
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies
+
+    def _new_direct(self) -> AbstractConnection:
+        pool = self._redis.connection_pool
+        # No socket timeout of its own (its writes then go out at once): _direct times the exchange.
+        conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
+        self._direct_conns.add(conn)
+        return conn
+
+    def _evalsha(self, name: str, *args: object) -> tuple[object, ...]:
+        return ("EVALSHA", self._scripts[name].sha, 0, self._p, *args)
 
     async def _run(self, name: str, *args: object) -> Any:
-        return await self._scripts[name](args=[self._p, *args])
+        return (await self._direct_scripts(self._evalsha(name, *args)))[-1]
+
+    async def _direct_scripts(self, *commands: tuple[object, ...], block_ms: int = 0) -> list[Any]:
+        """_direct for commands that call scripts by EVALSHA; loads them once if Redis forgot them."""
+        try:
+            return await self._direct(*commands, block_ms=block_ms)
+        except NoScriptError:
+            for script in self._scripts.values():
+                await self._redis.script_load(script.script)
+        return await self._direct(*commands, block_ms=block_ms)
 
     # ----- bot side -----
 
@@ -131,12 +202,15 @@ class RedisStreamsQueue(JobQueue):
                 yield "", ErrorEvent(job_id=job_id, kind="timeout", message="no reply arrived in time")
                 return
             with _available():
-                reply = await self._redis.xread({key: last}, count=256, block=min(block_ms, MAX_BLOCK_MS))
+                block_ms = min(block_ms, MAX_BLOCK_MS)
+                reply, = await self._direct(("XREAD", "COUNT", 256, "BLOCK", block_ms, "STREAMS", key, last),
+                                            block_ms=block_ms)
             if not reply:
                 continue
-            for event_id, fields in reply[0][1]:
+            # RESP3 (redis-py's default) answers {key: entries}, RESP2 [[key, entries]].
+            for event_id, fields in reply[key] if isinstance(reply, dict) else reply[0][1]:
                 last = event_id
-                event = event_from_json(fields["e"])
+                event = event_from_json(fields[fields.index("e") + 1])
                 yield event_id, event
                 if is_final(event):
                     return
@@ -172,7 +246,8 @@ class RedisStreamsQueue(JobQueue):
         with _available():
             await self._ensure_group()
             deliveries = await self._take(await self._reclaim(max_jobs))
-            if len(deliveries) < max_jobs:
+            # A waiting read below returns at once when jobs are already there: no separate look first.
+            if len(deliveries) < max_jobs and (deliveries or block_ms <= 0):
                 deliveries += await self._read_new(max_jobs - len(deliveries), wait_ms=0)
             while not deliveries and (wait_ms := int((give_up - time.monotonic()) * 1000)) > 0:
                 deliveries = await self._take(await self._reclaim(max_jobs))
@@ -185,38 +260,18 @@ class RedisStreamsQueue(JobQueue):
     async def _read_new(self, count: int, *, wait_ms: int) -> list[Delivery]:
         """New jobs, read and taken by one script; with wait_ms, an XREAD BLOCK pipelined before it
         waits for the next job, so a waiting worker gets it in one round trip."""
-        read = self._scripts["READ"]
-        args = (self._p, self._max_deliveries, self._ttl, dead_letter_message(self._max_deliveries),
-                self._consumer, count)
+        read = self._evalsha("READ", self._max_deliveries, self._ttl, dead_letter_message(self._max_deliveries),
+                             self._consumer, count)
         if wait_ms > 0:
-            replies = await self._pipelined(lambda pipe: (
-                pipe.xread({self._jobs_key: self._last_read}, count=1, block=wait_ms),
-                pipe.evalsha(read.sha, 0, *args),
-            ))
-            reply = replies[1]
+            wait = ("XREAD", "COUNT", 1, "BLOCK", wait_ms, "STREAMS", self._jobs_key, self._last_read)
+            reply = (await self._direct_scripts(wait, read, block_ms=wait_ms))[-1]
         else:
-            reply = await read(args=args)
+            reply = (await self._direct_scripts(read))[-1]
         self._last_read = reply[0] or self._last_read
         return [
             await self._deliver(reply[i], reply[i + 1], reply[i + 2], int(reply[i + 3]))
             for i in range(1, len(reply), 4)
         ]
-
-    async def _pipelined(self, build: Callable[[Pipeline], object]) -> list[Any]:
-        """Run a pipeline that calls scripts by EVALSHA; reload them once if Redis forgot them.
-
-        (A pipeline given Script objects asks SCRIPT EXISTS first: an extra round trip every time.)
-        """
-        pipe = self._redis.pipeline(transaction=False)
-        build(pipe)
-        try:
-            return await pipe.execute()
-        except NoScriptError:
-            for script in self._scripts.values():
-                await self._redis.script_load(script.script)
-        pipe = self._redis.pipeline(transaction=False)
-        build(pipe)
-        return await pipe.execute()
 
     async def _ensure_group(self) -> None:
         if self._group_ready:
@@ -292,14 +347,18 @@ class RedisStreamsQueue(JobQueue):
         await self.publish_many([event])
 
     async def publish_many(self, events: Sequence[QueueEvent]) -> None:
-        held = [(event, self._inflight[event.job_id][1]) for event in events if event.job_id in self._inflight]
+        held = [(event, self._inflight[event.job_id]) for event in events if event.job_id in self._inflight]
         if not held:
             return
-        quads = [v for event, attempt in held for v in (event.job_id, attempt, event_to_json(event), int(is_final(event)))]
+        quints = [
+            v for event, (entry, attempt) in held
+            for v in (event.job_id, attempt, entry, event_to_json(event), int(is_final(event)))
+        ]
         with _available():
-            published = await self._run("PUBLISH", self._ttl, *quads)
+            published = await self._run("PUBLISH", self._ttl, *quints)
         for (event, _), ok in zip(held, published, strict=True):
-            if not ok:  # fenced: another worker owns the job now
+            # Fenced (another worker owns the job now), or final: the script acked it, complete() has nothing left to do.
+            if not ok or is_final(event):
                 self._inflight.pop(event.job_id, None)
 
     async def complete(self, job_id: str) -> None:
@@ -363,4 +422,9 @@ class RedisStreamsQueue(JobQueue):
                 )
                 if not pending:
                     await self._redis.xgroup_delconsumer(self._jobs_key, GROUP, self._consumer)
+        conns = list(self._direct_conns)
+        self._direct_conns.clear()
+        self._idle.clear()
+        for conn in conns:
+            await conn.disconnect()
         await self._redis.aclose()
