@@ -86,7 +86,7 @@ async def test_mention_gets_a_streamed_reply_as_the_default_persona(env: Env) ->
         w.general, lambda m: m.webhook_id is not None and m.content == "Hello Alice, nice to meet you."
     )
     assert reply.username == "Hermes 2"
-    stored = await env.store.window(ConversationKey(w.guild.id, w.general.id), 10)
+    stored = await eventually(lambda: _window_of(env, ConversationKey(w.guild.id, w.general.id), 2))
     assert [(m.role, m.content) for m in stored] == [
         ("user", "hi there"),
         ("assistant", "Hello Alice, nice to meet you."),
@@ -149,7 +149,7 @@ async def test_thread_is_its_own_conversation_through_the_parent_webhook(env: En
     hook_posts = env.fake.requests_to("POST", "/webhooks/{webhook_id}/{token}")
     assert hook_posts[-1].query.get("thread_id") == str(w.thread.id)
     assert [h.channel_id for h in env.fake.webhooks.values()] == [w.general.id]
-    thread_history = await env.store.window(ConversationKey(w.guild.id, w.general.id, w.thread.id), 10)
+    thread_history = await eventually(lambda: _window_of(env, ConversationKey(w.guild.id, w.general.id, w.thread.id), 2))
     assert [m.content for m in thread_history] == ["in the thread", "thread answer"]
     assert await env.store.window(ConversationKey(w.guild.id, w.general.id), 10) == []
 
@@ -223,6 +223,12 @@ async def test_autorespond_and_admin_role(
         await fake_discord.send_message(w.general, w.alice, "quiet now")
         await eventually(lambda: _last_is(env, "quiet now"))
         assert len(llm.requests) == 1
+
+
+async def _window_of(env: Env, key: ConversationKey, turns: int):  # type: ignore[no-untyped-def]
+    """The stored window once it holds `turns` turns (the reply is stored just after it is shown)."""
+    history = await env.store.window(key, 10)
+    return history if len(history) >= turns else None
 
 
 async def _last_is(env: Env, text: str) -> bool:
