@@ -301,13 +301,15 @@ async def test_stop_and_regenerate(env: Env) -> None:
     assert "Stopped" in await slash(env, "stop", user=w.alice)
     stopped = await env.fake.wait_for_message(w.general, lambda m: m.content.endswith("*(stopped)*"), timeout=10)
     assert "Nothing is being written" in await slash(env, "stop", user=w.alice)
+    key = ConversationKey(w.guild.id, w.general.id)
+    assert await eventually(lambda: env.store.last_assistant_turn(key))  # stored just after it is shown
     env.llm.script(Reply("a better answer"))
     assert "new reply" in await slash(env, "regenerate", user=w.alice)
     await persona_reply(env, w.general, "a better answer")
     assert stopped.id not in [m.id for m in env.fake.bot_messages(w.general)]
 
     async def regenerated() -> bool:
-        last = await env.store.last_assistant_turn(ConversationKey(w.guild.id, w.general.id))
+        last = await env.store.last_assistant_turn(key)
         return last is not None and last.content == "a better answer"
 
     assert await eventually(regenerated)
