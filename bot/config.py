@@ -27,8 +27,9 @@ class SettingsError(ValueError):
         self.lines = lines
 
 
-def _env(name: str) -> Any:
-    return Field(validation_alias=AliasChoices(name, name.lower()))
+def _alias(name: str) -> AliasChoices:
+    """The public setting name (env, .env, hermes.yaml), or the field's own name (HERMES_MODEL -> model)."""
+    return AliasChoices(name, name.removeprefix("HERMES_").lower())
 
 
 class Settings(BaseSettings):
@@ -38,77 +39,77 @@ class Settings(BaseSettings):
         env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
     )
 
-    discord_token: SecretStr | None = Field(None, validation_alias=AliasChoices("DISCORD_TOKEN", "discord_token"))
+    discord_token: SecretStr | None = Field(None, validation_alias=_alias("DISCORD_TOKEN"))
     database_url: str = Field(
         "sqlite+aiosqlite:///data/hermes.db",
-        validation_alias=AliasChoices("HERMES_DATABASE_URL", "database_url"),
+        validation_alias=_alias("HERMES_DATABASE_URL"),
     )
-    queue_url: str = Field("memory://", validation_alias=AliasChoices("HERMES_QUEUE_URL", "queue_url"))
+    queue_url: str = Field("memory://", validation_alias=_alias("HERMES_QUEUE_URL"))
     engine: Literal["transformers", "openai"] = Field(
-        "transformers", validation_alias=AliasChoices("HERMES_ENGINE", "engine")
+        "transformers", validation_alias=_alias("HERMES_ENGINE")
     )
     model: str = Field(
-        "teknium/OpenHermes-2.5-Mistral-7B", validation_alias=AliasChoices("HERMES_MODEL", "model")
+        "teknium/OpenHermes-2.5-Mistral-7B", validation_alias=_alias("HERMES_MODEL")
     )
     openai_base_url: str | None = Field(
-        None, validation_alias=AliasChoices("HERMES_OPENAI_BASE_URL", "openai_base_url")
+        None, validation_alias=_alias("HERMES_OPENAI_BASE_URL")
     )
     openai_api_key: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("HERMES_OPENAI_API_KEY", "openai_api_key")
+        None, validation_alias=_alias("HERMES_OPENAI_API_KEY")
     )
-    personas_dir: Path = Field(Path("personas"), validation_alias=AliasChoices("HERMES_PERSONAS_DIR", "personas_dir"))
-    default_persona: str = Field("hermes", validation_alias=AliasChoices("HERMES_DEFAULT_PERSONA", "default_persona"))
+    personas_dir: Path = Field(Path("personas"), validation_alias=_alias("HERMES_PERSONAS_DIR"))
+    default_persona: str = Field("hermes", validation_alias=_alias("HERMES_DEFAULT_PERSONA"))
     discord_api_base: str | None = Field(
-        None, validation_alias=AliasChoices("HERMES_DISCORD_API_BASE", "discord_api_base")
+        None, validation_alias=_alias("HERMES_DISCORD_API_BASE")
     )
     discord_gateway_url: str | None = Field(
-        None, validation_alias=AliasChoices("HERMES_DISCORD_GATEWAY_URL", "discord_gateway_url")
+        None, validation_alias=_alias("HERMES_DISCORD_GATEWAY_URL")
     )
 
     # Model / engine tuning.
-    device: str = Field("auto", validation_alias=AliasChoices("HERMES_DEVICE", "device"))
+    device: str = Field("auto", validation_alias=_alias("HERMES_DEVICE"))
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", validation_alias=AliasChoices("HERMES_DTYPE", "dtype")
+        "auto", validation_alias=_alias("HERMES_DTYPE")
     )
     quantization: Literal["none", "bnb-4bit", "bnb-8bit"] = Field(
-        "none", validation_alias=AliasChoices("HERMES_QUANTIZATION", "quantization")
+        "none", validation_alias=_alias("HERMES_QUANTIZATION")
     )
-    context_tokens: int = Field(8192, ge=256, validation_alias=AliasChoices("HERMES_CONTEXT_TOKENS", "context_tokens"))
-    cpu_threads: int = Field(0, ge=0, validation_alias=AliasChoices("HERMES_CPU_THREADS", "cpu_threads"))
-    max_batch_size: int = Field(32, ge=1, validation_alias=AliasChoices("HERMES_MAX_BATCH_SIZE", "max_batch_size"))
+    context_tokens: int = Field(8192, ge=256, validation_alias=_alias("HERMES_CONTEXT_TOKENS"))
+    cpu_threads: int = Field(0, ge=0, validation_alias=_alias("HERMES_CPU_THREADS"))
+    max_batch_size: int = Field(32, ge=1, validation_alias=_alias("HERMES_MAX_BATCH_SIZE"))
     prefix_cache_mb: int = Field(
-        2048, ge=0, validation_alias=AliasChoices("HERMES_PREFIX_CACHE_MB", "prefix_cache_mb")
+        2048, ge=0, validation_alias=_alias("HERMES_PREFIX_CACHE_MB")
     )
 
     # Queue behaviour.
-    queue_max_waiting: int = Field(256, ge=1, validation_alias=AliasChoices("HERMES_QUEUE_MAX_WAITING", "queue_max_waiting"))
+    queue_max_waiting: int = Field(256, ge=1, validation_alias=_alias("HERMES_QUEUE_MAX_WAITING"))
     queue_max_per_conversation: int = Field(
-        2, ge=1, validation_alias=AliasChoices("HERMES_QUEUE_MAX_PER_CONVERSATION", "queue_max_per_conversation")
+        2, ge=1, validation_alias=_alias("HERMES_QUEUE_MAX_PER_CONVERSATION")
     )
     queue_supersede: bool = Field(
-        False, validation_alias=AliasChoices("HERMES_QUEUE_SUPERSEDE", "queue_supersede")
+        False, validation_alias=_alias("HERMES_QUEUE_SUPERSEDE")
     )
-    job_timeout_s: float = Field(180.0, gt=0, validation_alias=AliasChoices("HERMES_JOB_TIMEOUT_S", "job_timeout_s"))
+    job_timeout_s: float = Field(180.0, gt=0, validation_alias=_alias("HERMES_JOB_TIMEOUT_S"))
     queue_claim_idle_ms: int = Field(
-        30000, ge=50, validation_alias=AliasChoices("HERMES_QUEUE_CLAIM_IDLE_MS", "queue_claim_idle_ms")
+        30000, ge=50, validation_alias=_alias("HERMES_QUEUE_CLAIM_IDLE_MS")
     )
     queue_max_deliveries: int = Field(
-        3, ge=1, validation_alias=AliasChoices("HERMES_QUEUE_MAX_DELIVERIES", "queue_max_deliveries")
+        3, ge=1, validation_alias=_alias("HERMES_QUEUE_MAX_DELIVERIES")
     )
 
     # Conversation behaviour.
-    history_turns: int = Field(50, ge=1, validation_alias=AliasChoices("HERMES_HISTORY_TURNS", "history_turns"))
-    admin_role: str | None = Field(None, validation_alias=AliasChoices("HERMES_ADMIN_ROLE", "admin_role"))
+    history_turns: int = Field(50, ge=1, validation_alias=_alias("HERMES_HISTORY_TURNS"))
+    admin_role: str | None = Field(None, validation_alias=_alias("HERMES_ADMIN_ROLE"))
 
     # Operations.
     metrics_port: int | None = Field(
-        None, ge=0, le=65535, validation_alias=AliasChoices("HERMES_METRICS_PORT", "metrics_port")
+        None, ge=0, le=65535, validation_alias=_alias("HERMES_METRICS_PORT")
     )
     shutdown_grace_s: float = Field(
-        20.0, ge=0, validation_alias=AliasChoices("HERMES_SHUTDOWN_GRACE_S", "shutdown_grace_s")
+        20.0, ge=0, validation_alias=_alias("HERMES_SHUTDOWN_GRACE_S")
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", validation_alias=AliasChoices("HERMES_LOG_LEVEL", "log_level")
+        "INFO", validation_alias=_alias("HERMES_LOG_LEVEL")
     )
 
     @field_validator("database_url")
