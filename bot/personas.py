@@ -6,7 +6,7 @@ instead of silently using the default.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,9 +99,13 @@ def _node_for(root: yaml.Node | None, loc: tuple[Any, ...]) -> yaml.Node | None:
 
 def parse_persona(text: str, path: Path) -> Persona:
     """Parse one persona document; the id defaults to the file's stem."""
-    try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
+    try:  # one parse: the node tree gives error lines, the same tree gives the data
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         if mark is not None and mark.line >= len(text.splitlines()):  # "end of stream": point at the opener
@@ -172,7 +176,7 @@ class PersonaRegistry:
     def __contains__(self, persona_id: object) -> bool:
         return persona_id in self._by_id
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Persona]:
         return iter(sorted(self._by_id.values(), key=lambda p: p.id))
 
     def __len__(self) -> int:
