@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,6 +35,12 @@ DEADLINE_GRACE_S = 5.0
 def dead_letter_message(max_deliveries: int) -> str:
     """What the bot is told when a job was given up after too many deliveries."""
     return f"generation failed {max_deliveries} times; the request was set aside"
+
+
+def resume_point(events: Iterable[QueueEvent]) -> tuple[str, int]:
+    """From a job's published events: the reply text the bot already has and the seq of the next TextDelta."""
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    return "".join(d.text for d in deltas), (deltas[-1].seq + 1 if deltas else 0)
 
 
 class QueueBusy(Exception):

@@ -14,8 +14,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from bot.config import Settings
-from bot.queue.base import DEADLINE_GRACE_S, Delivery, JobQueue, QueueBusy, QueueEvent, dead_letter_message
-from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta, is_final
+from bot.queue.base import (
+    DEADLINE_GRACE_S,
+    Delivery,
+    JobQueue,
+    QueueBusy,
+    QueueEvent,
+    dead_letter_message,
+    resume_point,
+)
+from bot.queue.jobs import Done, ErrorEvent, GenerationJob, is_final
 
 # Finished jobs keep their events this long, so a late or reconnecting reader still sees them.
 EVENTS_TTL_S = 300.0
@@ -148,9 +156,7 @@ class MemoryQueue(JobQueue):
                 )
             else:
                 state.owner = owner
-                deltas = [e for e in state.events if isinstance(e, TextDelta)]
-                resume = "".join(d.text for d in deltas)
-                next_seq = deltas[-1].seq + 1 if deltas else 0
+                resume, next_seq = resume_point(state.events)
                 deliveries.append(Delivery(job=job, attempt=state.attempt, resume_text=resume, next_seq=next_seq))
         if deliveries and owner is not None and owner not in self._watched:
             self._watched.add(owner)

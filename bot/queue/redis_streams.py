@@ -34,8 +34,9 @@ from bot.queue.base import (
     QueueEvent,
     QueueUnavailable,
     dead_letter_message,
+    resume_point,
 )
-from bot.queue.jobs import ErrorEvent, GenerationJob, TextDelta, event_from_json, event_to_json, is_final
+from bot.queue.jobs import ErrorEvent, GenerationJob, event_from_json, event_to_json, is_final
 
 GROUP = "workers"
 DEFAULT_PREFIX = "hermes:queue"
@@ -328,8 +329,7 @@ class RedisStreamsQueue(JobQueue):
     async def _resume_point(self, job_id: str) -> tuple[str, int]:
         """The text the bot already has and the next seq, from the job's event stream."""
         entries = await self._redis.xrange(f"{self._p}:events:{job_id}")
-        deltas = [e for e in (event_from_json(fields["e"]) for _, fields in entries) if isinstance(e, TextDelta)]
-        return "".join(d.text for d in deltas), (deltas[-1].seq + 1 if deltas else 0)
+        return resume_point(event_from_json(fields["e"]) for _, fields in entries)
 
     async def _beat(self) -> None:
         """Keep this worker's pending jobs fresh so nobody reclaims them while it lives."""
