@@ -166,13 +166,11 @@ class MemoryQueue(JobQueue):
     def _owner_ended(self, task: asyncio.Task[object]) -> None:
         """The fetching task is gone: its unfinished jobs go back to the front of the line."""
         self._watched.discard(task)
-        orphans = [s for s in self._jobs.values() if s.owner is task and not s.final]
-        for state in reversed(orphans):
+        held = [s for s in self._jobs.values() if s.owner is task]
+        for state in held:
             state.owner = None
-            self._waiting.appendleft(state.job.job_id)
-        for state in self._jobs.values():
-            if state.owner is task:
-                state.owner = None
+        orphans = [s.job.job_id for s in held if not s.final]
+        self._waiting.extendleft(reversed(orphans))
         if orphans:
             self._work.set()
 
