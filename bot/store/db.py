@@ -1,7 +1,8 @@
 """Async engines for the store: SQLite tuned so a bot and a worker can share one file, or PostgreSQL.
 
-`HERMES_DATABASE_URL` alone decides which; nothing else in the code branches on the database except
-the dialect-specific upsert in the repository.
+`HERMES_DATABASE_URL` alone decides which. The dialect differences stay in bot.store and migrations/
+(column type variants, the upsert, batch ALTERs on SQLite); outside them only the bot's automatic
+upgrade at start, done on SQLite alone, looks at the URL.
 """
 
 from __future__ import annotations
