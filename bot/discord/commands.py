@@ -8,6 +8,8 @@ may look. In a DM the user owns the conversation and may change it.
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import discord
@@ -19,6 +21,7 @@ from bot.config import Settings
 from bot.discord.chat import ChatCog, conversation_key
 from bot.discord.triggers import active_personas
 from bot.personas import Persona, PersonaRegistry
+from bot.store.keys import ConversationKey
 
 NOT_ALLOWED = "You need the Manage Channels permission{role} to change this channel's settings."
 
@@ -31,6 +34,20 @@ def may_change(interaction: discord.Interaction, admin_role: str | None) -> bool
         return True
     roles = getattr(interaction.user, "roles", [])
     return admin_role is not None and any(role.name == admin_role for role in roles)
+
+
+def _with_persona(
+    change: Callable[[CommandsCog, ConversationKey, Persona], Awaitable[str]],
+) -> Callable[[CommandsCog, discord.Interaction, str], Awaitable[str]]:
+    """An action on a persona id: unknown ids get the list of known ones, else `change` runs on the persona."""
+
+    @functools.wraps(change)
+    async def action(cog: CommandsCog, interaction: discord.Interaction, persona_id: str) -> str:
+        if persona_id not in cog.personas:
+            return cog._unknown(persona_id)
+        return await change(cog, conversation_key(interaction.channel), cog.personas.get(persona_id))
+
+    return action
 
 
 class PersonaGroup(app_commands.Group):
@@ -91,9 +108,6 @@ class CommandsCog(commands.Cog):
             text = await action(interaction, argument)
         await interaction.followup.send(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
 
-    def _persona(self, persona_id: str) -> Persona | None:
-        return self.personas.get(persona_id) if persona_id in self.personas else None
-
     def _unknown(self, persona_id: str) -> str:
         known = ", ".join(p.id for p in self.personas)
         return f"I don't know a persona called `{discord.utils.escape_markdown(persona_id)}`. Known: {known}."
@@ -112,26 +126,19 @@ class CommandsCog(commands.Cog):
         state = "on" if channel.autorespond else "off"
         return f"Default persona: **{default}**. Also here: {names}. Auto-respond: {state}."
 
-    async def set_default(self, interaction: discord.Interaction, persona_id: str) -> str:
-        persona = self._persona(persona_id)
-        if persona is None:
-            return self._unknown(persona_id)
-        await self.store.set_default_persona(conversation_key(interaction.channel), persona.id)
+    @_with_persona
+    async def set_default(self, key: ConversationKey, persona: Persona) -> str:
+        await self.store.set_default_persona(key, persona.id)
         return f"**{persona.name}** now answers here by default."
 
-    async def add(self, interaction: discord.Interaction, persona_id: str) -> str:
-        persona = self._persona(persona_id)
-        if persona is None:
-            return self._unknown(persona_id)
-        await self.store.add_persona(conversation_key(interaction.channel), persona.id)
+    @_with_persona
+    async def add(self, key: ConversationKey, persona: Persona) -> str:
+        await self.store.add_persona(key, persona.id)
         words = ", ".join(persona.addressed_by())
         return f"**{persona.name}** joins this channel. Address them by starting with: {words}."
 
-    async def remove(self, interaction: discord.Interaction, persona_id: str) -> str:
-        persona = self._persona(persona_id)
-        if persona is None:
-            return self._unknown(persona_id)
-        key = conversation_key(interaction.channel)
+    @_with_persona
+    async def remove(self, key: ConversationKey, persona: Persona) -> str:
         await self.store.remove_persona(key, persona.id)
         if (await self.store.get_settings(key)).default_persona == persona.id:
             await self.store.set_default_persona(key, None)
