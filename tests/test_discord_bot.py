@@ -13,6 +13,7 @@ import pytest
 
 from bot.config import Settings
 from bot.discord.app import BotApp
+from bot.discord.commands import fit_lines
 from bot.store.keys import ConversationKey
 from tests.fakediscord import FakeDiscord, World
 from tests.openai_test_server import OpenAITestServer, Reply
@@ -334,3 +335,12 @@ async def test_queue_full_gets_a_friendly_message(
         await fake_discord.send_message(dm, w.alice, "three")
         busy = await fake_discord.wait_for_message(dm, lambda m: "busy" in m.content, timeout=10)
         assert busy.content.startswith("**Hermes 2:** I'm busy right now")
+
+
+def test_persona_list_is_cut_at_a_line_with_a_count_of_the_rest() -> None:
+    lines = [f"**Persona {i}** (`p{i}`) " + "d" * 80 for i in range(40)]
+    text = fit_lines(lines, 1900)
+    shown = text.splitlines()
+    assert len(text) <= 2000 and shown[:-1] == lines[: len(shown) - 1]
+    assert shown[-1] == f"…and {40 - (len(shown) - 1)} more."
+    assert fit_lines(lines[:3], 1900) == "\n".join(lines[:3])

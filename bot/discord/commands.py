@@ -23,7 +23,21 @@ from bot.discord.triggers import active_personas
 from bot.personas import Persona, PersonaRegistry
 from bot.store.keys import ConversationKey
 
+LIST_LIMIT = 1900  # under Discord's 2000, with room for the "more" line
+
 NOT_ALLOWED = "You need the Manage Channels permission{role} to change this channel's settings."
+
+
+def fit_lines(lines: list[str], limit: int) -> str:
+    """Whole lines joined while they fit in `limit`, then a count of the ones left out."""
+    kept: list[str] = []
+    size = 0
+    for line in lines:
+        size += len(line) + 1
+        if size > limit:
+            return "\n".join([*kept, f"…and {len(lines) - len(kept)} more."])
+        kept.append(line)
+    return "\n".join(kept)
 
 
 def may_change(interaction: discord.Interaction, admin_role: str | None) -> bool:
@@ -116,7 +130,7 @@ class CommandsCog(commands.Cog):
 
     async def list_text(self, _: discord.Interaction) -> str:
         lines = [f"**{p.name}** (`{p.id}`) {p.description}".rstrip() for p in self.personas]
-        return "\n".join(lines)[:1900]
+        return fit_lines(lines, LIST_LIMIT)
 
     async def show_text(self, interaction: discord.Interaction) -> str:
         channel = await self.store.get_settings(conversation_key(interaction.channel))
