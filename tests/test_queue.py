@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from bot.config import Settings
 from bot.queue.base import Delivery, JobQueue, QueueBusy, QueueEvent, QueueUnavailable
@@ -66,6 +67,21 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     h = Harness(request.param, redis_url)
     yield h
     await h.aclose()
+
+
+@pytest.fixture
+async def redis_harness(redis_url: str) -> AsyncIterator[Harness]:
+    h = Harness("redis", redis_url)
+    yield h
+    await h.aclose()
+
+
+@pytest.fixture
+async def redis_admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain client on the test Redis, to break things behind the queue's back."""
+    admin = aioredis.from_url(redis_url, decode_responses=True)
+    yield admin
+    await admin.aclose()
 
 
 def job(conversation: str = "chan-1", **fields: Any) -> GenerationJob:
@@ -331,14 +347,15 @@ async def _start_doomed_worker(harness: Harness) -> tuple[Any, Any]:
     return sigkill, reap_proc
 
 
-async def test_stalled_worker_is_fenced_after_takeover(redis_url: str) -> None:
+async def test_stalled_worker_is_fenced_after_takeover(redis_harness: Harness) -> None:
     """A worker paused past the claim idle time (SIGSTOP) loses its job; when it wakes its output is dropped."""
-    h = Harness("redis", redis_url)
+    h = redis_harness
     bot = h.start()
     j = job()
     await bot.submit(j)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.queue_worker_proc", redis_url, h.prefix, str(CLAIM_IDLE_MS), "0.05", cwd=ROOT
+        sys.executable, "-m", "tests.queue_worker_proc", str(h.redis_url), h.prefix, str(CLAIM_IDLE_MS), "0.05",
+        cwd=ROOT,
     )
     try:
         received: list[TextDelta] = []
@@ -361,83 +378,58 @@ async def test_stalled_worker_is_fenced_after_takeover(redis_url: str) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        await h.aclose()
 
 
-async def test_scripts_reload_after_redis_forgets_them(redis_url: str) -> None:
+async def test_scripts_reload_after_redis_forgets_them(redis_harness: Harness, redis_admin: aioredis.Redis) -> None:
     """SCRIPT FLUSH (or a Redis restart) must not break submit, fetch or publish."""
-    import redis.asyncio as aioredis
+    bot = redis_harness.start()
+    worker = redis_harness.worker()
+    j = job()
+    await redis_admin.script_flush()
+    await bot.submit(j)
+    await redis_admin.script_flush()
+    await fetch_one(worker)
+    await redis_admin.script_flush()
+    await worker.publish_many([Done(job_id=j.job_id, finish_reason="stop")])
+    assert [e for _, e in await collect(bot, j.job_id)] == [Done(job_id=j.job_id, finish_reason="stop")]
 
-    h = Harness("redis", redis_url)
-    bot = h.start()
-    worker = h.worker()
-    try:
-        j = job()
-        admin = aioredis.from_url(redis_url)
-        await admin.script_flush()
-        await bot.submit(j)
-        await admin.script_flush()
-        await fetch_one(worker)
-        await admin.script_flush()
-        await worker.publish_many([Done(job_id=j.job_id, finish_reason="stop")])
-        assert [e for _, e in await collect(bot, j.job_id)] == [Done(job_id=j.job_id, finish_reason="stop")]
-
-        # Flushed while a worker waits with XREAD BLOCK and the read script queued behind it.
-        waiting = asyncio.create_task(worker.fetch(4, 3000))
-        await asyncio.sleep(0.2)
-        await admin.script_flush()
-        await bot.submit(second := job())
-        async with asyncio.timeout(3):
-            assert [d.job.job_id for d in await waiting] == [second.job_id]
-        await admin.aclose()
-    finally:
-        await h.aclose()
+    # Flushed while a worker waits with XREAD BLOCK and the read script queued behind it.
+    waiting = asyncio.create_task(worker.fetch(4, 3000))
+    await asyncio.sleep(0.2)
+    await redis_admin.script_flush()
+    await bot.submit(second := job())
+    async with asyncio.timeout(3):
+        assert [d.job.job_id for d in await waiting] == [second.job_id]
 
 
-async def test_worker_recovers_when_the_stream_vanishes(redis_url: str) -> None:
+async def test_worker_recovers_when_the_stream_vanishes(redis_harness: Harness, redis_admin: aioredis.Redis) -> None:
     """After a Redis restart without persistence the consumer group is gone; workers recreate it."""
-    import redis.asyncio as aioredis
-
-    h = Harness("redis", redis_url)
-    bot = h.start()
-    worker = h.worker()
-    try:
-        assert await worker.fetch(4, 0) == []
-        admin = aioredis.from_url(redis_url)
-        await admin.delete(f"{h.prefix}:jobs")
-        await admin.aclose()
-        j = job()
-        await bot.submit(j)
-        assert [d.job.job_id for d in await worker.fetch(4, 1000)] == [j.job_id]
-    finally:
-        await h.aclose()
+    bot = redis_harness.start()
+    worker = redis_harness.worker()
+    assert await worker.fetch(4, 0) == []
+    await redis_admin.delete(f"{redis_harness.prefix}:jobs")
+    j = job()
+    await bot.submit(j)
+    assert [d.job.job_id for d in await worker.fetch(4, 1000)] == [j.job_id]
 
 
-async def test_dead_consumers_are_forgotten_once_empty(redis_url: str) -> None:
-    import redis.asyncio as aioredis
-
-    h = Harness("redis", redis_url)
+async def test_dead_consumers_are_forgotten_once_empty(redis_harness: Harness, redis_admin: aioredis.Redis) -> None:
+    h = redis_harness
     bot = h.start(queue_claim_idle_ms=50)  # consumers idle 10 x 50 ms with nothing pending are pruned
     worker = h.worker()
-    admin = aioredis.from_url(redis_url, decode_responses=True)
     jobs_key = f"{h.prefix}:jobs"
-    try:
-        assert await worker.fetch(1, 0) == []  # creates the group
-        await admin.xgroup_createconsumer(jobs_key, "workers", "ghost-empty")
-        await bot.submit(job())
-        await admin.xreadgroup("workers", "ghost-holding", {jobs_key: ">"}, count=1)  # died holding a job
-        await asyncio.sleep(0.6)
-        await admin.xgroup_createconsumer(jobs_key, "workers", "fresh")
-        prune_now = RedisStreamsQueue(h.settings, prefix=h.prefix)
-        # Prunes the idle empty consumer, then reclaims the job of the one that died holding it.
-        assert len(await prune_now.fetch(1, 0)) == 1
-        await prune_now.close()
-        names = {c["name"] for c in await admin.xinfo_consumers(jobs_key, "workers")}
-        assert "ghost-empty" not in names
-        assert {"ghost-holding", "fresh"} <= names
-    finally:
-        await admin.aclose()
-        await h.aclose()
+    assert await worker.fetch(1, 0) == []  # creates the group
+    await redis_admin.xgroup_createconsumer(jobs_key, "workers", "ghost-empty")
+    await bot.submit(job())
+    await redis_admin.xreadgroup("workers", "ghost-holding", {jobs_key: ">"}, count=1)  # died holding a job
+    await asyncio.sleep(0.6)
+    await redis_admin.xgroup_createconsumer(jobs_key, "workers", "fresh")
+    prune_now = h.worker()
+    # Prunes the idle empty consumer, then reclaims the job of the one that died holding it.
+    assert len(await prune_now.fetch(1, 0)) == 1
+    names = {c["name"] for c in await redis_admin.xinfo_consumers(jobs_key, "workers")}
+    assert "ghost-empty" not in names
+    assert {"ghost-holding", "fresh"} <= names
 
 
 async def test_unreachable_redis_is_reported() -> None:
