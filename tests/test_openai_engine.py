@@ -57,6 +57,17 @@ async def test_stop_strings_applied_locally_too(server: OpenAITestServer) -> Non
     assert server.requests[0]["stop"] == stops[:4]
 
 
+async def test_a_local_stop_ends_the_reply_without_waiting_for_the_server(server: OpenAITestServer) -> None:
+    """The server keeps generating past a stop it does not honour; the reply must end at the stop, not after."""
+    server.script(Reply("Hi.\nAlice: " + "more " * 40, chunk_chars=4, delay_s=0.2))  # ~11 s to the end
+    engine = await started(server.base_url)
+    async with asyncio.timeout(5):
+        stops = ["<a>", "<b>", "<c>", "<d>", "\nAlice:"]  # the server only honours the first four
+        text, finish = await engine.generate_text(GenerationRequest("r", MESSAGES, stop=stops))
+    await engine.close()
+    assert (text, finish.reason) == ("Hi.", "stop")
+
+
 async def test_retries_before_first_token(server: OpenAITestServer) -> None:
     server.script(Fail(503, "loading model"), Fail(429, "slow down"), Reply("ok now"))
     engine = await started(server.base_url)

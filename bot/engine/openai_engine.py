@@ -175,8 +175,9 @@ class OpenAIEngine(Engine):
                     safe, stopped = stops.feed(text)
                     if safe:
                         stream.feed([TextChunk(safe)])
-                    if stopped:
-                        finished, state["reason"] = True, "stop"
+                    if stopped:  # done now: leaving closes the connection, which ends the server's work too
+                        state["reason"] = "stop"
+                        return
                 if choice.get("finish_reason") and not finished:
                     finished = True
                     state["reason"] = "length" if choice["finish_reason"] == "length" else "stop"
