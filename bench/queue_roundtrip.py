@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -126,7 +127,7 @@ async def bench_redis(url: str, jobs: int, concurrency: int) -> dict[str, float]
 async def run_worker(url: str, prefix: str) -> None:
     queue = RedisStreamsQueue(_settings(url), prefix=prefix)
     stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(15, stop.set)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
         await echo_worker(queue, stop)
     finally:
