@@ -9,7 +9,6 @@ feed the stream through `GenerationStream.feed_threadsafe`, so the event loop ne
 from __future__ import annotations
 
 import asyncio
-import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -66,7 +65,6 @@ class GenerationStream:
         self.loop = loop or asyncio.get_running_loop()
         self.cancel_reason: FinishReason | None = None
         self.cancel_requested = asyncio.Event()  # for engines that wait on I/O (openai)
-        self.created_at = time.monotonic()
         self._items: asyncio.Queue[StreamItem | EngineError] = asyncio.Queue()
         self._done = False
 
