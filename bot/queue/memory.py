@@ -44,14 +44,11 @@ class _JobState:
 
 
 class MemoryQueue(JobQueue):
-    def __init__(
-        self, settings: Settings, *, events_ttl_s: float = EVENTS_TTL_S, deadline_grace_s: float = DEADLINE_GRACE_S
-    ) -> None:
+    def __init__(self, settings: Settings, *, deadline_grace_s: float = DEADLINE_GRACE_S) -> None:
         self._max_waiting = settings.queue_max_waiting
         self._max_per_conversation = settings.queue_max_per_conversation
         self._max_deliveries = settings.queue_max_deliveries
         self._job_timeout_s = settings.job_timeout_s
-        self._events_ttl_s = events_ttl_s
         self._grace_s = deadline_grace_s
         self._jobs: dict[str, _JobState] = {}
         self._waiting: deque[str] = deque()
@@ -216,7 +213,7 @@ class MemoryQueue(JobQueue):
         changed, state.changed = state.changed, asyncio.Event()
         changed.set()
         if is_final(event):
-            asyncio.get_running_loop().call_later(self._events_ttl_s, self._jobs.pop, event.job_id, None)
+            asyncio.get_running_loop().call_later(EVENTS_TTL_S, self._jobs.pop, event.job_id, None)
 
     def _finish(self, state: _JobState, event: QueueEvent) -> None:
         if not state.final:
