@@ -43,6 +43,7 @@ from bot.engine.kv import (
 )
 from bot.engine.sampling import apply_repetition_penalty, sample_next
 from bot.engine.text import IncrementalDetokenizer, StopMatcher
+from bot.prompt import PromptTooLong, encode_messages
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +246,6 @@ class TransformersEngine(Engine):
                 stream.feed_threadsafe([exc])
 
     def _prepare(self, stream: GenerationStream) -> _Running:
-        from bot.prompt import PromptTooLong, encode_messages
-
         request = stream.request
         budget_new = min(request.sampling.max_new_tokens, self.max_len // 2)
         try:
