@@ -32,6 +32,7 @@ from bot.config import Settings
 from bot.engine.base import GenerationRequest, TextChunk
 from bot.engine.transformers_engine import TransformersEngine, cpu_threads, load_model
 from bot.personas import Sampling
+from bot.prompt import encode, encode_messages
 from bot.queue.jobs import Done, GenerationJob
 from bot.queue.memory import MemoryQueue
 from bot.worker import Worker
@@ -52,8 +53,6 @@ def baseline_tokens_per_s(
     model: Any, tokenizer: Any, sampling: Sampling, new_tokens: int, runs: int, words: int
 ) -> float:
     """One conversation at a time through model.generate() with the same sampling settings."""
-    from bot.prompt import encode_messages
-
     device = next(model.parameters()).device
     total, elapsed = 0, 0.0
     for i in range(runs + 1):
@@ -107,7 +106,7 @@ def long_history(tokenizer: Any, target_tokens: int) -> list[dict[str, str]]:
     """A many-turn conversation whose prompt is about `target_tokens` long."""
     messages = [{"role": "system", "content": SYSTEM}]
     turn = 0
-    while len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]) < target_tokens:
+    while len(encode(tokenizer, messages)) < target_tokens:
         role = "user" if turn % 2 == 0 else "assistant"
         messages.append({"role": role, "content": user_text(turn, 40)})
         turn += 1
