@@ -13,10 +13,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bot.config import Settings, SettingsError, load_settings
+from bot.personas import PersonaError, UnknownPersona
+from bot.prompt import PromptTooLong
+from bot.prompt_cli import ConversationInputError
 
 
 class UsageError(Exception):
     """An error the user can fix; printed without a traceback."""
+
+
+# Errors whose message is the whole story: printed as one line, exit status 2.
+USER_ERRORS = (UsageError, PersonaError, UnknownPersona, ConversationInputError, PromptTooLong)
 
 
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -44,7 +51,7 @@ def _cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_personas(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.personas import PersonaError, PersonaRegistry, load_persona_file, persona_files
+    from bot.personas import PersonaRegistry, load_persona_file, persona_files
 
     if args.action == "validate":
         paths = persona_files([Path(p) for p in args.paths] or [settings.personas_dir])
@@ -59,19 +66,13 @@ def _cmd_personas(args: argparse.Namespace, settings: Settings) -> int:
         if not paths:
             raise UsageError("no persona files found")
         return 1 if failures else 0
-    try:
-        registry = PersonaRegistry.load(settings.personas_dir)
-    except PersonaError as exc:
-        raise UsageError(str(exc)) from None
+    registry = PersonaRegistry.load(settings.personas_dir)
     if args.action == "list":
         for persona in registry:
             default = " (default)" if persona.id == settings.default_persona else ""
             print(f"{persona.id:<16} {persona.name:<20} {persona.description}{default}")
         return 0
-    try:
-        persona = registry.get(args.id)
-    except KeyError as exc:
-        raise UsageError(str(exc.args[0])) from None
+    persona = registry.get(args.id)
     import yaml
 
     print(yaml.safe_dump(persona.model_dump(exclude_none=True), sort_keys=False, allow_unicode=True), end="")
@@ -159,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.lines:
             print(f"hermes-bot: {line}", file=sys.stderr)
         return 2
-    except UsageError as exc:
+    except USER_ERRORS as exc:
         print(f"hermes-bot: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -80,6 +80,13 @@ class PersonaError(ValueError):
         self.path, self.line, self.field, self.problem = path, line, field, problem
 
 
+class UnknownPersona(KeyError):
+    """No persona has this id; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError would print the message's repr
+        return str(self.args[0])
+
+
 def _node_for(root: yaml.Node | None, loc: tuple[Any, ...]) -> yaml.Node | None:
     """Walk a composed YAML node tree along a pydantic error location; the deepest node found."""
     node = root
@@ -171,7 +178,7 @@ class PersonaRegistry:
             return self._by_id[persona_id]
         except KeyError:
             known = ", ".join(sorted(self._by_id)) or "none"
-            raise KeyError(f"unknown persona {persona_id!r} (known: {known})") from None
+            raise UnknownPersona(f"unknown persona {persona_id!r} (known: {known})") from None
 
     def __contains__(self, persona_id: object) -> bool:
         return persona_id in self._by_id

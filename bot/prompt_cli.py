@@ -7,7 +7,7 @@ import sys
 from typing import Any, TextIO
 
 from bot.config import Settings
-from bot.personas import PersonaError, PersonaRegistry
+from bot.personas import PersonaRegistry
 from bot.prompt import ChatTurn, build_messages, encode_messages, render_text, stop_strings
 
 _MAX_SANE_CONTEXT = 10_000_000  # tokenizers without a limit report ~1e30
@@ -64,18 +64,11 @@ def context_window(tokenizer: Any, settings: Settings) -> int:
 def render_prompt_from_stdin(
     settings: Settings, *, persona_id: str, model: str, as_tokens: bool, stdin: TextIO | None = None
 ) -> int:
-    from bot.cli import UsageError
-
-    try:
-        registry = PersonaRegistry.load(settings.personas_dir)
-        persona = registry.get(persona_id)
-    except (PersonaError, KeyError) as exc:
-        raise UsageError(str(exc.args[0] if isinstance(exc, KeyError) else exc)) from None
-    try:
-        turns = parse_conversation((stdin or sys.stdin).read(), persona.name)
-        tokenizer = load_tokenizer(model)
-    except ConversationInputError as exc:
-        raise UsageError(str(exc)) from None
+    """Print the prompt; bad personas, input or tokenizers raise errors that name what is wrong."""
+    registry = PersonaRegistry.load(settings.personas_dir)
+    persona = registry.get(persona_id)
+    turns = parse_conversation((stdin or sys.stdin).read(), persona.name)
+    tokenizer = load_tokenizer(model)
     names = {p.id: p.name for p in registry}
     messages = build_messages(persona, turns, persona_names=names)
     encoded = encode_messages(

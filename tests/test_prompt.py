@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,13 @@ def test_prompt_command_rejects_bad_input_clearly(tiny_model_dir: Path) -> None:
     done = subprocess.run(cmd, input='[{"author": "Ann"}]', capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and "entry 0: needs a string 'content'" in done.stderr
     assert "Traceback" not in done.stderr
+    unknown = [*cmd[:5], "nobody", *cmd[6:]]
+    done = subprocess.run(unknown, input="[]", capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.startswith("hermes-bot: unknown persona 'nobody' (known: ")
+    tiny_context = subprocess.run(cmd, input="[]", capture_output=True, text=True, cwd=ROOT,
+                                  env={**os.environ, "HERMES_CONTEXT_TOKENS": "300"})
+    assert tiny_context.returncode == 2 and "leaves no room in a 300-token context" in tiny_context.stderr
+    assert "Traceback" not in done.stderr + tiny_context.stderr
 
 
 def test_persona_model_is_strict() -> None:
