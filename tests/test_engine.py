@@ -12,7 +12,15 @@ import torch
 
 from bot.config import Settings
 from bot.engine.base import EngineError, Finish, GenerationRequest, TextChunk
-from bot.engine.kv import PrefixCache, PrefixEntry, common_prefix
+from bot.engine.kv import (
+    PrefillCache,
+    PrefixCache,
+    PrefixEntry,
+    SlotKV,
+    causal_mask,
+    common_prefix,
+    prefill_positions,
+)
 from bot.engine.sampling import apply_repetition_penalty, sample_next
 from bot.engine.text import IncrementalDetokenizer, StopMatcher
 from bot.engine.transformers_engine import TransformersEngine, load_model
@@ -123,6 +131,48 @@ def test_prefix_cache_longest_match_supersede_and_cap() -> None:
     assert cache.bytes <= cache.max_bytes
 
 
+def test_a_padded_prefill_group_matches_separate_forwards(loaded: tuple[Any, Any]) -> None:
+    """Prompts of different lengths, one already part-cached, prefilled in one left-padded forward:
+    each row's next-token logits equal transformers' own forward of that prompt alone, and its slot
+    holds the same K/V as a prefill of that prompt alone."""
+    tokenizer, model = loaded
+    config, cpu = model.config, torch.device("cpu")
+    prompts = [
+        tokenizer.encode(text)
+        for text in ("Hello there, dragon.", "A much longer prompt about tea and alchemy, told slowly.", "Hi")
+    ]
+
+    def slots() -> SlotKV:
+        return SlotKV(
+            layers=config.num_hidden_layers, slots=3, kv_heads=config.num_key_value_heads, max_len=64,
+            head_dim=config.hidden_size // config.num_attention_heads, dtype=torch.float32, device=cpu,
+        )
+
+    def prefill(kv: SlotKV, first: int, rows: list[list[int]], starts: list[int]) -> torch.Tensor:
+        lengths = [len(row) - start for row, start in zip(rows, starts, strict=True)]
+        q = max(lengths)
+        tokens = torch.tensor([[0] * (q - n) + row[-n:] for row, n in zip(rows, lengths, strict=True)])
+        positions = prefill_positions(starts, lengths, cpu)
+        cache = PrefillCache(kv, first, starts, lengths)
+        with torch.no_grad():
+            out = model(input_ids=tokens, position_ids=positions, attention_mask=causal_mask(positions, cache.kv_len, None),
+                        cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    together = slots()
+    prefill(together, 0, [prompts[0][:5]], [0])  # row 0's first five tokens came from the prefix cache
+    logits = prefill(together, 0, prompts, [5, 0, 0])
+    for row, ids in enumerate(prompts):
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0, -1]
+        assert torch.allclose(logits[row], expected, atol=1e-4)
+        alone = slots()
+        prefill(alone, row, [ids], [0])
+        for layer in range(config.num_hidden_layers):
+            for mine, theirs in ((together.keys, alone.keys), (together.values, alone.values)):
+                assert torch.allclose(mine[layer][row, :, : len(ids)], theirs[layer][row, :, : len(ids)], atol=1e-5)
+
+
 # --- the engine -------------------------------------------------------------------------------
 
 
@@ -136,6 +186,27 @@ async def test_concurrent_requests_match_one_at_a_time_generate(engine: Transfor
         assert finish.completion_tokens >= 1 and finish.prompt_tokens > 10
         assert finish.reason in ("length", "stop")
     assert engine.running == 0
+
+
+async def test_a_burst_of_requests_is_prefilled_together(
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefill_rows: list[int] = []
+    forward = engine.model.forward
+
+    def counting_forward(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["input_ids"].shape[1] > 1:
+            prefill_rows.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", counting_forward)
+    prompts = [chat(f"Channel {i} says hello to the dragon.") for i in range(4)]  # max_batch_size=4
+    outs = await asyncio.gather(
+        *(engine.generate_text(GenerationRequest(f"b{i}", p, GREEDY)) for i, p in enumerate(prompts))
+    )
+    assert sum(prefill_rows) == 4 and len(prefill_rows) <= 2  # one forward (two if the engine woke mid-burst)
+    for prompt, (text, _) in zip(prompts, outs, strict=True):
+        assert text == reference(engine, prompt, 24)
 
 
 async def test_prefix_reuse_gives_the_same_reply(engine: TransformersEngine) -> None:

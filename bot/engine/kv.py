@@ -68,40 +68,48 @@ class DecodeCache:
 
 
 class PrefillCache:
-    """A run of prompt tokens for one slot, written at positions [start, start + q)."""
+    """Prompt runs for slots first..first+n-1 in one forward, left-padded to a common length.
 
-    def __init__(self, kv: SlotKV, slot: int, start: int) -> None:
-        self.kv, self.slot, self.start = kv, slot, start
+    Row i carries `lengths[i]` real tokens at the end of its row, written at positions
+    [starts[i], starts[i] + lengths[i]) of its slot; the padding's K/V is never stored.
+    """
+
+    def __init__(self, kv: SlotKV, first_slot: int, starts: list[int], lengths: list[int]) -> None:
+        self.kv, self.first, self.starts, self.lengths = kv, first_slot, starts, lengths
+        self.kv_len = max(s + n for s, n in zip(starts, lengths, strict=True))
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.start + key.shape[2]
+        q = key.shape[2]
         keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
-        keys[self.slot, :, self.start : end] = key[0]
-        values[self.slot, :, self.start : end] = value[0]
-        s = self.slot
-        return keys[s : s + 1, :, :end], values[s : s + 1, :, :end]
+        for row, (start, length) in enumerate(zip(self.starts, self.lengths, strict=True)):
+            slot = self.first + row
+            keys[slot, :, start : start + length] = key[row, :, q - length :]
+            values[slot, :, start : start + length] = value[row, :, q - length :]
+        rows = slice(self.first, self.first + len(self.starts))
+        return keys[rows, :, : self.kv_len], values[rows, :, : self.kv_len]
 
 
-def decode_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
-    """[B, 1, 1, kv_len] bool: each row sees its own positions up to its new token (within the window)."""
-    keys = torch.arange(kv_len, device=positions.device).unsqueeze(0)
-    pos = positions.unsqueeze(-1)
-    allowed = keys <= pos
-    if window is not None:
-        allowed &= keys > pos - window
-    return allowed[:, None, None, :]
+def prefill_positions(starts: list[int], lengths: list[int], device: torch.device) -> torch.Tensor:
+    """[n, q] position ids for left-padded prompt runs (padding sits at the row's first position)."""
+    q = max(lengths)
+    offsets = torch.arange(q, device=device).unsqueeze(0) - q
+    first = torch.tensor([s + n for s, n in zip(starts, lengths, strict=True)], device=device).unsqueeze(-1)
+    return torch.maximum(first + offsets, torch.tensor(starts, device=device).unsqueeze(-1))
 
 
-def prefill_mask(start: int, q: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """[1, 1, q, start + q] bool causal mask for a prompt run that follows `start` cached tokens."""
-    queries = torch.arange(start, start + q, device=device).unsqueeze(-1)
-    keys = torch.arange(start + q, device=device).unsqueeze(0)
+def causal_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+    """[n, 1, q, kv_len] bool mask from [n, q] positions: each query sees its slot's keys up to its
+    own position (within the sliding window). Used for decode steps (q = 1) and prefills alike; a
+    prefill's padding query sits at its row's first position, so no row is all masked.
+    """
+    keys = torch.arange(kv_len, device=positions.device)
+    queries = positions.unsqueeze(-1)
     allowed = keys <= queries
     if window is not None:
         allowed &= keys > queries - window
-    return allowed[None, None]
+    return allowed[:, None]
 
 
 def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:

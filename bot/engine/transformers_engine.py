@@ -4,8 +4,9 @@ Why our own decode loop rather than transformers' `init_continuous_batching`: we
 repetition penalty, streaming with stop strings, cancellation between steps, and reuse of the KV of
 shared prefixes across requests; with those, the loop is small (see BENCHMARKS.md for the numbers).
 
-Each loop iteration: take new requests, drop cancelled ones, prefill (a chunk of) one waiting prompt
-into a free slot, then run ONE batched decode step for every running request. Requests join and
+Each loop iteration: take new requests, drop cancelled ones, prefill the waiting prompts that fit
+one forward (or the next chunk of one long prompt) into free slots, then run ONE batched decode step
+for every running request. Requests join and
 leave between steps. All torch work happens on the engine thread; text reaches the event loop through
 `GenerationStream.feed_threadsafe`, once per step.
 """
@@ -38,8 +39,8 @@ from bot.engine.kv import (
     PrefixCache,
     PrefixEntry,
     SlotKV,
-    decode_mask,
-    prefill_mask,
+    causal_mask,
+    prefill_positions,
 )
 from bot.engine.sampling import apply_repetition_penalty, sample_next
 from bot.engine.text import IncrementalDetokenizer, StopMatcher
@@ -47,7 +48,8 @@ from bot.prompt import PromptTooLong, encode_messages
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 512  # prompt tokens per step while other requests are decoding (keeps their latency flat)
+PREFILL_CHUNK = 512  # prompt tokens (padding included) per step while others decode: keeps their latency flat
+PAD_ID = 0  # fills the left padding of a prefill group; its outputs and K/V are discarded
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,7 +146,7 @@ class TransformersEngine(Engine):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: deque[_Running] = deque()
         self._running: list[_Running] = []  # index == slot
-        self._prefilling: _Running | None = None
+        self._prefilling: list[_Running] = []  # in the slots right after the running requests
 
     # -- lifecycle (event loop) ---------------------------------------------------------------
     async def start(self) -> None:
@@ -228,10 +230,10 @@ class TransformersEngine(Engine):
     def _step(self) -> bool:
         self._take_new()
         self._drop_cancelled()
-        if self._prefilling is None and self._waiting and len(self._running) < self.kv.slots:
-            self._begin_prefill(self._waiting.popleft())
-        if self._prefilling is not None:
-            self._prefill_chunk(self._prefilling)
+        if not self._prefilling:
+            self._prefilling = self._next_prefill_group()
+        if self._prefilling:
+            self._prefill_chunk()
         if self._running:
             self._decode_step()
         self._flush()
@@ -271,22 +273,35 @@ class TransformersEngine(Engine):
         for run in [r for r in self._waiting if r.stream.cancelled]:
             self._waiting.remove(run)
             self._finish(run, run.stream.cancel_reason or "cancelled", keep=False)
-        if self._prefilling is not None and self._prefilling.stream.cancelled:
-            run, self._prefilling = self._prefilling, None
-            self._finish(run, run.stream.cancel_reason or "cancelled", keep=False)
+        cancelled = [r for r in self._prefilling if r.stream.cancelled]
+        if cancelled:
+            self._prefilling = [r for r in self._prefilling if not r.stream.cancelled]
+            for run in cancelled:
+                self._finish(run, run.stream.cancel_reason or "cancelled", keep=False)
+            self._pack_prefilling()
         for run in [r for r in self._running if r.stream.cancelled]:
             self._finish(run, run.stream.cancel_reason or "cancelled")
 
-    def _begin_prefill(self, run: _Running) -> None:
-        run.slot = len(self._running)
-        ids = torch.tensor(run.ids, dtype=torch.long)
-        entry, shared = self.prefixes.lookup(ids)
-        shared = min(shared, len(run.ids) - 1)  # at least one token must run to get the next logits
-        if entry is not None and shared > 0:
-            self.kv.load(run.slot, entry.keys, entry.values, shared)
-            run.cached = shared
-        self._set_row(run.slot, run)
-        self._prefilling = run
+    def _next_prefill_group(self) -> list[_Running]:
+        """Waiting prompts to prefill in one forward: as many as the free slots and PREFILL_CHUNK
+        padded tokens (rows x longest) allow, so a burst of channels starts together. A longer prompt
+        goes alone, in chunks. Each one first copies its longest cached prefix into its slot."""
+        group: list[_Running] = []
+        while self._waiting and len(self._running) + len(group) < self.kv.slots:
+            run = self._waiting[0]
+            entry, shared = self.prefixes.lookup(torch.tensor(run.ids, dtype=torch.long))
+            shared = min(shared, run.prompt_len - 1)  # at least one token must run to get the next logits
+            longest = max([run.prompt_len - shared, *(r.prompt_len - r.cached for r in group)])
+            if group and longest * (len(group) + 1) > PREFILL_CHUNK:
+                break
+            self._waiting.popleft()
+            run.slot = len(self._running) + len(group)
+            if entry is not None and shared > 0:
+                self.kv.load(run.slot, entry.keys, entry.values, shared)
+                run.cached = shared
+            self._set_row(run.slot, run)
+            group.append(run)
+        return group
 
     def _set_row(self, slot: int, run: _Running) -> None:
         s = run.stream.request.sampling
@@ -304,27 +319,40 @@ class TransformersEngine(Engine):
             if torch.get_num_threads() != wanted:
                 torch.set_num_threads(wanted)
 
-    def _prefill_chunk(self, run: _Running) -> None:
+    def _prefill_chunk(self) -> None:
+        """One forward over the prefill group, left-padded to its longest prompt; when it completes,
+        the group samples its first tokens and joins the decode batch."""
         self._use_threads(prefill=True)
-        remaining = run.prompt_len - run.cached
-        q = min(remaining, PREFILL_CHUNK) if self._running else remaining
-        start = run.cached
-        chunk = torch.tensor([run.ids[start : start + q]], device=self.device)
+        group = self._prefilling
+        starts = [r.cached for r in group]
+        lengths = [r.prompt_len - r.cached for r in group]
+        if len(group) == 1 and self._running:
+            lengths = [min(lengths[0], PREFILL_CHUNK)]
+        q = max(lengths)
+        tokens = torch.tensor(
+            [[PAD_ID] * (q - n) + r.ids[s : s + n] for r, s, n in zip(group, starts, lengths, strict=True)],
+            device=self.device,
+        )
+        positions = prefill_positions(starts, lengths, self.device)
+        cache = PrefillCache(self.kv, group[0].slot, starts, lengths)
         logits = self.model(
-            input_ids=chunk,
-            position_ids=torch.arange(start, start + q, device=self.device).unsqueeze(0),
-            attention_mask=prefill_mask(start, q, self.window, self.device),
-            cache=PrefillCache(self.kv, run.slot, start),
+            input_ids=tokens,
+            position_ids=positions,
+            attention_mask=causal_mask(positions, cache.kv_len, self.window),
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1].float()
-        run.cached += q
-        if run.cached < run.prompt_len:
+        for run, n in zip(group, lengths, strict=True):
+            run.cached += n
+        if group[0].cached < group[0].prompt_len:  # a lone long prompt: more chunks next steps
             return
-        self._prefilling = None
-        token = self._sample(logits, slice(run.slot, run.slot + 1))
-        self._running.append(run)
-        self._accept(run, int(token[0]))
+        self._prefilling = []
+        first = group[0].slot
+        chosen = self._sample(logits, slice(first, first + len(group))).tolist()
+        self._running.extend(group)
+        for run, token in zip(group, chosen, strict=True):
+            self._accept(run, token)
 
     def _decode_step(self) -> None:
         self._use_threads(prefill=False)
@@ -335,7 +363,7 @@ class TransformersEngine(Engine):
         logits = self.model(
             input_ids=tokens,
             position_ids=positions.unsqueeze(-1),
-            attention_mask=decode_mask(positions, kv_len, self.window),
+            attention_mask=causal_mask(positions.unsqueeze(-1), kv_len, self.window),
             cache=DecodeCache(self.kv, positions, kv_len),
             use_cache=True,
             logits_to_keep=1,
@@ -391,8 +419,13 @@ class TransformersEngine(Engine):
         if last is not run:
             self._move(last, run.slot)
             self._running[run.slot] = last
-        if self._prefilling is not None and self._prefilling.slot != len(self._running):
-            self._move(self._prefilling, len(self._running))
+        self._pack_prefilling()
+
+    def _pack_prefilling(self) -> None:
+        """Keep the prefill group in the slots right after the running requests (moving down, in order)."""
+        for i, run in enumerate(self._prefilling):
+            if run.slot != len(self._running) + i:
+                self._move(run, len(self._running) + i)
 
     def _move(self, run: _Running, slot: int) -> None:
         self.kv.move(run.slot, slot, run.cached)
@@ -410,8 +443,8 @@ class TransformersEngine(Engine):
             self._send(run)
 
     def _fail_all(self, error: EngineError) -> None:
-        runs = [*self._running, *self._waiting, *([self._prefilling] if self._prefilling else [])]
-        self._running, self._prefilling = [], None
+        runs = [*self._running, *self._waiting, *self._prefilling]
+        self._running, self._prefilling = [], []
         self._waiting.clear()
         for run in runs:
             run.stream.feed_threadsafe([error])
