@@ -9,6 +9,8 @@
    on this machine can beat it.
 2. Time to first token of a new turn after ~3,000 tokens of history, with the previous turn's KV
    reused against a cold prefill: `ttft_ratio_prefix_reuse`.
+3. transformers' own continuous batching (`generate_batch`) on the same 16 prompts, the alternative
+   the engine's loop was chosen over: `transformers_cb_tokens_per_s_16`, `engine_vs_transformers_cb_16`.
 
 The model is a random-weight Mistral written by `write_tiny_model`, sized so the matmuls, not Python,
 dominate a decode step. `bench/worker_gpu.py` runs the same measurements on a 7B shape.
@@ -171,6 +173,31 @@ def forward_ceiling(model: Any, levels: list[int], context: int = 64, steps: int
     return {f"forward_ceiling_{n}": round(n * step_s[1] / step_s[n], 2) for n in levels}
 
 
+def transformers_cb_tokens_per_s(
+    model: Any, tokenizer: Any, sampling: Sampling, conversations: int, new_tokens: int, words: int
+) -> float:
+    """The same prompts through `model.generate_batch` (transformers' continuous batching) at once.
+
+    It has no per-request repetition penalty, so it samples with the persona's other settings only.
+    Runs last: it may switch the model's attention implementation.
+    """
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=new_tokens, do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+        top_k=sampling.top_k, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    inputs = [
+        encode_messages(tokenizer, conversation(conversations * 1000 + i, words), context_tokens=4096,
+                        max_new_tokens=new_tokens).ids
+        for i in range(conversations)
+    ]
+    start = time.perf_counter()
+    outputs = model.generate_batch(inputs=inputs, generation_config=config)
+    elapsed = time.perf_counter() - start
+    return sum(len(out.generated_tokens) for out in outputs.values()) / elapsed
+
+
 async def measure(
     model: Any, tokenizer: Any, settings: Settings, *, levels: list[int], new_tokens: int, prompt_words: int,
     baseline_runs: int, history_tokens: int, ttft_repeats: int,
@@ -187,6 +214,10 @@ async def measure(
     result.update(forward_ceiling(model, levels))
     result.update({k: round(v, 4) for k, v in (await ttft_ratio(settings, model, tokenizer, history_tokens,
                                                                    ttft_repeats)).items()})
+    if 16 in levels:
+        cb = transformers_cb_tokens_per_s(model, tokenizer, sampling, 16, new_tokens, prompt_words)
+        result["transformers_cb_tokens_per_s_16"] = round(cb, 1)
+        result["engine_vs_transformers_cb_16"] = round(result["tokens_per_s_16"] / cb, 2)
     return result
 
 
