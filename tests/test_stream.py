@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -12,9 +13,13 @@ import discord
 from bot.discord.stream import LiveReply
 
 
-def http_error(status: int) -> discord.HTTPException:
+MESSAGE_IDS = itertools.count(1)  # unique across outlets, like Discord's snowflakes
+
+
+def http_error(status: int, code: int = 0) -> discord.HTTPException:
     response = SimpleNamespace(status=status, reason="test", headers={"Retry-After": "0.01"})
-    return discord.HTTPException(response, {"message": "nope", "code": 0})  # type: ignore[arg-type]
+    error = discord.NotFound if status == 404 else discord.HTTPException
+    return error(response, {"message": "nope", "code": code})  # type: ignore[arg-type]
 
 
 @dataclass
@@ -25,14 +30,17 @@ class MemoryOutlet:
     messages: dict[int, str] = field(default_factory=dict)
     writes: list[tuple[float, int]] = field(default_factory=list)
     fail_next: list[int] = field(default_factory=list)
+    gone: bool = False  # its webhook was deleted: every call answers 404 Unknown Webhook
 
     def _maybe_fail(self) -> None:
+        if self.gone:
+            raise http_error(404, 10015)
         if self.fail_next:
             raise http_error(self.fail_next.pop(0))
 
     async def send(self, content: str) -> int:
         self._maybe_fail()
-        message_id = len(self.messages) + 1
+        message_id = next(MESSAGE_IDS)
         self.messages[message_id] = content
         self.writes.append((time.monotonic(), message_id))
         return message_id
@@ -44,6 +52,7 @@ class MemoryOutlet:
         self.writes.append((time.monotonic(), message_id))
 
     async def delete(self, message_id: int) -> None:
+        self._maybe_fail()
         del self.messages[message_id]
 
 
@@ -84,7 +93,7 @@ async def test_final_text_survives_rate_limits_and_server_errors() -> None:
     await reply.show("partial")
     outlet.fail_next = [429, 503, 429]
     await reply.finish("the complete answer")
-    assert outlet.messages == {1: "the complete answer"}
+    assert list(outlet.messages.values()) == ["the complete answer"] and reply.ids == list(outlet.messages)
 
 
 async def test_streaming_edit_failure_is_skipped_not_raised() -> None:
@@ -94,7 +103,7 @@ async def test_streaming_edit_failure_is_skipped_not_raised() -> None:
     outlet.fail_next = [429]
     await reply.show("one two")  # swallowed; the next show catches up
     await reply.show("one two three")
-    assert outlet.messages == {1: "one two three"}
+    assert list(outlet.messages.values()) == ["one two three"] and reply.ids == list(outlet.messages)
 
 
 async def test_finish_removes_messages_a_shorter_text_no_longer_needs() -> None:
@@ -102,6 +111,37 @@ async def test_finish_removes_messages_a_shorter_text_no_longer_needs() -> None:
     reply = LiveReply(outlet, interval=0.0)
     await reply.show("a" * 1500 + "\n\n" + "b" * 1500)
     assert len(outlet.messages) == 2
+    first = reply.ids[0]
     await reply.finish("short")
     assert list(outlet.messages.values()) == ["short"]
-    assert reply.ids == [1]
+    assert reply.ids == [first]
+
+
+async def test_a_deleted_webhook_mid_reply_continues_through_a_new_outlet() -> None:
+    old, new = MemoryOutlet(), MemoryOutlet(overhead=10)
+    reopened: list[MemoryOutlet] = []
+
+    async def reopen(gone: MemoryOutlet) -> MemoryOutlet:  # type: ignore[override]
+        reopened.append(gone)
+        return new
+
+    reply = LiveReply(old, reopen=reopen, interval=0.0)  # type: ignore[arg-type]
+    await reply.show("The story begins")
+    old.gone = True
+    await reply.show("The story begins, and goes on")
+    await reply.finish("The story begins, and goes on to the end.")
+    assert reopened == [old]
+    assert list(old.messages.values()) == ["The story begins"]  # out of reach, left as it was
+    assert list(new.messages.values()) == ["The story begins, and goes on to the end."]
+    assert reply.ids == list(new.messages)
+
+
+async def test_without_reopen_a_deleted_webhook_is_an_error() -> None:
+    outlet = MemoryOutlet(gone=True)
+    reply = LiveReply(outlet, interval=0.0)
+    try:
+        await reply.finish("hello")
+    except discord.NotFound as exc:
+        assert exc.code == 10015
+    else:
+        raise AssertionError("expected NotFound")

@@ -20,8 +20,8 @@ from discord.ext import commands
 from bot import metrics
 from bot.config import Settings
 from bot.conversation import ChatService, PendingReply
-from bot.discord.identity import Identities, WebhookOutlet
-from bot.discord.stream import LiveReply
+from bot.discord.identity import Identities
+from bot.discord.stream import LiveReply, Outlet
 from bot.discord.triggers import Signals, choose_persona
 from bot.personas import Persona
 from bot.queue.base import QueueBusy, QueueUnavailable
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 WAIT_NOTICE_POSITION = 3  # from this place in line on, say so instead of only typing
 TYPING_REFRESH_S = 8.0
 REMEMBERED_REPLIES = 2048
-UNKNOWN_WEBHOOK = 10015  # Discord's error code once a moderator deleted the webhook
 
 WAITING = "⏳ You're number {position} in line, I'll answer as soon as I can."
 UNAVAILABLE = "Sorry, I can't reply right now: the reply service isn't answering. Please try again in a little while."
@@ -168,7 +167,10 @@ class ChatCog(commands.Cog):
                 self._idle.set()
 
     async def _reply(self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona) -> None:
-        live = LiveReply(await self.identities.outlet(channel, persona))
+        async def reopen(gone: Outlet) -> Outlet:
+            return await self.identities.replace(gone, channel, persona)  # type: ignore[arg-type]
+
+        live = LiveReply(await self.identities.outlet(channel, persona), reopen=reopen)
         try:
             pending = await self.chat.start_reply(key, persona)
         except QueueBusy as exc:
@@ -186,8 +188,6 @@ class ChatCog(commands.Cog):
             await live.finish(text + ending if text.strip() else ending or EMPTY)
         except discord.HTTPException as exc:  # e.g. no permission to post here: nothing to show it on
             log.warning("could not deliver reply in %s: %s", key, exc)
-            if exc.code == UNKNOWN_WEBHOOK and isinstance(live.outlet, WebhookOutlet):
-                self.identities.forget(live.outlet.webhook.channel_id)  # the next reply makes a new one
             await pending.cancel()
         finally:
             if self.running.get(key) is pending:

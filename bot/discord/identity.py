@@ -91,9 +91,16 @@ class Identities:
         webhook = await self._webhook(parent)
         return WebhookOutlet(webhook, persona, thread) if webhook else BotOutlet(channel, persona)
 
-    def forget(self, channel_id: int) -> None:
-        """Drop a webhook that stopped working (deleted by a moderator); the next reply makes a new one."""
-        self._webhooks.pop(channel_id, None)
+    async def replace(
+        self, gone: PersonaOutlet, channel: discord.abc.Messageable, persona: Persona
+    ) -> PersonaOutlet:
+        """A new outlet for a reply whose webhook a moderator deleted: forget that webhook (only if no
+        other reply replaced it already) and find or create another."""
+        if isinstance(gone, WebhookOutlet):
+            channel_id = gone.webhook.channel_id
+            if channel_id is not None and self._webhooks.get(channel_id) is gone.webhook:
+                del self._webhooks[channel_id]
+        return await self.outlet(channel, persona)
 
     async def _webhook(self, channel: discord.TextChannel | discord.ForumChannel) -> discord.Webhook | None:
         if channel.id in self._webhooks:

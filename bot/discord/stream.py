@@ -2,7 +2,9 @@
 
 `LiveReply.show` is called as text arrives and only touches Discord when a message is due (at most
 one edit per second per message); `finish` delivers the final text exactly, waiting out the
-throttle and retrying rate limits and server errors, so the last word is never lost.
+throttle and retrying rate limits and server errors, so the last word is never lost. If a moderator
+deletes the webhook mid-reply, `reopen` supplies a new outlet and the text carries on in new messages
+(the old webhook's messages can no longer be edited or removed, so they stay as they were).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 EDIT_INTERVAL_S = 1.0
 FINAL_ATTEMPTS = 6
+UNKNOWN_WEBHOOK = 10015  # Discord's error code once a moderator deleted the webhook
 T = TypeVar("T")
 
 
@@ -35,6 +38,9 @@ class Outlet(Protocol):
     async def edit(self, message_id: int, content: str) -> None: ...
 
     async def delete(self, message_id: int) -> None: ...
+
+
+Reopen = Callable[["Outlet"], Awaitable["Outlet"]]  # a replacement for an outlet whose webhook is gone
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -62,14 +68,20 @@ class LiveReply:
     """The Discord messages carrying one reply, kept in step with its text."""
 
     def __init__(
-        self, outlet: Outlet, *, limit: int = DISCORD_LIMIT, interval: float = EDIT_INTERVAL_S
+        self, outlet: Outlet, *, reopen: Reopen | None = None, limit: int = DISCORD_LIMIT,
+        interval: float = EDIT_INTERVAL_S,
     ) -> None:
-        self.outlet = outlet
-        self.limit = limit - outlet.overhead
+        self.outlet, self.reopen = outlet, reopen
+        self._limit = limit
         self.interval = interval
         self.ids: list[int] = []
         self._shown: list[str] = []
         self._touched: list[float] = []
+        self._orphaned: set[int] = set()  # sent through a webhook that was since deleted
+
+    @property
+    def limit(self) -> int:
+        return self._limit - self.outlet.overhead
 
     def _due_in(self, index: int) -> float:
         return self._touched[index] + self.interval - time.monotonic()
@@ -95,17 +107,44 @@ class LiveReply:
                 await asyncio.sleep(max(0.0, self._due_in(index)))
                 await deliver(lambda index=index, chunk=chunk: self._edit(index, chunk))
         for message_id in self.ids[len(chunks) :]:
-            await deliver(lambda message_id=message_id: self.outlet.delete(message_id))
+            if message_id not in self._orphaned:
+                await deliver(lambda message_id=message_id: self.outlet.delete(message_id))
         del self.ids[len(chunks) :], self._shown[len(chunks) :], self._touched[len(chunks) :]
 
     async def _send(self, chunk: str) -> None:
-        message_id = await self.outlet.send(chunk)
+        message_id = await self._send_through_live_outlet(chunk)
         self.ids.append(message_id)
         self._shown.append(chunk)
         self._touched.append(time.monotonic())
 
     async def _edit(self, index: int, chunk: str) -> None:
         self._touched[index] = time.monotonic()
-        await self.outlet.edit(self.ids[index], chunk)
+        if self.ids[index] in self._orphaned:  # out of reach: its text continues in a new message
+            self.ids[index] = await self._send_through_live_outlet(chunk)
+        else:
+            try:
+                await self.outlet.edit(self.ids[index], chunk)
+            except discord.NotFound as exc:
+                if not self._can_reopen(exc):
+                    raise
+                await self._reopen()
+                self.ids[index] = await self._send_through_live_outlet(chunk)
         self._shown[index] = chunk
         self._touched[index] = time.monotonic()
+
+    async def _send_through_live_outlet(self, chunk: str) -> int:
+        try:
+            return await self.outlet.send(chunk)
+        except discord.NotFound as exc:
+            if not self._can_reopen(exc):
+                raise
+            await self._reopen()
+            return await self.outlet.send(chunk)
+
+    def _can_reopen(self, exc: discord.NotFound) -> bool:
+        return exc.code == UNKNOWN_WEBHOOK and self.reopen is not None
+
+    async def _reopen(self) -> None:
+        assert self.reopen is not None
+        self.outlet = await self.reopen(self.outlet)
+        self._orphaned.update(self.ids)
