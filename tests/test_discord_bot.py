@@ -4,6 +4,7 @@ scripted OpenAI-compatible server through the in-process queue and worker, histo
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -351,6 +352,33 @@ async def test_queue_full_gets_a_friendly_message(
         await fake_discord.send_message(dm, w.alice, "three")
         busy = await fake_discord.wait_for_message(dm, lambda m: "busy" in m.content, timeout=10)
         assert busy.content.startswith("**Hermes 2:** I'm busy right now")
+
+
+async def test_a_notice_discord_refuses_is_logged_not_raised(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tests.openai_test_server import Stall
+
+    w = discord_world
+    settings = make_settings(fake_discord, llm, tmp_path, queue_max_waiting=1, max_batch_size=1)
+    async with BotApp(settings, guild_ready_timeout=0.1) as app:
+        env = Env(fake_discord, w, llm, app)
+        llm.script(Stall(3.0), Reply("second"))
+        await fake_discord.send_message(w.general, w.alice, f"{mention(env)} one")
+        await fake_discord.wait_for(lambda: llm.requests, what="the first job in generation")
+        await fake_discord.send_message(w.thread, w.bob, f"{mention(env)} two")
+        assert app.queue is not None
+        await eventually(app.queue.depth)
+        dm = await fake_discord.open_dm(w.alice)
+        fake_discord.inject_error("POST", "/channels/{channel_id}/messages", status=403, code=50007,
+                                  message="Cannot send messages to this user")
+        with caplog.at_level(logging.WARNING):
+            await fake_discord.send_message(dm, w.alice, "three")  # busy: its notice is refused
+            await fake_discord.wait_for(
+                lambda: "could not deliver a reply or notice" in caplog.text, what="the refusal logged"
+            )
+        assert "Ignoring exception" not in caplog.text  # nothing escaped to discord.py's error handler
 
 
 def test_persona_list_is_cut_at_a_line_with_a_count_of_the_rest() -> None:

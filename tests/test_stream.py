@@ -12,7 +12,6 @@ import discord
 
 from bot.discord.stream import LiveReply
 
-
 MESSAGE_IDS = itertools.count(1)  # unique across outlets, like Discord's snowflakes
 
 

@@ -156,11 +156,14 @@ class ChatCog(commands.Cog):
     # ----- replying -----
 
     async def reply(self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona) -> None:
-        """Generate and stream one reply of `persona`; never raises for queue or worker trouble."""
+        """Generate and stream one reply of `persona`; never raises for queue, worker or Discord trouble
+        (a reply started by a command runs in the background, where nobody would see the error)."""
         self._in_flight += 1
         self._idle.clear()
         try:
             await self._reply(channel, key, persona)
+        except discord.HTTPException as exc:  # e.g. Discord refused the busy notice: nothing to show it on
+            log.warning("could not deliver a reply or notice in %s: %s", key, exc)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
