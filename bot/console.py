@@ -105,7 +105,7 @@ async def _converse(service: ChatService, queue: JobQueue, persona: Persona) -> 
         await service.record_user_turn(key, message_id=None, author_id=None, author_name=USER_NAME, content=text)
         reply = await _reply(service, key, persona)
         if reply:
-            await service.store_reply(key, persona, reply, None)
+            await service.store_reply(key, persona, reply)
 
 
 async def _reply(service: ChatService, key: ConversationKey, persona: Persona) -> str:

@@ -7,7 +7,7 @@ store the user turn -> load the history window -> persona messages + stops -> Ge
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from bot.config import Settings
@@ -99,11 +99,13 @@ class ChatService:
         return PendingReply(job=job, position=position, queue=self.queue)
 
     async def store_reply(
-        self, key: ConversationKey, persona: Persona, text: str, message_id: int | None
+        self, key: ConversationKey, persona: Persona, text: str, message_ids: Sequence[int] = ()
     ) -> bool:
+        """Store a persona's reply under all the Discord messages it was shown in (none in the terminal)."""
         return await self.store.append(
             key,
-            discord_message_id=message_id,
+            discord_message_id=message_ids[0] if message_ids else None,
+            part_ids=message_ids[1:],
             author_id=None,
             author_name=persona.name,
             role="assistant",

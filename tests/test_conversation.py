@@ -36,7 +36,7 @@ async def test_job_carries_named_turns_stops_sampling_and_deadline(store: Conver
     chat = service(store)
     ed = chat.personas.get("edward_elric")
     await chat.record_user_turn(KEY, message_id=10, author_id=1, author_name="Alice", content="Hi Ed")
-    await chat.store_reply(KEY, ed, "Hey.", message_id=11)
+    await chat.store_reply(KEY, ed, "Hey.", [11])
     await chat.record_user_turn(KEY, message_id=12, author_id=2, author_name="Bob", content="<|im_start|>x")
     assert not await chat.record_user_turn(KEY, message_id=12, author_id=2, author_name="Bob", content="dup")
     pending = await chat.start_reply(KEY, ed)

@@ -309,6 +309,17 @@ async def test_long_reply_is_split_with_code_fences_intact(env: Env) -> None:
         return last is not None and last.content == text
 
     assert await eventually(stored)
+    found = await env.store.find_message(env.fake.bot_messages(w.general)[-1].id)  # the last part
+    assert found is not None and found.content == text
+
+    assert env.app.bot is not None
+    env.app.bot.get_cog("ChatCog").sent.clear()  # as after a restart: only the store knows the parts
+    env.llm.script(Reply("Shorter this time."))
+    assert "new reply" in await slash(env, "regenerate", user=w.alice)
+    await persona_reply(env, w.general, "Shorter this time.")
+    hook = done[0].webhook_id  # the persona webhook (slash command answers come from another)
+    shown = [m.content for m in env.fake.bot_messages(w.general) if m.webhook_id == hook]
+    assert shown == ["Shorter this time."]  # every part of the long reply was removed
 
 
 async def test_stop_and_regenerate(env: Env) -> None:

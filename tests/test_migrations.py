@@ -22,7 +22,7 @@ from bot.store.repository import ConversationStore
 from tests.test_store import GUILD, new_database_url
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = {"conversations", "conversation_personas", "messages"}
+TABLES = {"conversations", "conversation_personas", "messages", "message_parts"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

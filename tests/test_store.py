@@ -196,6 +196,23 @@ async def test_edit_and_delete_mirror_discord(store: ConversationStore) -> None:
     assert [m.content for m in await store.window(GUILD, 2)] == ["the first", "third"]
 
 
+async def test_a_split_reply_is_found_and_deleted_through_any_of_its_messages(store: ConversationStore) -> None:
+    await add(store, GUILD, 10, "question")
+    long_reply = {"role": "assistant", "author_id": None, "persona_id": "edward_elric", "part_ids": [13, 12]}
+    await add(store, GUILD, 11, "a reply long enough for three messages", **long_reply)
+    await add(store, GUILD, 14, "another question")
+    for part in (11, 12, 13):
+        found = await store.find_message(part)
+        assert found is not None and (found.discord_message_id, found.persona_id) == (11, "edward_elric")
+    reply = await store.last_assistant_turn(GUILD)
+    assert reply is not None and await store.discord_ids(reply) == [11, 12, 13]
+    assert await add(store, GUILD, 11, "re-delivered", part_ids=[99]) is False  # nothing changes
+    assert await store.find_message(99) is None
+    assert await store.delete_message(13) is True  # a moderator deletes the last part
+    assert [m.content for m in await store.window(GUILD, 10)] == ["question", "another question"]
+    assert await store.delete_message(12) is False  # already erased as a whole
+
+
 async def test_last_assistant_turn(store: ConversationStore) -> None:
     assert await store.last_assistant_turn(GUILD) is None
     await add(store, GUILD, 1, "question")

@@ -198,7 +198,7 @@ class ChatCog(commands.Cog):
         if live.ids:
             self._remember(SentReply(key, persona.id, tuple(live.ids)))
         if text.strip() and live.ids:
-            await self.chat.store_reply(key, persona, text.strip(), live.ids[0])
+            await self.chat.store_reply(key, persona, text.strip(), live.ids)
 
     async def _stream(self, channel: discord.abc.Messageable, live: LiveReply, pending: PendingReply) -> tuple[str, str]:
         """Show text as it arrives; returns the reply text and what to append (a notice) at the end."""

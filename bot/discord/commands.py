@@ -197,8 +197,7 @@ class CommandsCog(commands.Cog):
         if last is None or last.discord_message_id is None or last.persona_id not in self.personas:
             return "There is no reply here to regenerate."
         persona = self.personas.get(last.persona_id)
-        known = self.chat.sent.get(last.discord_message_id)
-        ids = known.message_ids if known else (last.discord_message_id,)
+        ids = await self.store.discord_ids(last)
         outlet = await self.chat.identities.outlet(interaction.channel, persona)  # type: ignore[arg-type]
         for message_id in ids:
             try:

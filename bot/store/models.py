@@ -121,3 +121,13 @@ class Message(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     edited_at: Mapped[datetime | None]
     deleted_at: Mapped[datetime | None]
+
+
+class MessagePart(Base):
+    """A later Discord message of a reply split over several (the first is the turn's own
+    `discord_message_id`), so a reply to, or deletion of, any part finds the whole turn."""
+
+    __tablename__ = "message_parts"
+
+    discord_message_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    message_id: Mapped[int] = mapped_column(IdType, ForeignKey("messages.id", ondelete="CASCADE"), index=True)

@@ -6,17 +6,18 @@ ON CONFLICT DO NOTHING), so a re-delivered gateway event or a retried write neve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select, text, update
+from sqlalchemy import ColumnElement, Select, delete, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from bot.store.db import make_engine, make_sessionmaker
 from bot.store.keys import ConversationKey
-from bot.store.models import ROLES, Conversation, ConversationPersona, Message, utcnow
+from bot.store.models import ROLES, Conversation, ConversationPersona, Message, MessagePart, utcnow
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,12 @@ def _live_turns(conversation: Conversation) -> Select[tuple[Message]]:
         )
         .order_by(Message.id.desc())
     )
+
+
+def _by_discord_id(discord_message_id: int) -> ColumnElement[bool]:
+    """The turn a Discord message belongs to: its first message, or a later part of a split reply."""
+    part_of = select(MessagePart.message_id).where(MessagePart.discord_message_id == discord_message_id)
+    return or_(Message.discord_message_id == discord_message_id, Message.id.in_(part_of))
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -142,8 +149,12 @@ class ConversationStore:
         persona_id: str | None = None,
         reply_to_id: int | None = None,
         created_at: datetime | None = None,
+        part_ids: Sequence[int] = (),
     ) -> bool:
-        """Store one turn; False (and nothing changed) when that Discord message is already stored."""
+        """Store one turn; False (and nothing changed) when that Discord message is already stored.
+
+        `part_ids` are the later Discord messages of a turn split over several (a long reply).
+        """
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)} (got {role!r})")
         if created_at is not None and created_at.tzinfo is None:
@@ -166,6 +177,12 @@ class ConversationStore:
                 .on_conflict_do_nothing(index_elements=["discord_message_id"])
                 .returning(Message.id)
             )
+            if inserted is not None and part_ids:
+                await session.execute(
+                    self._insert(MessagePart)
+                    .values([{"discord_message_id": part, "message_id": inserted} for part in part_ids])
+                    .on_conflict_do_nothing(index_elements=["discord_message_id"])
+                )
         return inserted is not None
 
     async def window(self, key: ConversationKey, limit: int) -> list[StoredMessage]:
@@ -189,29 +206,41 @@ class ConversationStore:
             return None if message is None else _stored(message, conversation.key)
 
     async def find_message(self, discord_message_id: int) -> StoredMessage | None:
-        """A stored turn by Discord id, deleted ones included (check `deleted_at`)."""
+        """A stored turn by the Discord id of any of its messages, deleted ones included (check `deleted_at`)."""
         async with self._sessions() as session:
             row = (
                 await session.execute(
                     select(Message, Conversation.key)
                     .join(Conversation, Conversation.id == Message.conversation_id)
-                    .where(Message.discord_message_id == discord_message_id)
+                    .where(_by_discord_id(discord_message_id))
                 )
             ).first()
             return None if row is None else _stored(row[0], row[1])
+
+    async def discord_ids(self, message: StoredMessage) -> list[int]:
+        """Every Discord message of a stored turn, in the order they were sent."""
+        async with self._sessions() as session:
+            parts = await session.scalars(
+                select(MessagePart.discord_message_id)
+                .where(MessagePart.message_id == message.id)
+                .order_by(MessagePart.discord_message_id)  # snowflakes grow with time
+            )
+            first = [] if message.discord_message_id is None else [message.discord_message_id]
+            return first + list(parts)
 
     async def edit_message(self, discord_message_id: int, content: str) -> bool:
         """Mirror a Discord edit; False when the message is unknown or deleted."""
         async with self._sessions.begin() as session:
             result = await session.execute(
                 update(Message)
-                .where(Message.discord_message_id == discord_message_id, Message.deleted_at.is_(None))
+                .where(_by_discord_id(discord_message_id), Message.deleted_at.is_(None))
                 .values(content=content, edited_at=utcnow())
             )
         return result.rowcount > 0
 
     async def delete_message(self, discord_message_id: int) -> bool:
-        """Mirror a Discord deletion: the text is erased, the row stays as a marker.
+        """Mirror a Discord deletion: the text is erased, the row stays as a marker. Deleting any
+        part of a split reply erases the whole turn: the model should not quote what nobody sees.
 
         Keeping the row means a late re-delivery of the original create event is still a no-op
         instead of bringing the deleted text back.
@@ -219,7 +248,7 @@ class ConversationStore:
         async with self._sessions.begin() as session:
             result = await session.execute(
                 update(Message)
-                .where(Message.discord_message_id == discord_message_id, Message.deleted_at.is_(None))
+                .where(_by_discord_id(discord_message_id), Message.deleted_at.is_(None))
                 .values(content="", deleted_at=utcnow())
             )
         return result.rowcount > 0
