@@ -221,6 +221,15 @@ async def test_persona_commands_two_personas_and_wake_words(env: Env) -> None:
     assert "left" in await slash(env, "persona remove", {"persona": "edward_elric"})
     shown = await slash(env, "persona show")
     assert "Sherlock Holmes" in shown and "Edward" not in shown
+    # A thread follows its channel's persona until a command changes it there.
+    env.llm.script(Reply("From the thread."))
+    await env.fake.send_message(w.thread, w.alice, f"{mention(env)} and in here?")
+    assert (await persona_reply(env, w.thread, "From the thread.")).username == "Sherlock Holmes"
+    assert "parent channel" in await slash(env, "persona show", channel=w.thread)
+    assert "Hermes 2" in await slash(env, "persona set", {"persona": "hermes"}, channel=w.thread)
+    shown = await slash(env, "persona show", channel=w.thread)
+    assert "**Hermes 2**" in shown and "parent channel" not in shown
+    assert "**Sherlock Holmes**" in await slash(env, "persona show")  # the channel keeps its own
 
 
 async def test_autorespond_and_admin_role(

@@ -12,10 +12,11 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Column, Integer, MetaData, inspect
+from sqlalchemy import Column, Integer, MetaData, inspect, text
 from sqlalchemy.engine import Connection
 
 from bot.store.db import make_engine
+from bot.store.keys import ConversationKey
 from bot.store.migrate import alembic_config, head_revision, upgrade, upgrade_async
 from bot.store.models import Base
 from bot.store.repository import ConversationStore
@@ -78,6 +79,41 @@ async def test_downgrade_to_base_and_back(empty_database_url: str) -> None:
     store = await ConversationStore.open(empty_database_url)
     try:
         assert await store.append(GUILD, discord_message_id=1, author_id=2, author_name="a", role="user", content="x")
+    finally:
+        await store.close()
+
+
+async def test_threads_with_settings_keep_them_across_0003(empty_database_url: str) -> None:
+    """Before 0003 a thread's settings were its own; after it, a thread that had none follows its channel."""
+    engine = make_engine(empty_database_url)
+
+    def migrate(connection: Connection, revision: str) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+    rows = [
+        (1, "g1/c2", 2, None, "narrator"),  # the channel
+        (2, "g1/c2/t3", 2, 3, "edward_elric"),  # a thread that chose its own persona
+        (3, "g1/c2/t4", 2, 4, None),  # a thread that never changed anything
+    ]
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(migrate, "0002")
+            for row in rows:
+                await connection.execute(
+                    text("INSERT INTO conversations (id, key, guild_id, channel_id, thread_id, created_at, "
+                         "default_persona) VALUES (:id, :key, 1, :channel, :thread, CURRENT_TIMESTAMP, :persona)"),
+                    dict(zip(("id", "key", "channel", "thread", "persona"), row, strict=True)),
+                )
+    finally:
+        await engine.dispose()
+    await upgrade_async(empty_database_url)
+    store = await ConversationStore.open(empty_database_url)
+    try:
+        assert (await store.get_settings(ConversationKey(1, 2, 3))).default_persona == "edward_elric"
+        follows = await store.get_settings(ConversationKey(1, 2, 4))
+        assert (follows.default_persona, follows.inherited) == ("narrator", True)
     finally:
         await store.close()
 

@@ -262,7 +262,8 @@ async def test_export_is_json_with_everything(store: ConversationStore) -> None:
     exported = json.loads(json.dumps(await store.export(GUILD)))
     assert exported["conversation"] == "g1/c2"
     assert (exported["guild_id"], exported["channel_id"], exported["thread_id"]) == (1, 2, None)
-    assert exported["settings"] == {"default_persona": None, "personas": ["edward_elric"], "autorespond": True}
+    assert exported["settings"] == {"default_persona": None, "personas": ["edward_elric"], "autorespond": True,
+                                   "inherited": False}
     first, second = exported["messages"]
     assert first["deleted_at"] is not None and first["content"] == "" and first["in_context"] is False
     assert {k: second[k] for k in ("discord_message_id", "role", "persona_id", "reply_to_id", "content")} == {
@@ -292,7 +293,25 @@ async def test_channel_settings(store: ConversationStore) -> None:
     await store.set_autorespond(GUILD, False)
     await store.set_default_persona(GUILD, None)
     assert await store.get_settings(GUILD) == ChannelSettings(personas=["alphonse"])
-    assert await store.get_settings(THREAD) == ChannelSettings()
+
+
+async def test_a_thread_follows_its_channel_until_it_changes_a_setting(store: ConversationStore) -> None:
+    assert await store.get_settings(THREAD) == ChannelSettings(inherited=True)
+    await store.set_default_persona(GUILD, "narrator")
+    await store.add_persona(GUILD, "edward_elric")
+    await store.add_persona(GUILD, "sherlock_holmes")
+    inherited = ChannelSettings("narrator", ["edward_elric", "sherlock_holmes"], autorespond=False, inherited=True)
+    assert await store.get_settings(THREAD) == inherited
+    await store.set_autorespond(THREAD, True)  # the thread's first own change keeps the rest it followed
+    own = ChannelSettings("narrator", ["edward_elric", "sherlock_holmes"], autorespond=True)
+    assert await store.get_settings(THREAD) == own
+    await store.remove_persona(GUILD, "edward_elric")  # the channel's later changes no longer reach it
+    await store.set_autorespond(THREAD, False)
+    assert await store.get_settings(THREAD) == ChannelSettings("narrator", ["edward_elric", "sherlock_holmes"])
+    assert await store.get_settings(GUILD) == ChannelSettings("narrator", ["sherlock_holmes"])
+    other_thread = ConversationKey(guild_id=1, channel_id=2, thread_id=4)
+    await store.remove_persona(other_thread, "narrator")  # a no-op change still makes the settings its own
+    assert (await store.get_settings(other_thread)).inherited is False
 
 
 # -- concurrency -------------------------------------------------------------------------------------

@@ -138,7 +138,8 @@ class CommandsCog(commands.Cog):
         names = ", ".join(self.personas.get(pid).name for pid in active[1:]) or "none"
         default = self.personas.get(active[0]).name if active else "none"
         state = "on" if channel.autorespond else "off"
-        return f"Default persona: **{default}**. Also here: {names}. Auto-respond: {state}."
+        source = " (the parent channel's, until one is changed in this thread)" if channel.inherited else ""
+        return f"Default persona: **{default}**. Also here: {names}. Auto-respond: {state}.{source}"
 
     @_with_persona
     async def set_default(self, key: ConversationKey, persona: Persona) -> str:

@@ -24,6 +24,11 @@ class ConversationKey:
         thread = "" if self.thread_id is None else f"/t{self.thread_id}"
         return f"{scope}/c{self.channel_id}{thread}"
 
+    @property
+    def parent(self) -> ConversationKey | None:
+        """A thread's parent channel; None for a channel or DM."""
+        return None if self.thread_id is None else ConversationKey(self.guild_id, self.channel_id)
+
     @classmethod
     def from_str(cls, text: str) -> ConversationKey:
         match = _PATTERN.match(text)

@@ -86,6 +86,8 @@ class Conversation(Base):
     reset_at: Mapped[datetime | None]
     default_persona: Mapped[str | None] = mapped_column(String(64))
     autorespond: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # A thread follows its parent channel's settings until a command changes one of its own.
+    own_settings: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ConversationPersona(Base):

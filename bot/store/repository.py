@@ -7,7 +7,7 @@ ON CONFLICT DO NOTHING), so a re-delivered gateway event or a retried write neve
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -45,6 +45,7 @@ class ChannelSettings:
     default_persona: str | None = None
     personas: list[str] = field(default_factory=list)
     autorespond: bool = False
+    inherited: bool = False  # a thread showing its parent channel's settings
 
 
 def _stored(message: Message, key: str) -> StoredMessage:
@@ -299,7 +300,7 @@ class ConversationStore:
                     )
                 ).all()
             )
-            settings = await self._settings(session, conversation)
+            settings = await self._applying_settings(session, key, conversation)
         reset_after = 0 if conversation is None else conversation.reset_after_id
         return {
             "conversation": key.as_str(),
@@ -344,11 +345,52 @@ class ConversationStore:
 
     async def get_settings(self, key: ConversationKey) -> ChannelSettings:
         async with self._sessions() as session:
-            return await self._settings(session, await self._conversation(session, key))
+            return await self._applying_settings(session, key, await self._conversation(session, key))
+
+    async def _applying_settings(
+        self, session: AsyncSession, key: ConversationKey, conversation: Conversation | None
+    ) -> ChannelSettings:
+        """What applies here: a thread follows its parent channel until one of its own settings changes."""
+        if key.parent is not None and (conversation is None or not conversation.own_settings):
+            parent = await self._settings(session, await self._conversation(session, key.parent))
+            return replace(parent, inherited=True)
+        return await self._settings(session, conversation)
+
+    async def _settings_row(self, session: AsyncSession, key: ConversationKey) -> int:
+        """The conversation a settings command changes. A thread still following its parent first gets
+        a copy of the parent's settings, so changing one of them does not silently drop the others."""
+        conversation_id = await self._conversation_id(session, key)
+        if key.parent is None:
+            return conversation_id
+        own = await session.scalar(select(Conversation.own_settings).where(Conversation.id == conversation_id))
+        if own:
+            return conversation_id
+        parent = await self._conversation(session, key.parent)
+        values: dict[str, Any] = {"own_settings": True}
+        if parent is not None:
+            values |= {"default_persona": parent.default_persona, "autorespond": parent.autorespond}
+            personas = (
+                await session.execute(
+                    select(ConversationPersona.persona_id, ConversationPersona.added_at).where(
+                        ConversationPersona.conversation_id == parent.id
+                    )
+                )
+            ).all()
+            if personas:
+                await session.execute(
+                    self._insert(ConversationPersona)
+                    .values([
+                        {"conversation_id": conversation_id, "persona_id": pid, "added_at": added}
+                        for pid, added in personas
+                    ])
+                    .on_conflict_do_nothing()
+                )
+        await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(**values))
+        return conversation_id
 
     async def _update_conversation(self, key: ConversationKey, **values: Any) -> None:
         async with self._sessions.begin() as session:
-            conversation_id = await self._conversation_id(session, key)
+            conversation_id = await self._settings_row(session, key)
             await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(**values))
 
     async def set_default_persona(self, key: ConversationKey, persona_id: str | None) -> None:
@@ -362,7 +404,7 @@ class ConversationStore:
     async def add_persona(self, key: ConversationKey, persona_id: str) -> None:
         """Make one more persona active here (a no-op when it already is)."""
         async with self._sessions.begin() as session:
-            conversation_id = await self._conversation_id(session, key)
+            conversation_id = await self._settings_row(session, key)
             await session.execute(
                 self._insert(ConversationPersona)
                 .values(conversation_id=conversation_id, persona_id=persona_id)
@@ -371,11 +413,10 @@ class ConversationStore:
 
     async def remove_persona(self, key: ConversationKey, persona_id: str) -> None:
         async with self._sessions.begin() as session:
-            conversation = await self._conversation(session, key)
-            if conversation is not None:
-                await session.execute(
-                    delete(ConversationPersona).where(
-                        ConversationPersona.conversation_id == conversation.id,
-                        ConversationPersona.persona_id == persona_id,
-                    )
+            conversation_id = await self._settings_row(session, key)
+            await session.execute(
+                delete(ConversationPersona).where(
+                    ConversationPersona.conversation_id == conversation_id,
+                    ConversationPersona.persona_id == persona_id,
                 )
+            )
