@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 YAML_FILE_ENV = "HERMES_CONFIG_FILE"
 DEFAULT_YAML_FILE = "hermes.yaml"
@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     # Conversation behaviour.
     history_turns: int = Field(50, ge=1, validation_alias=_alias("HERMES_HISTORY_TURNS"))
     admin_role: str | None = Field(None, validation_alias=_alias("HERMES_ADMIN_ROLE"))
+    # Sharding: None lets Discord recommend the count, and one process runs every shard.
+    shard_count: int | None = Field(None, ge=1, validation_alias=_alias("HERMES_SHARD_COUNT"))
+    shard_ids: Annotated[list[int] | None, NoDecode] = Field(None, validation_alias=_alias("HERMES_SHARD_IDS"))
 
     # Operations.
     metrics_port: int | None = Field(
@@ -130,6 +133,23 @@ class Settings(BaseSettings):
         if not (value == "memory://" or value.startswith(("redis://", "rediss://", "unix://"))):
             raise ValueError("must be memory:// or a redis:// URL such as redis://localhost:6379/0")
         return value
+
+    @field_validator("shard_ids", mode="before")
+    @classmethod
+    def _comma_separated_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()] or None
+        return value
+
+    @model_validator(mode="after")
+    def _shards_within_count(self) -> Settings:
+        if self.shard_ids is not None:
+            if self.shard_count is None:
+                raise ValueError("HERMES_SHARD_IDS needs HERMES_SHARD_COUNT (the total over all bot processes)")
+            outside = [i for i in self.shard_ids if not 0 <= i < self.shard_count]
+            if outside:
+                raise ValueError(f"HERMES_SHARD_IDS {outside} outside 0..{self.shard_count - 1} (HERMES_SHARD_COUNT)")
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -191,7 +211,10 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
+            if not error["loc"]:  # a rule across settings: its message names them
+                lines.append(f"invalid settings: {error['msg'].removeprefix('Value error, ')}")
+                continue
+            field = str(error["loc"][0])
             name = _public_name(field) if field in Settings.model_fields else field
             value = error.get("input")
             hidden = isinstance(value, dict) or name in _SECRET_SETTINGS

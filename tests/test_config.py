@@ -67,6 +67,20 @@ def test_each_invalid_setting_gets_one_line(monkeypatch: pytest.MonkeyPatch) -> 
     assert any("HERMES_DATABASE_URL" in line and "not async" in line for line in lines)
 
 
+def test_shard_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (load_settings().shard_count, load_settings().shard_ids) == (None, None)  # Discord recommends
+    monkeypatch.setenv("HERMES_SHARD_COUNT", "4")
+    monkeypatch.setenv("HERMES_SHARD_IDS", "0, 2")
+    assert (load_settings().shard_count, load_settings().shard_ids) == (4, [0, 2])
+    monkeypatch.setenv("HERMES_SHARD_IDS", "1,4")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert info.value.lines == ["invalid settings: HERMES_SHARD_IDS [4] outside 0..3 (HERMES_SHARD_COUNT)"]
+    monkeypatch.delenv("HERMES_SHARD_COUNT")
+    with pytest.raises(SettingsError, match="HERMES_SHARD_IDS needs HERMES_SHARD_COUNT"):
+        load_settings()
+
+
 def test_secret_values_are_not_echoed_in_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / "hermes.yaml").write_text("DISCORD_TOKEN: [sekrit-token-value]\n")
     with pytest.raises(SettingsError) as info:

@@ -17,6 +17,7 @@ from bot.discord.app import BotApp
 from bot.discord.commands import fit_lines
 from bot.store.keys import ConversationKey
 from tests.fakediscord import FakeDiscord, World
+from tests.fakediscord.models import Channel, User
 from tests.openai_test_server import OpenAITestServer, Reply
 
 pytest_plugins = ("tests.fakediscord.fixtures",)
@@ -408,3 +409,55 @@ def test_persona_list_is_cut_at_a_line_with_a_count_of_the_rest() -> None:
     assert len(text) <= 2000 and shown[:-1] == lines[: len(shown) - 1]
     assert shown[-1] == f"…and {40 - (len(shown) - 1)} more."
     assert fit_lines(lines[:3], 1900) == "\n".join(lines[:3])
+
+
+# -- sharding ------------------------------------------------------------------------------------------
+
+
+async def guild_on_shard(fake: FakeDiscord, shard: int, count: int, member: User) -> Channel:
+    """#general of a new guild whose events Discord routes to `shard` of `count`."""
+    while True:
+        guild = await fake.add_guild(f"shard-{shard}-guild")
+        if (guild.id >> 22) % count == shard:
+            await fake.add_member(guild, member)
+            return await fake.add_channel(guild, "general")
+        await asyncio.sleep(0.002)  # the next snowflake's millisecond decides its shard
+
+
+async def answered_once(fake: FakeDiscord, channels: list[Channel], text: str) -> None:
+    for channel in channels:
+        await fake.wait_for_message(channel, lambda m: m.webhook_id is not None and m.content == text)
+    await asyncio.sleep(0.3)  # a second answer from a wrongly routed shard would show by now
+    for channel in channels:
+        assert [m.content for m in fake.bot_messages(channel) if m.webhook_id is not None] == [text]
+
+
+async def test_one_process_runs_every_shard_discord_recommends(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
+) -> None:
+    fake_discord.recommended_shards = 2
+    w = discord_world
+    channels = [await guild_on_shard(fake_discord, shard, 2, w.alice) for shard in (0, 1)]
+    async with BotApp(make_settings(fake_discord, llm, tmp_path), guild_ready_timeout=0.1) as app:
+        assert app.bot is not None and sorted(app.bot.shards) == [0, 1]
+        llm.script(Reply("Hello from a shard."), Reply("Hello from a shard."))
+        for channel in channels:
+            await fake_discord.send_message(channel, w.alice, f"<@{fake_discord.bot_user.id}> hi")
+        await answered_once(fake_discord, channels, "Hello from a shard.")
+
+
+async def test_two_processes_split_the_shards_of_one_token(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
+) -> None:
+    w = discord_world
+    channels = [await guild_on_shard(fake_discord, shard, 2, w.alice) for shard in (0, 1)]
+    first = make_settings(fake_discord, llm, tmp_path, shard_count=2, shard_ids=[0])
+    second = make_settings(fake_discord, llm, tmp_path, shard_count=2, shard_ids=[1])
+    async with BotApp(first, guild_ready_timeout=0.1) as app0, BotApp(second, guild_ready_timeout=0.1) as app1:
+        assert app0.bot is not None and app1.bot is not None
+        assert app0.bot.get_channel(channels[0].id) and not app0.bot.get_channel(channels[1].id)
+        assert app1.bot.get_channel(channels[1].id) and not app1.bot.get_channel(channels[0].id)
+        llm.script(Reply("One of us answers."), Reply("One of us answers."))
+        for channel in channels:
+            await fake_discord.send_message(channel, w.alice, f"<@{fake_discord.bot_user.id}> hi")
+        await answered_once(fake_discord, channels, "One of us answers.")

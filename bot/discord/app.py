@@ -48,12 +48,17 @@ def intents() -> discord.Intents:
     return wanted
 
 
-class HermesBot(commands.Bot):
-    """A discord.py bot with the chat and command cogs; it has no prefix commands."""
+class HermesBot(commands.AutoShardedBot):
+    """A discord.py bot with the chat and command cogs; it has no prefix commands.
+
+    Auto-sharded: it runs the shards Discord recommends (one below 2,500 servers), or
+    HERMES_SHARD_IDS of HERMES_SHARD_COUNT when several bot processes share one token.
+    """
 
     def __init__(self, settings: Settings, chat: ChatService, **options: Any) -> None:
         super().__init__(
-            command_prefix=[], intents=intents(), allowed_mentions=SAFE_MENTIONS, help_command=None, **options
+            command_prefix=[], intents=intents(), allowed_mentions=SAFE_MENTIONS, help_command=None,
+            shard_count=settings.shard_count, shard_ids=settings.shard_ids, **options,
         )
         self.settings, self.chat_service = settings, chat
 

@@ -60,6 +60,7 @@ class GatewaySession:
         self.token = token
         self.session_id = uuid.uuid4().hex
         self.intents = 0
+        self.shard = (0, 1)  # (shard id, shard count) from IDENTIFY
         self.identified = False
         self.seq = 0
         self.heartbeats = 0
@@ -68,6 +69,11 @@ class GatewaySession:
 
     def has_intent(self, bit: int) -> bool:
         return bool(self.intents & bit)
+
+    def carries(self, guild_id: int | None) -> bool:
+        """Discord's rule: a guild's events go to shard (guild_id >> 22) % count; DMs to shard 0."""
+        shard_id, count = self.shard
+        return shard_id == (0 if guild_id is None else (guild_id >> 22) % count)
 
     async def send(self, op: int, data: Any, event: str | None = None) -> None:
         payload: dict[str, Any] = {"op": op, "d": data, "s": None, "t": event}
@@ -104,6 +110,8 @@ class GatewaySession:
                     await self.ws.close(code=4004, message=b"Authentication failed.")
                     break
                 self.intents = int(data.get("intents", 0))
+                shard_id, count = data.get("shard", (0, 1))
+                self.shard = (int(shard_id), int(count))
                 await on_identify(self, data)
                 self.identified = True
             elif op == Op.RESUME:

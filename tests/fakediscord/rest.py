@@ -211,7 +211,8 @@ class RestApi:
 
     async def get_gateway(self, request: web.Request) -> web.Response:
         limit = {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}
-        return self._ok(request, {"url": self.fake.gateway_url, "shards": 1, "session_start_limit": limit})
+        shards = self.fake.recommended_shards
+        return self._ok(request, {"url": self.fake.gateway_url, "shards": shards, "session_start_limit": limit})
 
     # ---- application commands --------------------------------------------------------------
 

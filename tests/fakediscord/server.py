@@ -85,6 +85,7 @@ class FakeDiscord:
         self._waiters: set[asyncio.Event] = set()
         self._runner: web.AppRunner | None = None
         self.interaction_deadline_s = 3.0  # Discord drops interactions not answered in 3 s
+        self.recommended_shards = 1  # what GET /gateway/bot tells an auto-sharded client
         self.port = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -277,21 +278,21 @@ class FakeDiscord:
         guild.members[owner.id] = Member(owner, gid)
         guild.members[self.bot_user.id] = Member(self.bot_user, gid, [bot_role.id])
         self.guilds[gid] = guild
-        await self._broadcast("GUILD_CREATE", guild.payload(), Intent.GUILDS)
+        await self._broadcast("GUILD_CREATE", guild.payload(), Intent.GUILDS, gid)
         return guild
 
     async def add_role(self, guild: Guild, name: str, permissions: int = 0) -> Role:
         role = Role(self.ids.next(), guild.id, name, permissions, len(guild.roles))
         guild.roles[role.id] = role
         await self._broadcast(
-            "GUILD_ROLE_CREATE", {"guild_id": str(guild.id), "role": role.payload()}, Intent.GUILDS
+            "GUILD_ROLE_CREATE", {"guild_id": str(guild.id), "role": role.payload()}, Intent.GUILDS, guild.id
         )
         return role
 
     async def set_role_permissions(self, role: Role, permissions: int) -> None:
         role.permissions = permissions
         data = {"guild_id": str(role.guild_id), "role": role.payload()}
-        await self._broadcast("GUILD_ROLE_UPDATE", data, Intent.GUILDS)
+        await self._broadcast("GUILD_ROLE_UPDATE", data, Intent.GUILDS, role.guild_id)
 
     async def set_bot_permissions(self, guild: Guild, permissions: int) -> None:
         """E.g. `Perm.BOT_DEFAULT & ~Perm.MANAGE_WEBHOOKS` to make webhook calls answer 403/50013."""
@@ -301,13 +302,13 @@ class FakeDiscord:
         member = Member(user, guild.id, [r.id for r in roles])
         guild.members[user.id] = member
         data = {**member.payload(), "guild_id": str(guild.id)}
-        await self._broadcast("GUILD_MEMBER_ADD", data, Intent.GUILD_MEMBERS)
+        await self._broadcast("GUILD_MEMBER_ADD", data, Intent.GUILD_MEMBERS, guild.id)
         return member
 
     async def add_channel(self, guild: Guild, name: str) -> Channel:
         channel = Channel(self.ids.next(), ChannelType.TEXT, name, guild.id, position=len(guild.channels))
         self._register_channel(guild, channel)
-        await self._broadcast("CHANNEL_CREATE", channel.payload(), Intent.GUILDS)
+        await self._broadcast("CHANNEL_CREATE", channel.payload(), Intent.GUILDS, guild.id)
         return channel
 
     async def add_thread(self, parent: Channel, name: str, *, owner: User | None = None) -> Channel:
@@ -316,7 +317,7 @@ class FakeDiscord:
         owner_id = (owner or self.bot_user).id
         thread = Channel(self.ids.next(), ChannelType.PUBLIC_THREAD, name, guild.id, parent.id, owner_id)
         self._register_channel(guild, thread)
-        await self._broadcast("THREAD_CREATE", {**thread.payload(), "newly_created": True}, Intent.GUILDS)
+        await self._broadcast("THREAD_CREATE", {**thread.payload(), "newly_created": True}, Intent.GUILDS, guild.id)
         return thread
 
     async def open_dm(self, user: User) -> Channel:
@@ -368,7 +369,7 @@ class FakeDiscord:
         chan = self.channels[_id(channel)]
         if chan.type == ChannelType.DM and chan.id not in self._announced_dms:
             self._announced_dms.add(chan.id)
-            await self._broadcast("CHANNEL_CREATE", chan.payload(), Intent.DIRECT_MESSAGES)
+            await self._broadcast("CHANNEL_CREATE", chan.payload(), Intent.DIRECT_MESSAGES, None)
         mention_ids = [u.id for u in mentions] + [int(i) for i in re.findall(r"<@!?(\d+)>", content)]
         ref = self.messages[_id(reply_to)] if reply_to is not None else None
         if ref is not None and mention_author:
@@ -404,7 +405,7 @@ class FakeDiscord:
             data["guild_id"] = str(message.guild_id)
         intent = Intent.GUILD_MESSAGES if message.guild_id else Intent.DIRECT_MESSAGES
         if not message.ephemeral:
-            await self._broadcast("MESSAGE_DELETE", data, intent)
+            await self._broadcast("MESSAGE_DELETE", data, intent, message.guild_id)
         self._notify()
 
     async def invoke_slash(
@@ -445,7 +446,7 @@ class FakeDiscord:
         if in_guild and guild is not None:
             data["guild_id"] = str(guild.id)
         record = self._new_interaction(data, user, channel, guild, member_permissions)
-        await self._broadcast("INTERACTION_CREATE", record.payload, None)
+        await self._broadcast("INTERACTION_CREATE", record.payload, None, channel.guild_id)
         return record
 
     def _find_command(self, name: str, guild: Guild | None) -> tuple[dict[str, Any], bool]:
@@ -583,7 +584,7 @@ class FakeDiscord:
     async def _broadcast_message(self, event: str, msg: StoredMessage) -> None:
         intent = Intent.GUILD_MESSAGES if msg.guild_id else Intent.DIRECT_MESSAGES
         full = self.message_payload(msg)
-        for session in self._sessions_with(intent):
+        for session in self._sessions_with(intent, msg.guild_id):
             data = full
             sees_content = (
                 session.has_intent(Intent.MESSAGE_CONTENT)
@@ -597,11 +598,15 @@ class FakeDiscord:
 
     # ---- gateway ---------------------------------------------------------------------------
 
-    def _sessions_with(self, intent: int | None) -> list[GatewaySession]:
-        return [s for s in self.sessions if s.identified and (intent is None or s.has_intent(intent))]
+    def _sessions_with(self, intent: int | None, guild_id: int | None) -> list[GatewaySession]:
+        """Identified sessions with the intent, on the shard that carries the guild (DMs: shard 0)."""
+        return [
+            s for s in self.sessions
+            if s.identified and (intent is None or s.has_intent(intent)) and s.carries(guild_id)
+        ]
 
-    async def _broadcast(self, event: str, data: dict[str, Any], intent: int | None) -> None:
-        for session in self._sessions_with(intent):
+    async def _broadcast(self, event: str, data: dict[str, Any], intent: int | None, guild_id: int | None) -> None:
+        for session in self._sessions_with(intent, guild_id):
             await session.dispatch(event, data)
         self._notify()
 
@@ -620,7 +625,7 @@ class FakeDiscord:
         return ws
 
     async def _on_identify(self, session: GatewaySession, data: dict[str, Any]) -> None:
-        guilds = [g for g in self.guilds.values() if self.bot_user.id in g.members]
+        guilds = [g for g in self.guilds.values() if self.bot_user.id in g.members and session.carries(g.id)]
         ready = {
             "v": 10,
             "user": {**self.bot_user.payload(), "verified": True, "mfa_enabled": False, "flags": 0},
@@ -628,6 +633,7 @@ class FakeDiscord:
             "session_id": session.session_id,
             "resume_gateway_url": self.gateway_url,
             "application": {"id": str(self.application_id), "flags": 0},
+            "shard": list(session.shard),
             "private_channels": [],
             "relationships": [],
             "presences": [],
