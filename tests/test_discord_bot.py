@@ -97,6 +97,19 @@ async def test_mention_gets_a_streamed_reply_as_the_default_persona(env: Env) ->
     assert stored[0].discord_message_id == asked.id
 
 
+async def test_attachments_and_stickers_are_named_to_the_model(env: Env) -> None:
+    w = env.world
+    env.llm.script(Reply("What a cat!"))
+    await env.fake.send_message(
+        w.general, w.alice, f"{mention(env)} look", attachments=[("cat.png", "image/png"), ("notes.txt", "text/plain")],
+        stickers=["Wave"],
+    )
+    await persona_reply(env, w.general, "What a cat!")
+    assert env.llm.requests[-1]["messages"][-1]["content"].endswith(
+        "look\n[attached image: cat.png]\n[attached file: notes.txt]\n[sticker: Wave]"
+    )
+
+
 def persona_reply(env: Env, channel, text: str):  # type: ignore[no-untyped-def]
     return env.fake.wait_for_message(channel, lambda m: m.webhook_id is not None and m.content == text)
 

@@ -128,7 +128,7 @@ class ChatCog(commands.Cog):
             if isinstance(ref.resolved, discord.Message):
                 replied_author = ref.resolved.author.id
         return Signals(
-            text=_without_leading_mention(message, me.id),
+            text=message_text(message, me.id),
             is_dm=isinstance(message.channel, discord.DMChannel),
             mentions_bot=any(user.id == me.id for user in message.mentions),
             replies_to_bot=replied_author == me.id,
@@ -142,7 +142,7 @@ class ChatCog(commands.Cog):
         message, me = payload.message, self.bot.user
         if "content" not in payload.data or message.author.bot or message.webhook_id or me is None:
             return
-        await self.chat.store.edit_message(payload.message_id, _without_leading_mention(message, me.id))
+        await self.chat.store.edit_message(payload.message_id, message_text(message, me.id))
 
     @commands.Cog.listener()
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
@@ -240,10 +240,18 @@ async def _keep_typing(channel: discord.abc.Messageable) -> None:
             await asyncio.sleep(TYPING_REFRESH_S)
 
 
-def _without_leading_mention(message: discord.Message, bot_id: int) -> str:
-    """The text as people read it (mentions as @names), minus an @bot at the start."""
+def message_text(message: discord.Message, bot_id: int) -> str:
+    """The text as people read it (mentions as @names), minus an @bot at the start, plus one line per
+    attachment or sticker: the model cannot see them, but it should know they are there."""
     text = message.clean_content
     for user in message.mentions:
         if user.id == bot_id:
             text = re.sub(rf"^\s*@{re.escape(user.display_name)}[\s,:]*", "", text)
-    return text.strip()
+    notes = [f"[attached {_file_kind(a)}: {a.filename}]" for a in message.attachments]
+    notes += [f"[sticker: {sticker.name}]" for sticker in message.stickers]
+    return "\n".join([text.strip(), *notes]).strip()
+
+
+def _file_kind(attachment: discord.Attachment) -> str:
+    kind = (attachment.content_type or "").split("/", 1)[0]
+    return kind if kind in ("image", "video", "audio") else "file"

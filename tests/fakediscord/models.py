@@ -316,6 +316,7 @@ class StoredMessage:
     mention_ids: list[int] = field(default_factory=list)
     embeds: list[dict[str, Any]] = field(default_factory=list)
     attachments: list[dict[str, Any]] = field(default_factory=list)
+    sticker_items: list[dict[str, Any]] = field(default_factory=list)
     flags: int = 0
     interaction_id: int | None = None
     history: list[str] = field(default_factory=list)

@@ -364,8 +364,13 @@ class FakeDiscord:
         reply_to: StoredMessage | int | None = None,
         mention_author: bool = True,
         message_id: int | None = None,
+        attachments: Iterable[tuple[str, str]] = (),
+        stickers: Iterable[str] = (),
     ) -> StoredMessage:
-        """A user posts: stored, then MESSAGE_CREATE (CHANNEL_CREATE first for a new DM)."""
+        """A user posts: stored, then MESSAGE_CREATE (CHANNEL_CREATE first for a new DM).
+
+        `attachments` are (filename, content type) pairs, as uploaded files; `stickers` are names.
+        """
         chan = self.channels[_id(channel)]
         if chan.type == ChannelType.DM and chan.id not in self._announced_dms:
             self._announced_dms.add(chan.id)
@@ -382,9 +387,17 @@ class FakeDiscord:
             content=content,
             reference_id=ref.id if ref else None,
             mention_ids=list(dict.fromkeys(mention_ids)),
+            attachments=[self._attachment(chan, name, kind) for name, kind in attachments],
+            sticker_items=[{"id": str(self.ids.next()), "name": name, "format_type": 1} for name in stickers],
         )
         await self.store_message(msg)
         return msg
+
+    def _attachment(self, channel: Channel, filename: str, content_type: str) -> dict[str, Any]:
+        attachment_id = self.ids.next()
+        url = f"https://cdn.discordapp.com/attachments/{channel.id}/{attachment_id}/{filename}"
+        return {"id": str(attachment_id), "filename": filename, "size": 1024, "url": url, "proxy_url": url,
+                "content_type": content_type}
 
     async def edit_message(self, message: StoredMessage, content: str) -> StoredMessage:
         """Anyone's edit, as Discord reports it: MESSAGE_UPDATE with the full new message."""
@@ -543,6 +556,7 @@ class FakeDiscord:
             "mentions": [self.users[i].payload() for i in msg.mention_ids if i in self.users],
             "mention_roles": [],
             "attachments": msg.attachments,
+            "sticker_items": msg.sticker_items,
             "embeds": msg.embeds,
             "pinned": False,
             "type": 0,
