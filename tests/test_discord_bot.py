@@ -272,8 +272,9 @@ async def _window_of(env: Env, key: ConversationKey, turns: int):  # type: ignor
     return history if len(history) >= turns else None
 
 
-async def _last_is(env: Env, text: str) -> bool:
-    history = await env.store.window(ConversationKey(env.world.guild.id, env.world.general.id), 5)
+async def _last_is(env: Env, text: str, key: ConversationKey | None = None) -> bool:
+    key = key or ConversationKey(env.world.guild.id, env.world.general.id)
+    history = await env.store.window(key, 5)
     return bool(history) and history[-1].content == text
 
 
@@ -386,6 +387,11 @@ async def test_queue_full_gets_a_friendly_message(
         await fake_discord.send_message(dm, w.alice, "three")
         busy = await fake_discord.wait_for_message(dm, lambda m: "busy" in m.content, timeout=10)
         assert busy.content.startswith("**Hermes 2:** I'm busy right now")
+        await fake_discord.send_message(dm, w.alice, "four")  # still busy: the notice stands, no second one
+        dm_key = ConversationKey(None, dm.id)
+        await eventually(lambda: _last_is(env, "four", dm_key))
+        await asyncio.sleep(0.3)
+        assert [m.content for m in fake_discord.bot_messages(dm)] == [busy.content]
 
 
 async def test_a_notice_discord_refuses_is_logged_not_raised(

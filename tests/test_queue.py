@@ -453,3 +453,9 @@ async def test_open_queue_picks_transport(redis_url: str) -> None:
     finally:
         await memory.close()
         await redis_queue.close()
+
+
+def test_busy_text_counts_in_words() -> None:
+    assert "1 reply is already waiting" in str(QueueBusy(1, "queue", 1))
+    assert "3 replies are already waiting" in str(QueueBusy(3, "queue", 3))
+    assert "already has 2 replies on the way (limit 2)" in str(QueueBusy(2, "conversation", 2))

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from bot.store.keys import ConversationKey
 log = logging.getLogger(__name__)
 
 WAIT_NOTICE_POSITION = 3  # from this place in line on, say so instead of only typing
+BUSY_NOTICE_EVERY_S = 30.0  # one "busy" line per conversation in this time: a burst must not get one each
 TYPING_REFRESH_S = 8.0
 REMEMBERED_REPLIES = 2048
 
@@ -66,6 +68,7 @@ class ChatCog(commands.Cog):
         self.sent: OrderedDict[int, SentReply] = OrderedDict()  # every message id of recent replies
         self._participating: set[ConversationKey] = set()
         self.background: set[asyncio.Task[None]] = set()  # replies started by commands
+        self._busy_noticed: dict[ConversationKey, float] = {}  # when each last got a "busy" line
         self.accepting = True  # False once shutdown starts: new messages are left alone
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -178,7 +181,10 @@ class ChatCog(commands.Cog):
             pending = await self.chat.start_reply(key, persona)
         except QueueBusy as exc:
             metrics.count_error("busy")
-            await live.finish(str(exc))
+            if self._busy_notice_due(key):
+                await live.finish(str(exc))
+            else:
+                log.info("busy again in %s: the last notice still stands", key)
             return
         except QueueUnavailable:
             metrics.count_error("queue_unavailable")
@@ -199,6 +205,15 @@ class ChatCog(commands.Cog):
             self._remember(SentReply(key, persona.id, tuple(live.ids)))
         if text.strip() and live.ids:
             await self.chat.store_reply(key, persona, text.strip(), live.ids)
+
+    def _busy_notice_due(self, key: ConversationKey) -> bool:
+        """True at most once per BUSY_NOTICE_EVERY_S per conversation (and then counts it as sent)."""
+        now = time.monotonic()
+        self._busy_noticed = {k: t for k, t in self._busy_noticed.items() if now - t < BUSY_NOTICE_EVERY_S}
+        if key in self._busy_noticed:
+            return False
+        self._busy_noticed[key] = now
+        return True
 
     async def _stream(self, channel: discord.abc.Messageable, live: LiveReply, pending: PendingReply) -> tuple[str, str]:
         """Show text as it arrives; returns the reply text and what to append (a notice) at the end."""

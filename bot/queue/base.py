@@ -50,11 +50,13 @@ class QueueBusy(Exception):
         self.depth = depth
         self.scope = scope
         self.limit = limit
+        replies = "1 reply" if depth == 1 else f"{depth} replies"
         if scope == "queue":
-            text = f"I'm busy right now: {depth} replies are already waiting. Please try again in a moment."
+            waiting = "is" if depth == 1 else "are"
+            text = f"I'm busy right now: {replies} {waiting} already waiting. Please try again in a moment."
         else:
             text = (
-                f"This conversation already has {depth} replies waiting (limit {limit}). "
+                f"This conversation already has {replies} on the way (limit {limit}). "
                 "Please wait for them before asking again."
             )
         super().__init__(text)
