@@ -15,6 +15,7 @@ import pytest
 from bot.config import Settings
 from bot.discord.app import BotApp
 from bot.discord.commands import fit_lines
+from bot.discord.sync import command_signature
 from bot.store.keys import ConversationKey
 from tests.fakediscord import FakeDiscord, World
 from tests.fakediscord.models import Channel, User
@@ -480,3 +481,42 @@ async def test_two_processes_split_the_shards_of_one_token(
         for channel in channels:
             await fake_discord.send_message(channel, w.alice, f"<@{fake_discord.bot_user.id}> hi")
         await answered_once(fake_discord, channels, "One of us answers.")
+
+
+# -- slash command registration ------------------------------------------------------------------------
+
+
+async def test_slash_commands_are_written_only_when_they_changed(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
+) -> None:
+    settings = make_settings(fake_discord, llm, tmp_path)
+    async with BotApp(settings, guild_ready_timeout=0.1):
+        pass
+    writes = fake_discord.requests_to("PUT", "/applications/{app_id}/commands")
+    assert len(writes) == 1 and {c["name"] for c in fake_discord.commands()} >= {"persona", "regenerate"}
+    async with BotApp(settings, guild_ready_timeout=0.1):  # a restart with the same commands
+        pass
+    assert len(fake_discord.requests_to("PUT", "/applications/{app_id}/commands")) == 1
+    assert len(fake_discord.requests_to("GET", "/applications/{app_id}/commands")) == 2
+    fake_discord.global_commands[0]["description"] = "an older description"  # a deploy changed it
+    async with BotApp(settings, guild_ready_timeout=0.1):
+        pass
+    assert len(fake_discord.requests_to("PUT", "/applications/{app_id}/commands")) == 2
+
+
+def test_command_signature_ignores_what_discord_adds() -> None:
+    ours = {"name": "autorespond", "description": "Answer every message", "type": 1, "options": [
+        {"name": "mode", "description": "on or off", "type": 3, "required": True,
+         "choices": [{"name": "on", "value": "on"}, {"name": "off", "value": "off"}]},
+        {"name": "quiet", "description": "say nothing", "type": 5, "required": False},
+    ]}
+    theirs = {"id": "1", "application_id": "2", "version": "3", "dm_permission": True, "nsfw": False,
+              "default_member_permissions": None, "name": "autorespond", "description": "Answer every message",
+              "type": 1, "options": [
+                  {"name": "mode", "description": "on or off", "type": 3, "required": True,
+                   "choices": [{"name": "off", "value": "off"}, {"name": "on", "value": "on"}]},
+                  {"name": "quiet", "description": "say nothing", "type": 5},  # Discord omits required: false
+              ]}
+    assert command_signature(ours) == command_signature(theirs)
+    assert command_signature(ours) != command_signature({**theirs, "description": "Answer all"})
+    assert command_signature(ours) != command_signature({**theirs, "default_member_permissions": "16"})

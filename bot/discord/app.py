@@ -24,6 +24,7 @@ from bot.conversation import ChatService
 from bot.discord.chat import ChatCog
 from bot.discord.commands import CommandsCog
 from bot.discord.identity import SAFE_MENTIONS, Identities
+from bot.discord.sync import sync_if_changed
 from bot.personas import PersonaRegistry
 from bot.queue.base import JobQueue
 from bot.queue.factory import open_queue
@@ -66,7 +67,7 @@ class HermesBot(commands.AutoShardedBot):
         chat = ChatCog(self, self.settings, self.chat_service, Identities())
         await self.add_cog(chat)
         await self.add_cog(CommandsCog(self, self.settings, chat))
-        await self.tree.sync()
+        await sync_if_changed(self.tree)
 
     async def on_message(self, message: discord.Message, /) -> None:
         """No prefix commands: the chat cog's listener handles messages."""
