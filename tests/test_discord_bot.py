@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import asyncpg
 import pytest
 
 from bot.config import Settings
@@ -17,6 +19,7 @@ from bot.discord.app import BotApp
 from bot.discord.commands import fit_lines
 from bot.discord.sync import command_signature
 from bot.store.keys import ConversationKey
+from bot.store.migrate import upgrade_async
 from tests.fakediscord import FakeDiscord, World
 from tests.fakediscord.models import Channel, User
 from tests.openai_test_server import OpenAITestServer, Reply
@@ -520,3 +523,49 @@ def test_command_signature_ignores_what_discord_adds() -> None:
     assert command_signature(ours) == command_signature(theirs)
     assert command_signature(ours) != command_signature({**theirs, "description": "Answer all"})
     assert command_signature(ours) != command_signature({**theirs, "default_member_permissions": "16"})
+
+
+# -- database outage -----------------------------------------------------------------------------------
+
+
+async def test_a_database_outage_gets_an_apology_and_the_bot_recovers(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path,
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A real outage: PostgreSQL stops letting the bot's database be used, then lets it again."""
+    server_url = str(request.getfixturevalue("postgres_url"))
+    admin_url = server_url.replace("postgresql+asyncpg", "postgresql")
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    database_url = server_url.rsplit("/", 1)[0] + f"/{name}"
+
+    async def allow_connections(allowed: bool) -> None:
+        admin = await asyncpg.connect(admin_url)
+        try:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        finally:
+            await admin.close()
+
+    w = discord_world
+    await upgrade_async(database_url)
+    settings = make_settings(fake_discord, llm, tmp_path).model_copy(update={"database_url": database_url})
+    async with BotApp(settings, guild_ready_timeout=0.1) as app:
+        env = Env(fake_discord, w, llm, app)
+        llm.script(Reply("Before."), Reply("After."))
+        await fake_discord.send_message(w.general, w.alice, f"{mention(env)} one")
+        await persona_reply(env, w.general, "Before.")
+        await allow_connections(False)
+        with caplog.at_level(logging.WARNING):
+            await fake_discord.send_message(w.general, w.bob, f"{mention(env)} two")
+            sorry = await fake_discord.wait_for_message(w.general, lambda m: "can't reach my memory" in m.content)
+        assert sorry.webhook_id is None and "Ignoring exception" not in caplog.text
+        assert "can't reach my memory" in await slash(env, "persona show", user=w.alice)
+        await allow_connections(True)
+        await fake_discord.send_message(w.general, w.alice, f"{mention(env)} three")
+        await persona_reply(env, w.general, "After.")
+        assert len(llm.requests) == 2  # "two" never reached the model

@@ -21,12 +21,13 @@ from discord.ext import commands
 from bot import metrics
 from bot.config import Settings
 from bot.conversation import ChatService, PendingReply
-from bot.discord.identity import Identities
+from bot.discord.identity import SAFE_MENTIONS, Identities
 from bot.discord.stream import LiveReply, Outlet
 from bot.discord.triggers import Signals, choose_persona
 from bot.personas import Persona
 from bot.queue.base import QueueBusy, QueueUnavailable
 from bot.queue.jobs import Done, ErrorEvent, TextDelta
+from bot.store.db import STORE_ERRORS
 from bot.store.keys import ConversationKey
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ WAITING = "⏳ You're number {position} in line, I'll answer as soon as I can."
 UNAVAILABLE = "Sorry, I can't reply right now: the reply service isn't answering. Please try again in a little while."
 FAILED = "Sorry, something went wrong while I was writing that. Please try again."
 TOO_SLOW = "Sorry, that took too long and I gave up. Please try again."
+STORE_DOWN = "Sorry, I can't reach my memory (the database) right now, so I can't answer. Please try again soon."
 EMPTY = "*(no reply)*"
 STOPPED = " *(stopped)*"
 
@@ -93,6 +95,29 @@ class ChatCog(commands.Cog):
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return
         metrics.count_discord_event("message")
+        try:
+            await self._handle(message)
+        except STORE_ERRORS as exc:
+            metrics.count_error("store_unavailable")
+            log.warning("database unavailable; message %s not handled: %s", message.id, exc)
+            if self._addressed_directly(message):
+                with contextlib.suppress(discord.HTTPException):
+                    await message.channel.send(STORE_DOWN, allowed_mentions=SAFE_MENTIONS)
+
+    def _addressed_directly(self, message: discord.Message) -> bool:
+        """A DM, an @mention or a reply to one of our messages: what needs no database to recognise."""
+        me = self.bot.user
+        assert me is not None
+        ref = message.reference
+        resolved = ref.resolved if ref is not None else None
+        return (
+            isinstance(message.channel, discord.DMChannel)
+            or any(user.id == me.id for user in message.mentions)
+            or (ref is not None and ref.message_id in self.sent)
+            or (isinstance(resolved, discord.Message) and resolved.author.id == me.id)
+        )
+
+    async def _handle(self, message: discord.Message) -> None:
         key = conversation_key(message.channel)
         channel = await self.chat.store.get_settings(key)
         signals = await self._signals(message)
@@ -190,6 +215,11 @@ class ChatCog(commands.Cog):
             metrics.count_error("queue_unavailable")
             await live.finish(UNAVAILABLE)
             return
+        except STORE_ERRORS as exc:
+            metrics.count_error("store_unavailable")
+            log.warning("database unavailable; no reply in %s: %s", key, exc)
+            await live.finish(STORE_DOWN)
+            return
         self.running[key] = pending
         text = ""
         try:
@@ -204,7 +234,11 @@ class ChatCog(commands.Cog):
         if live.ids:
             self._remember(SentReply(key, persona.id, tuple(live.ids)))
         if text.strip() and live.ids:
-            await self.chat.store_reply(key, persona, text.strip(), live.ids)
+            try:
+                await self.chat.store_reply(key, persona, text.strip(), live.ids)
+            except STORE_ERRORS as exc:  # shown, but the next prompt will not contain it
+                metrics.count_error("store_unavailable")
+                log.warning("reply shown in %s but not stored: %s", key, exc)
 
     def _busy_notice_due(self, key: ConversationKey) -> bool:
         """True at most once per BUSY_NOTICE_EVERY_S per conversation (and then counts it as sent)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
@@ -18,10 +19,13 @@ from discord.ext import commands
 
 from bot import metrics
 from bot.config import Settings
-from bot.discord.chat import ChatCog, conversation_key
+from bot.discord.chat import STORE_DOWN, ChatCog, conversation_key
 from bot.discord.triggers import active_personas
 from bot.personas import Persona, PersonaRegistry
+from bot.store.db import STORE_ERRORS
 from bot.store.keys import ConversationKey
+
+log = logging.getLogger(__name__)
 
 LIST_LIMIT = 1900  # under Discord's 2000, with room for the "more" line
 
@@ -116,10 +120,13 @@ class CommandsCog(commands.Cog):
         if changes and not may_change(interaction, self.settings.admin_role):
             role = f" or the {self.settings.admin_role} role" if self.settings.admin_role else ""
             text = NOT_ALLOWED.format(role=role)
-        elif argument is None:
-            text = await action(interaction)
         else:
-            text = await action(interaction, argument)
+            try:
+                text = await (action(interaction) if argument is None else action(interaction, argument))
+            except STORE_ERRORS as exc:
+                metrics.count_error("store_unavailable")
+                log.warning("database unavailable; a command was not done: %s", exc)
+                text = STORE_DOWN
         await interaction.followup.send(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
 
     def _unknown(self, persona_id: str) -> str:
