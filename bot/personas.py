@@ -6,6 +6,8 @@ instead of silently using the default.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PERSONA_SUFFIXES = (".yaml", ".yml")
+REFRESH_EVERY_S = 2.0  # how often a running bot looks for edited persona files
+
+log = logging.getLogger(__name__)
 
 
 class Sampling(BaseModel):
@@ -146,6 +151,23 @@ def load_persona_file(path: Path) -> Persona:
     return parse_persona(text, path)
 
 
+def _by_id(personas: Iterable[Persona]) -> dict[str, Persona]:
+    found: dict[str, Persona] = {}
+    for persona in personas:
+        if persona.id in found:
+            raise ValueError(f"duplicate persona id {persona.id!r}")
+        found[persona.id] = persona
+    return found
+
+
+def _file_state(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    """Name, modification time and size of each persona file: what changes when one is edited."""
+    try:
+        return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in persona_files([directory]))
+    except OSError:  # the directory (or a file) vanished between listing and stat
+        return ()
+
+
 def persona_files(paths: Iterable[Path]) -> list[Path]:
     """Expand directories to their persona files, sorted, keep files as given."""
     found: list[Path] = []
@@ -158,20 +180,47 @@ def persona_files(paths: Iterable[Path]) -> list[Path]:
 
 
 class PersonaRegistry:
-    """The personas loaded from one directory, by id. Loading stops at the first invalid file."""
+    """The personas loaded from one directory, by id. Loading stops at the first invalid file.
 
-    def __init__(self, personas: Iterable[Persona]) -> None:
-        self._by_id: dict[str, Persona] = {}
-        for persona in personas:
-            if persona.id in self._by_id:
-                raise ValueError(f"duplicate persona id {persona.id!r}")
-            self._by_id[persona.id] = persona
+    Loaded from a directory, it can `refresh()`: a running bot picks up edited, added and removed
+    persona files without a restart.
+    """
+
+    def __init__(self, personas: Iterable[Persona], *, directory: Path | None = None) -> None:
+        self._by_id = _by_id(personas)
+        self._directory = directory
+        self._files = _file_state(directory) if directory is not None else ()
+        self._checked = time.monotonic()
+        self.refresh_every_s = REFRESH_EVERY_S
 
     @classmethod
     def load(cls, directory: Path) -> PersonaRegistry:
         if not directory.is_dir():
             raise PersonaError(directory, None, None, "personas directory not found (set HERMES_PERSONAS_DIR)")
-        return cls(load_persona_file(path) for path in persona_files([directory]))
+        return cls((load_persona_file(path) for path in persona_files([directory])), directory=directory)
+
+    def refresh(self, required: str | None = None) -> bool:
+        """Reload when the directory's files changed (looked at most every `refresh_every_s`); True
+        when it did. An edit that does not load, or that drops the `required` persona, is logged once
+        and the personas loaded before stay, so a typo never takes the bot down."""
+        now = time.monotonic()
+        if self._directory is None or now - self._checked < self.refresh_every_s:
+            return False
+        self._checked = now
+        files = _file_state(self._directory)
+        if files == self._files:
+            return False
+        self._files = files
+        try:
+            fresh = _by_id(load_persona_file(path) for path in persona_files([self._directory]))
+            if required is not None and required not in fresh:
+                raise UnknownPersona(f"the default persona {required!r} is gone")
+        except (PersonaError, UnknownPersona, ValueError, OSError) as exc:
+            log.warning("persona files changed but do not load; keeping the personas loaded before: %s", exc)
+            return False
+        self._by_id = fresh
+        log.info("personas reloaded: %s", ", ".join(sorted(fresh)))
+        return True
 
     def get(self, persona_id: str) -> Persona:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from bot.config import Settings
 from bot.discord.app import BotApp
 from bot.discord.commands import fit_lines
 from bot.discord.sync import command_signature
+from bot.personas import UnknownPersona
 from bot.store.keys import ConversationKey
 from bot.store.migrate import upgrade_async
 from tests.fakediscord import FakeDiscord, World
@@ -59,8 +61,7 @@ def make_settings(fake: FakeDiscord, llm: OpenAITestServer, tmp_path: Path, **ex
         engine="openai",
         openai_base_url=llm.base_url,
         model="test-model",
-        personas_dir=ROOT / "personas",
-        **extra,
+        **{"personas_dir": ROOT / "personas", **extra},
     )
 
 
@@ -569,3 +570,35 @@ async def test_a_database_outage_gets_an_apology_and_the_bot_recovers(
         await fake_discord.send_message(w.general, w.alice, f"{mention(env)} three")
         await persona_reply(env, w.general, "After.")
         assert len(llm.requests) == 2  # "two" never reached the model
+
+
+# -- personas while running ----------------------------------------------------------------------------
+
+
+async def test_an_edited_persona_file_applies_without_a_restart(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
+) -> None:
+    personas = tmp_path / "personas"
+    shutil.copytree(ROOT / "personas", personas)
+    w = discord_world
+    settings = make_settings(fake_discord, llm, tmp_path, personas_dir=personas)
+    async with BotApp(settings, guild_ready_timeout=0.1) as app:
+        env = Env(fake_discord, w, llm, app)
+        assert app.bot is not None
+        app.bot.get_cog("ChatCog").chat.personas.refresh_every_s = 0.0
+        llm.script(Reply("First."), Reply("Second."))
+        await fake_discord.send_message(w.general, w.alice, f"{mention(env)} hi")
+        assert (await persona_reply(env, w.general, "First.")).username == "Hermes 2"
+        hermes = personas / "hermes.yaml"
+        hermes.write_text(hermes.read_text().replace("name: Hermes 2", "name: Hermes Three"))
+        await fake_discord.send_message(w.general, w.alice, f"{mention(env)} again")
+        assert (await persona_reply(env, w.general, "Second.")).username == "Hermes Three"
+
+
+async def test_an_unknown_default_persona_stops_the_start_with_a_clear_error(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
+) -> None:
+    settings = make_settings(fake_discord, llm, tmp_path, default_persona="hermes3")
+    with pytest.raises(UnknownPersona, match=r"HERMES_DEFAULT_PERSONA='hermes3' is not in .*known: assistant, "):
+        async with BotApp(settings, guild_ready_timeout=0.1):
+            pass

@@ -104,3 +104,33 @@ def test_addressing_by_name_or_wake_word() -> None:
     assert registry.find_addressed("Hermes 2 help").id == "hermes"  # type: ignore[union-attr]
     assert registry.find_addressed("Edwardian houses are nice") is None
     assert registry.find_addressed("Edward hi", candidates=["hermes"]) is None
+
+
+def test_a_running_registry_picks_up_edits_and_keeps_working_personas(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write(tmp_path, GOOD)
+    registry = PersonaRegistry.load(tmp_path)
+    registry.refresh_every_s = 0.0
+    assert registry.refresh("tester") is False  # nothing changed
+    write(tmp_path, GOOD.replace("Tester", "Renamed Tester"))
+    write(tmp_path, GOOD.replace("Tester", "Second"), name="second.yaml")
+    assert registry.refresh("tester") is True
+    assert (registry.get("tester").name, registry.get("second").name) == ("Renamed Tester", "Second")
+    write(tmp_path, GOOD.replace("temperature: 0.5", "temprature: 0.5"), name="second.yaml")  # a typo
+    assert registry.refresh("tester") is False
+    assert "second.yaml" in caplog.text and registry.get("second").name == "Second"  # kept, and said why
+    (tmp_path / "tester.yaml").unlink()  # the default persona goes away: refused as well
+    write(tmp_path, GOOD.replace("Tester", "Fixed"), name="second.yaml")
+    assert registry.refresh("tester") is False and "default persona 'tester' is gone" in caplog.text
+    assert registry.get("tester").name == "Renamed Tester"
+    write(tmp_path, GOOD.replace("Tester", "Back"))
+    assert registry.refresh("tester") is True and registry.get("second").name == "Fixed"
+
+
+def test_refresh_looks_at_the_files_at_most_every_interval(tmp_path: Path) -> None:
+    write(tmp_path, GOOD)
+    registry = PersonaRegistry.load(tmp_path)
+    registry.refresh_every_s = 3600.0
+    write(tmp_path, GOOD.replace("Tester", "Renamed"))
+    assert registry.refresh() is False and registry.get("tester").name == "Tester"

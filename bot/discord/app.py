@@ -25,7 +25,7 @@ from bot.discord.chat import ChatCog
 from bot.discord.commands import CommandsCog
 from bot.discord.identity import SAFE_MENTIONS, Identities
 from bot.discord.sync import sync_if_changed
-from bot.personas import PersonaRegistry
+from bot.personas import PersonaRegistry, UnknownPersona
 from bot.queue.base import JobQueue
 from bot.queue.factory import open_queue
 from bot.store.repository import ConversationStore
@@ -92,6 +92,11 @@ class BotApp:
             raise ValueError("DISCORD_TOKEN is not set")
         point_discord_at(settings)
         personas = PersonaRegistry.load(settings.personas_dir)
+        if settings.default_persona not in personas:
+            known = ", ".join(p.id for p in personas) or "none"
+            raise UnknownPersona(
+                f"HERMES_DEFAULT_PERSONA={settings.default_persona!r} is not in {settings.personas_dir} (known: {known})"
+            )
         self.store = await ConversationStore.open(
             settings.database_url, migrate=settings.database_url.startswith("sqlite")
         )

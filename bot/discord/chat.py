@@ -118,6 +118,7 @@ class ChatCog(commands.Cog):
         )
 
     async def _handle(self, message: discord.Message) -> None:
+        self.chat.personas.refresh(required=self.settings.default_persona)
         key = conversation_key(message.channel)
         channel = await self.chat.store.get_settings(key)
         signals = await self._signals(message)

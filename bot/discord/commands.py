@@ -116,6 +116,7 @@ class CommandsCog(commands.Cog):
         """Defer, check the permission for changes, run `action`, answer with its text."""
         metrics.count_discord_event("interaction")
         await interaction.response.defer(ephemeral=True, thinking=True)
+        self.personas.refresh(required=self.settings.default_persona)
         changes = action not in (self.list_text, self.show_text, self.stop, self.regenerate)
         if changes and not may_change(interaction, self.settings.admin_role):
             role = f" or the {self.settings.admin_role} role" if self.settings.admin_role else ""
