@@ -16,6 +16,7 @@ from bot.config import Settings, SettingsError, load_settings
 from bot.personas import PersonaError, UnknownPersona
 from bot.prompt import PromptTooLong
 from bot.prompt_cli import ConversationInputError
+from bot.store.keys import ConversationKey
 
 
 class UsageError(Exception):
@@ -88,11 +89,40 @@ def _cmd_prompt(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.store.migrate import upgrade
+    if args.action == "upgrade":
+        from bot.store.migrate import upgrade
 
-    upgrade(settings.database_url)
-    print(f"database at head: {settings.database_url.split('@')[-1]}")
+        upgrade(settings.database_url)
+        print(f"database at head: {settings.database_url.split('@')[-1]}")
+        return 0
+    import asyncio
+
+    return asyncio.run(_db_records(args, settings))
+
+
+async def _db_records(args: argparse.Namespace, settings: Settings) -> int:
+    """`db export` and `db forget-user`: what an operator needs to answer a data request."""
+    import json
+
+    from bot.store.repository import ConversationStore
+
+    store = await ConversationStore.open(settings.database_url)
+    try:
+        if args.action == "export":
+            print(json.dumps(await store.export(args.key), indent=2, ensure_ascii=False))
+        else:
+            erased = await store.forget_user(args.user_id)
+            print(f"erased {erased} message{'' if erased == 1 else 's'} of user {args.user_id}")
+    finally:
+        await store.close()
     return 0
+
+
+def _conversation_key(text: str) -> ConversationKey:
+    try:
+        return ConversationKey.from_str(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
@@ -136,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database maintenance")
     dbsub = db.add_subparsers(dest="action", required=True)
     dbsub.add_parser("upgrade", help="apply Alembic migrations up to head")
+    export = dbsub.add_parser("export", help="print one conversation's whole record as JSON")
+    export.add_argument("key", type=_conversation_key, help="conversation key: g<guild>/c<channel>[/t<thread>] or dm/c<channel>")
+    forget = dbsub.add_parser("forget-user", help="erase every message of one Discord user, in every conversation")
+    forget.add_argument("user_id", type=int, help="the user's Discord id")
     db.set_defaults(func=_cmd_db)
 
     dev = sub.add_parser("dev", help="developer tools")

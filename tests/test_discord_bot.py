@@ -602,3 +602,21 @@ async def test_an_unknown_default_persona_stops_the_start_with_a_clear_error(
     with pytest.raises(UnknownPersona, match=r"HERMES_DEFAULT_PERSONA='hermes3' is not in .*known: assistant, "):
         async with BotApp(settings, guild_ready_timeout=0.1):
             pass
+
+
+async def test_forget_me_erases_what_the_user_wrote_everywhere(env: Env) -> None:
+    w = env.world
+    env.llm.script(Reply("Noted."), Reply("Noted too."))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} my secret is 42")
+    await persona_reply(env, w.general, "Noted.")
+    await env.fake.send_message(w.thread, w.bob, f"{mention(env)} bob was here")
+    await persona_reply(env, w.thread, "Noted too.")
+    await env.fake.send_message(w.thread, w.alice, "and another thing")
+    await eventually(lambda: _last_is(env, "and another thing", ConversationKey(w.guild.id, w.general.id, w.thread.id)))
+    answer = await slash(env, "forget-me", user=w.alice)
+    assert "erased 2 messages of yours" in answer
+    channel = await env.store.window(ConversationKey(w.guild.id, w.general.id), 10)
+    thread = await env.store.window(ConversationKey(w.guild.id, w.general.id, w.thread.id), 10)
+    assert [m.content for m in channel] == ["Noted."]
+    assert [m.content for m in thread] == ["bob was here", "Noted too."]
+    assert "nothing you wrote" in await slash(env, "forget-me", user=w.alice)

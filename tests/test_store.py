@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from sqlalchemy import delete, select
 
+from bot.cli import main
 from bot.store.db import make_engine
 from bot.store.keys import ConversationKey
 from bot.store.migrate import upgrade, upgrade_async
@@ -361,3 +362,33 @@ async def test_sqlite_file_is_shared_safely_by_two_engines(tmp_path: Path) -> No
     finally:
         await bot.close()
         await worker.close()
+
+
+# -- operator commands -------------------------------------------------------------------------------
+
+
+def test_cli_exports_a_conversation_and_forgets_a_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/hermes.db"
+
+    async def fill() -> None:
+        store = await ConversationStore.open(url, migrate=True)
+        await add(store, GUILD, 1, "hello from alice", author_id=7)
+        await add(store, GUILD, 2, "hi from bob", author_id=8, author_name="bob")
+        await store.close()
+
+    asyncio.run(fill())
+    monkeypatch.setenv("HERMES_DATABASE_URL", url)
+
+    def exported() -> list[str]:
+        assert main(["db", "export", "g1/c2"]) == 0
+        return [m["content"] for m in json.loads(capsys.readouterr().out)["messages"]]
+
+    assert exported() == ["hello from alice", "hi from bob"]
+    assert main(["db", "forget-user", "7"]) == 0
+    assert capsys.readouterr().out.strip() == "erased 1 message of user 7"
+    assert exported() == ["hi from bob"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["db", "export", "general"])
+    assert exit_info.value.code == 2 and "not a conversation key" in capsys.readouterr().err

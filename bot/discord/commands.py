@@ -79,26 +79,26 @@ class PersonaGroup(app_commands.Group):
 
     @app_commands.command(name="list", description="All personas this bot knows")
     async def list_(self, interaction: discord.Interaction) -> None:
-        await self.cog.answer(interaction, None, self.cog.list_text)
+        await self.cog.answer(interaction, None, self.cog.list_text, managers_only=False)
 
     @app_commands.command(name="show", description="Who answers in this channel")
     async def show(self, interaction: discord.Interaction) -> None:
-        await self.cog.answer(interaction, None, self.cog.show_text)
+        await self.cog.answer(interaction, None, self.cog.show_text, managers_only=False)
 
     @app_commands.command(name="set", description="Set the persona that answers here by default")
     @app_commands.describe(persona="persona id")
     async def set_(self, interaction: discord.Interaction, persona: str) -> None:
-        await self.cog.answer(interaction, persona, self.cog.set_default)
+        await self.cog.answer(interaction, persona, self.cog.set_default, managers_only=True)
 
     @app_commands.command(name="add", description="Let one more persona take part here")
     @app_commands.describe(persona="persona id")
     async def add(self, interaction: discord.Interaction, persona: str) -> None:
-        await self.cog.answer(interaction, persona, self.cog.add)
+        await self.cog.answer(interaction, persona, self.cog.add, managers_only=True)
 
     @app_commands.command(name="remove", description="Stop a persona taking part here")
     @app_commands.describe(persona="persona id")
     async def remove(self, interaction: discord.Interaction, persona: str) -> None:
-        await self.cog.answer(interaction, persona, self.cog.remove)
+        await self.cog.answer(interaction, persona, self.cog.remove, managers_only=True)
 
     set_.autocomplete("persona")(_persona_choices)
     add.autocomplete("persona")(_persona_choices)
@@ -112,13 +112,15 @@ class CommandsCog(commands.Cog):
         self.store = chat.chat.store
         bot.tree.add_command(PersonaGroup(self))
 
-    async def answer(self, interaction: discord.Interaction, argument: str | None, action) -> None:  # type: ignore[no-untyped-def]
-        """Defer, check the permission for changes, run `action`, answer with its text."""
+    async def answer(  # type: ignore[no-untyped-def]
+        self, interaction: discord.Interaction, argument: str | None, action, *, managers_only: bool
+    ) -> None:
+        """Defer, check the permission when the command changes this channel's settings, run `action`,
+        answer with its text (only the user who asked sees it)."""
         metrics.count_discord_event("interaction")
         await interaction.response.defer(ephemeral=True, thinking=True)
         self.personas.refresh(required=self.settings.default_persona)
-        changes = action not in (self.list_text, self.show_text, self.stop, self.regenerate)
-        if changes and not may_change(interaction, self.settings.admin_role):
+        if managers_only and not may_change(interaction, self.settings.admin_role):
             role = f" or the {self.settings.admin_role} role" if self.settings.admin_role else ""
             text = NOT_ALLOWED.format(role=role)
         else:
@@ -169,7 +171,7 @@ class CommandsCog(commands.Cog):
 
     @app_commands.command(name="reset", description="Start a fresh conversation here (forget the context)")
     async def reset_command(self, interaction: discord.Interaction) -> None:
-        await self.answer(interaction, None, self.reset)
+        await self.answer(interaction, None, self.reset, managers_only=True)
 
     async def reset(self, interaction: discord.Interaction) -> str:
         await self.store.reset(conversation_key(interaction.channel))
@@ -177,7 +179,7 @@ class CommandsCog(commands.Cog):
 
     @app_commands.command(name="autorespond", description="Answer every message here, not only mentions")
     async def autorespond_command(self, interaction: discord.Interaction, mode: Literal["on", "off"]) -> None:
-        await self.answer(interaction, mode, self.autorespond)
+        await self.answer(interaction, mode, self.autorespond, managers_only=True)
 
     async def autorespond(self, interaction: discord.Interaction, mode: str) -> str:
         await self.store.set_autorespond(conversation_key(interaction.channel), mode == "on")
@@ -185,7 +187,7 @@ class CommandsCog(commands.Cog):
 
     @app_commands.command(name="stop", description="Stop the reply being written here")
     async def stop_command(self, interaction: discord.Interaction) -> None:
-        await self.answer(interaction, None, self.stop)
+        await self.answer(interaction, None, self.stop, managers_only=False)
 
     async def stop(self, interaction: discord.Interaction) -> str:
         pending = self.chat.running.get(conversation_key(interaction.channel))
@@ -194,9 +196,23 @@ class CommandsCog(commands.Cog):
         await pending.cancel()
         return "Stopped."
 
+    @app_commands.command(name="forget-me", description="Erase everything you wrote from the bot's memory, everywhere")
+    async def forget_me_command(self, interaction: discord.Interaction) -> None:
+        await self.answer(interaction, None, self.forget_me, managers_only=False)
+
+    async def forget_me(self, interaction: discord.Interaction) -> str:
+        erased = await self.store.forget_user(interaction.user.id)
+        if not erased:
+            return "I had nothing you wrote in my memory."
+        messages = "message" if erased == 1 else "messages"
+        return (
+            f"Done: I erased {erased} {messages} of yours from my memory, in every channel. "
+            "What you write from now on is remembered again where I take part."
+        )
+
     @app_commands.command(name="regenerate", description="Replace the last reply here with a new one")
     async def regenerate_command(self, interaction: discord.Interaction) -> None:
-        await self.answer(interaction, None, self.regenerate)
+        await self.answer(interaction, None, self.regenerate, managers_only=False)
 
     async def regenerate(self, interaction: discord.Interaction) -> str:
         key = conversation_key(interaction.channel)
