@@ -16,6 +16,7 @@ from bot.config import Settings, SettingsError, load_settings
 from bot.personas import PersonaError, UnknownPersona
 from bot.prompt import PromptTooLong
 from bot.prompt_cli import ConversationInputError
+from bot.queue.base import QueueUnavailable
 from bot.store.keys import ConversationKey
 
 
@@ -24,7 +25,7 @@ class UsageError(Exception):
 
 
 # Errors whose message is the whole story: printed as one line, exit status 2.
-USER_ERRORS = (UsageError, PersonaError, UnknownPersona, ConversationInputError, PromptTooLong)
+USER_ERRORS = (UsageError, PersonaError, UnknownPersona, ConversationInputError, PromptTooLong, QueueUnavailable)
 
 
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -118,6 +119,30 @@ async def _db_records(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_queue(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.queue_url == "memory://":
+        raise UsageError(
+            "the in-process queue (HERMES_QUEUE_URL=memory://) keeps its dead letters inside the bot's own "
+            "process; set HERMES_QUEUE_URL to the Redis that the bot and workers use"
+        )
+    import asyncio
+
+    return asyncio.run(_print_dead_letters(settings, args.count))
+
+
+async def _print_dead_letters(settings: Settings, count: int) -> int:
+    """One JSON line per dead-lettered job, oldest first: what an operator looks at after errors."""
+    from bot.queue.factory import open_queue
+
+    queue = open_queue(settings)
+    try:
+        for job in await queue.dead_letters(count):
+            print(job.model_dump_json())
+    finally:
+        await queue.close()
+    return 0
+
+
 def _conversation_key(text: str) -> ConversationKey:
     try:
         return ConversationKey.from_str(text)
@@ -171,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     forget = dbsub.add_parser("forget-user", help="erase every message of one Discord user, in every conversation")
     forget.add_argument("user_id", type=int, help="the user's Discord id")
     db.set_defaults(func=_cmd_db)
+
+    queue = sub.add_parser("queue", help="queue inspection")
+    queuesub = queue.add_subparsers(dest="action", required=True)
+    dead = queuesub.add_parser("dead-letters", help="print the newest dead-lettered jobs as JSON lines")
+    dead.add_argument("--count", type=int, default=20, help="how many (default 20)")
+    queue.set_defaults(func=_cmd_queue)
 
     dev = sub.add_parser("dev", help="developer tools")
     devsub = dev.add_subparsers(dest="action", required=True)

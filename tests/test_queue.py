@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from bot.cli import main
 from bot.config import Settings
 from bot.queue.base import Delivery, JobQueue, QueueBusy, QueueEvent, QueueUnavailable
 from bot.queue.factory import open_queue
@@ -459,3 +460,30 @@ def test_busy_text_counts_in_words() -> None:
     assert "1 reply is already waiting" in str(QueueBusy(1, "queue", 1))
     assert "3 replies are already waiting" in str(QueueBusy(3, "queue", 3))
     assert "already has 2 replies on the way (limit 2)" in str(QueueBusy(2, "conversation", 2))
+
+
+async def test_cli_lists_dead_letters_from_redis(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = redis_url.rsplit("/", 1)[0] + "/7"  # a database of its own: other tests' dead letters stay out
+    settings = Settings(queue_url=url, queue_max_deliveries=1, queue_claim_idle_ms=CLAIM_IDLE_MS)
+    admin = aioredis.from_url(url)
+    await admin.flushdb()
+    await admin.aclose()
+    bot, worker = RedisStreamsQueue(settings), RedisStreamsQueue(settings)
+    try:
+        dead = job()
+        await bot.submit(dead)
+        await fetch_one(worker)
+        await worker.release(dead.job_id)
+        assert await worker.fetch(4, 500) == []  # its one delivery is spent: dead-lettered
+    finally:
+        await bot.close()
+        await worker.close()
+    monkeypatch.setenv("HERMES_QUEUE_URL", url)
+    assert await asyncio.to_thread(main, ["queue", "dead-letters"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert GenerationJob.model_validate_json(line).job_id == dead.job_id
+    monkeypatch.setenv("HERMES_QUEUE_URL", "memory://")
+    assert await asyncio.to_thread(main, ["queue", "dead-letters"]) == 2
+    assert "keeps its dead letters inside the bot's own process" in capsys.readouterr().err
