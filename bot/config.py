@@ -100,6 +100,7 @@ class Settings(BaseSettings):
     # Conversation behaviour.
     history_turns: int = Field(50, ge=1, validation_alias=_alias("HERMES_HISTORY_TURNS"))
     admin_role: str | None = Field(None, validation_alias=_alias("HERMES_ADMIN_ROLE"))
+    persona_hand_offs: int = Field(1, ge=0, le=10, validation_alias=_alias("HERMES_PERSONA_HAND_OFFS"))
     # Sharding: None lets Discord recommend the count, and one process runs every shard.
     shard_count: int | None = Field(None, ge=1, validation_alias=_alias("HERMES_SHARD_COUNT"))
     shard_ids: Annotated[list[int] | None, NoDecode] = Field(None, validation_alias=_alias("HERMES_SHARD_IDS"))

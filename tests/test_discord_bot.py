@@ -620,3 +620,19 @@ async def test_forget_me_erases_what_the_user_wrote_everywhere(env: Env) -> None
     assert [m.content for m in channel] == ["Noted."]
     assert [m.content for m in thread] == ["bob was here", "Noted too."]
     assert "nothing you wrote" in await slash(env, "forget-me", user=w.alice)
+
+
+async def test_a_persona_hands_the_turn_to_another_it_addresses(env: Env) -> None:
+    w = env.world
+    assert "Sherlock" in await slash(env, "persona add", {"persona": "sherlock_holmes"})
+    env.llm.script(
+        Reply("Sherlock, what do you make of this?"), Reply("Hermes, it is elementary."), Reply("One too many.")
+    )
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} someone stole the tarts")
+    assert (await persona_reply(env, w.general, "Sherlock, what do you make of this?")).username == "Hermes 2"
+    sherlock = await persona_reply(env, w.general, "Hermes, it is elementary.")
+    assert sherlock.username == "Sherlock Holmes"
+    asked = [m["content"] for m in env.llm.requests[1]["messages"]]
+    assert any("Sherlock, what do you make of this?" in text for text in asked)  # he saw what he was asked
+    await asyncio.sleep(0.3)
+    assert len(env.llm.requests) == 2  # HERMES_PERSONA_HAND_OFFS=1: Sherlock's answer hands nothing on

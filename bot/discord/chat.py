@@ -23,7 +23,7 @@ from bot.config import Settings
 from bot.conversation import ChatService, PendingReply
 from bot.discord.identity import SAFE_MENTIONS, Identities
 from bot.discord.stream import LiveReply, Outlet
-from bot.discord.triggers import Signals, choose_persona
+from bot.discord.triggers import Signals, active_personas, choose_persona
 from bot.personas import Persona
 from bot.queue.base import QueueBusy, QueueUnavailable
 from bot.queue.jobs import Done, ErrorEvent, TextDelta
@@ -184,21 +184,40 @@ class ChatCog(commands.Cog):
 
     # ----- replying -----
 
-    async def reply(self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona) -> None:
+    async def reply(
+        self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona, *, hand_offs: int | None = None
+    ) -> None:
         """Generate and stream one reply of `persona`; never raises for queue, worker or Discord trouble
-        (a reply started by a command runs in the background, where nobody would see the error)."""
+        (a reply started by a command runs in the background, where nobody would see the error).
+
+        A finished reply that starts with another active persona's name or wake word ("Sherlock, what do
+        you make of this?") hands the turn to that persona, up to HERMES_PERSONA_HAND_OFFS times in a row.
+        """
         self._in_flight += 1
         self._idle.clear()
         try:
-            await self._reply(channel, key, persona)
+            text = await self._reply(channel, key, persona)
+            left = self.settings.persona_hand_offs if hand_offs is None else hand_offs
+            if text is not None and left > 0 and (addressed := await self._addressed_persona(key, persona, text)):
+                await self.reply(channel, key, addressed, hand_offs=left - 1)
         except discord.HTTPException as exc:  # e.g. Discord refused the busy notice: nothing to show it on
             log.warning("could not deliver a reply or notice in %s: %s", key, exc)
+        except STORE_ERRORS as exc:
+            log.warning("database unavailable; no hand-off in %s: %s", key, exc)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _reply(self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona) -> None:
+    async def _addressed_persona(self, key: ConversationKey, speaker: Persona, text: str) -> Persona | None:
+        """Another persona active here that `text` addresses at its start, as a person would."""
+        channel = await self.chat.store.get_settings(key)
+        others = [p for p in active_personas(channel, self.chat.personas, self.settings.default_persona)
+                  if p != speaker.id]
+        return self.chat.personas.find_addressed(text, others) if others else None
+
+    async def _reply(self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona) -> str | None:
+        """Stream one reply; its text when it finished normally and was shown, else None."""
         async def reopen(gone: Outlet) -> Outlet:
             return await self.identities.replace(gone, channel, persona)  # type: ignore[arg-type]
 
@@ -211,24 +230,25 @@ class ChatCog(commands.Cog):
                 await live.finish(str(exc))
             else:
                 log.info("busy again in %s: the last notice still stands", key)
-            return
+            return None
         except QueueUnavailable:
             metrics.count_error("queue_unavailable")
             await live.finish(UNAVAILABLE)
-            return
+            return None
         except STORE_ERRORS as exc:
             metrics.count_error("store_unavailable")
             log.warning("database unavailable; no reply in %s: %s", key, exc)
             await live.finish(STORE_DOWN)
-            return
+            return None
         self.running[key] = pending
-        text = ""
+        text, ending = "", FAILED
         try:
             text, ending = await self._stream(channel, live, pending)
             await live.finish(text + ending if text.strip() else ending or EMPTY)
         except discord.HTTPException as exc:  # e.g. no permission to post here: nothing to show it on
             log.warning("could not deliver reply in %s: %s", key, exc)
             await pending.cancel()
+            ending = FAILED
         finally:
             if self.running.get(key) is pending:
                 del self.running[key]
@@ -240,6 +260,7 @@ class ChatCog(commands.Cog):
             except STORE_ERRORS as exc:  # shown, but the next prompt will not contain it
                 metrics.count_error("store_unavailable")
                 log.warning("reply shown in %s but not stored: %s", key, exc)
+        return text.strip() if text.strip() and live.ids and not ending else None
 
     def _busy_notice_due(self, key: ConversationKey) -> bool:
         """True at most once per BUSY_NOTICE_EVERY_S per conversation (and then counts it as sent)."""
