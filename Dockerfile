@@ -29,8 +29,7 @@ FROM torch-${TORCH} AS app
 COPY pyproject.toml README.md ./
 COPY bot ./bot
 COPY personas ./personas
-COPY migrations ./migrations
-# Editable, so the package runs from /app and finds personas/ and migrations/ beside it.
+# Editable, so the package runs from /app and finds the default personas/ directory beside it.
 RUN pip install -e .
 
 # Owned by the runtime user before volumes mount there, so named volumes inherit the ownership.

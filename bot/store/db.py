@@ -1,6 +1,6 @@
 """Async engines for the store: SQLite tuned so a bot and a worker can share one file, or PostgreSQL.
 
-`HERMES_DATABASE_URL` alone decides which. The dialect differences stay in bot.store and migrations/
+`HERMES_DATABASE_URL` alone decides which. The dialect differences stay in bot.store (its migrations/ included)
 (column type variants, the upsert, batch ALTERs on SQLite); outside them only the bot's automatic
 upgrade at start, done on SQLite alone, looks at the URL.
 """

@@ -1,5 +1,6 @@
-"""Apply the Alembic migrations under migrations/ without an alembic.ini, so `hermes-bot db upgrade`
-works from any working directory and the bot can upgrade its embedded SQLite file at start."""
+"""Apply the Alembic migrations in bot/store/migrations/ without an alembic.ini, so `hermes-bot db upgrade`
+works from any working directory and any install (they ship inside the package), and the bot can
+upgrade its embedded SQLite file at start."""
 
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ from bot.store.db import make_engine
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 def alembic_config() -> Config:
     """Alembic configured in code; the database connection is passed in by the callers below."""
     if not (MIGRATIONS_DIR / "env.py").is_file():
-        raise RuntimeError(f"Alembic migrations not found in {MIGRATIONS_DIR}; run from a hermes-bot checkout")
+        raise RuntimeError(f"Alembic migrations not found in {MIGRATIONS_DIR}; reinstall hermes-bot")
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     return config

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 tables of the store. Alembic migrations under migrations/ must match these exactly.
+"""SQLAlchemy 2 tables of the store. Alembic migrations in bot/store/migrations/ must match these exactly.
 
 Message order is the surrogate `id` (insertion order), so the context window is one backwards range
 scan of the (conversation_id, id) index: the cost depends on the window, not on how many messages
