@@ -55,6 +55,8 @@ def _cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_personas(args: argparse.Namespace, settings: Settings) -> int:
     from bot.personas import PersonaRegistry, load_persona_file, persona_files
 
+    if args.action == "import":
+        return _import_card(Path(args.card), settings.personas_dir, persona_id=args.id, force=args.force)
     if args.action == "validate":
         paths = persona_files([Path(p) for p in args.paths] or [settings.personas_dir])
         failures = 0
@@ -78,6 +80,27 @@ def _cmd_personas(args: argparse.Namespace, settings: Settings) -> int:
     import yaml
 
     print(yaml.safe_dump(persona.model_dump(exclude_none=True), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def _import_card(card_path: Path, directory: Path, *, persona_id: str | None, force: bool) -> int:
+    """Write a character card as `directory/<id>.yaml`, only once it validates as a persona."""
+    from bot.character_cards import CardError, card_to_persona, persona_id_for, persona_yaml, read_card
+    from bot.personas import parse_persona
+
+    try:
+        card = read_card(card_path)
+    except CardError as exc:
+        raise UsageError(str(exc)) from None
+    persona = card_to_persona(card)
+    target = directory / f"{persona_id or persona_id_for(persona['name'])}.yaml"
+    if target.exists() and not force:
+        raise UsageError(f"{target} exists; pass --force to replace it, or --id to import under another id")
+    text = persona_yaml(persona, card_path)
+    imported = parse_persona(text, target)  # a PersonaError names the field before anything is written
+    directory.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    print(f"imported {imported.name!r} as persona {imported.id}: {target}")
     return 0
 
 
@@ -173,13 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--persona", help="persona id (default: HERMES_DEFAULT_PERSONA)")
     chat.set_defaults(func=_cmd_chat)
 
-    personas = sub.add_parser("personas", help="list, validate or show personas")
+    personas = sub.add_parser("personas", help="list, validate, show or import personas")
     psub = personas.add_subparsers(dest="action", required=True)
     psub.add_parser("list", help="list the personas in HERMES_PERSONAS_DIR")
     validate = psub.add_parser("validate", help="validate persona files (default: HERMES_PERSONAS_DIR)")
     validate.add_argument("paths", nargs="*", help="files or directories")
     show = psub.add_parser("show", help="print one persona as YAML")
     show.add_argument("id")
+    card = psub.add_parser("import", help="turn a character card (SillyTavern/TavernAI .json or .png) into a persona")
+    card.add_argument("card", help="the card file")
+    card.add_argument("--id", help="persona id (default: from the character's name)")
+    card.add_argument("--force", action="store_true", help="replace a persona file with the same id")
     personas.set_defaults(func=_cmd_personas)
 
     prompt = sub.add_parser("prompt", help="print the exact model prompt for a conversation read as JSON on stdin")

@@ -1,0 +1,146 @@
+"""Import character cards (SillyTavern / TavernAI, spec V1, V2 and V3; JSON or PNG) as persona YAML.
+
+Role-play communities keep their characters as cards; importing one turns it into a persona file
+that the registry validates like any other. A PNG card carries its JSON base64-encoded in a `tEXt`
+chunk named `chara` (V1/V2) or `ccv3` (V3). The card's macros become plain text: `{{char}}` the
+character's name, `{{user}}` "the user" in the prompt and "friend" in dialogue (greeting, examples),
+since a Discord channel has many users and the card knows none of them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CARD_CHUNKS = ("ccv3", "chara")  # V3 first: a V3 PNG also keeps a V2 copy under "chara"
+DIALOGUE_USER = "friend"
+DEFAULT_INSTRUCTION = "Write {name}'s next reply in a fictional chat with the people here. Stay in character as {name}."
+
+
+class CardError(ValueError):
+    """A file is not a character card we can read; the message names the file and the problem."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+
+
+def read_card(path: Path) -> dict[str, Any]:
+    """The card's fields (V2/V3 `data`, or a V1 card's top level) from a JSON or PNG file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CardError(path, f"cannot read: {exc}") from None
+    text = _png_card_text(path, raw) if raw.startswith(PNG_SIGNATURE) else raw.decode("utf-8", errors="replace")
+    try:
+        card = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CardError(path, f"not a character card: invalid JSON ({exc})") from None
+    data = card.get("data") if isinstance(card, dict) and isinstance(card.get("data"), dict) else card
+    if not isinstance(data, dict) or not str(data.get("name") or "").strip():
+        raise CardError(path, "not a character card: it has no name")
+    return data
+
+
+def _png_card_text(path: Path, raw: bytes) -> str:
+    found: dict[str, bytes] = {}
+    offset = len(PNG_SIGNATURE)
+    while offset + 8 <= len(raw):
+        length, kind = struct.unpack(">I4s", raw[offset : offset + 8])
+        body = raw[offset + 8 : offset + 8 + length]
+        if kind == b"tEXt" and b"\x00" in body:
+            keyword, value = body.split(b"\x00", 1)
+            found[keyword.decode("latin-1").lower()] = value
+        offset += 12 + length
+    for keyword in CARD_CHUNKS:
+        if keyword in found:
+            try:
+                return base64.b64decode(found[keyword], validate=False).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError) as exc:
+                raise CardError(path, f"the PNG's {keyword!r} chunk is not base64 JSON ({exc})") from None
+    raise CardError(path, "a PNG without a character card (no 'chara' or 'ccv3' text chunk)")
+
+
+def persona_id_for(name: str) -> str:
+    """A persona id from a character name: lowercase letters, digits and underscores."""
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:64]
+    return slug or "character"
+
+
+def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:
+    """Persona fields (as a persona YAML file holds them) for a card's fields."""
+    name = str(card["name"]).strip()
+
+    def plain(field: str, user: str = "the user") -> str:
+        text = str(card.get(field) or "").replace("\r\n", "\n").strip()
+        return re.sub(r"\{\{user\}\}|<USER>", user, re.sub(r"\{\{char\}\}|<BOT>", name, text, flags=re.I), flags=re.I)
+
+    instruction = DEFAULT_INSTRUCTION.format(name=name)
+    own = plain("system_prompt")
+    parts = [
+        re.sub(r"\{\{original\}\}", instruction, own, flags=re.I) if own else instruction,
+        plain("description"),
+        f"{name}'s personality: {plain('personality')}" if plain("personality") else "",
+        f"Scenario: {plain('scenario')}" if plain("scenario") else "",
+    ]
+    persona: dict[str, Any] = {
+        "name": name[:80],
+        "description": _first_line(plain("creator_notes")) or f"{name}, imported from a character card.",
+        "system_prompt": "\n\n".join(part for part in parts if part),
+    }
+    if greeting := plain("first_mes", user=DIALOGUE_USER):
+        persona["greeting"] = greeting
+    if examples := _examples(str(card.get("mes_example") or ""), name):
+        persona["examples"] = examples
+    first_word = re.split(r"\W+", name.lower())[0]
+    persona["wake_words"] = [first_word] if first_word and first_word != name.lower() else []
+    return persona
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
+
+
+def _examples(text: str, name: str) -> list[dict[str, str]]:
+    """`<START>`-separated example chats whose lines start with `{{user}}:` or `{{char}}:`."""
+    speaker = re.compile(r"^\s*(\{\{user\}\}|<USER>|\{\{char\}\}|<BOT>)\s*:\s*", re.I)
+    turns: list[dict[str, str]] = []
+    for line in text.replace("\r\n", "\n").splitlines():
+        if line.strip().upper() == "<START>":
+            continue
+        match = speaker.match(line)
+        if match:
+            role = "user" if match.group(1).lower() in ("{{user}}", "<user>") else "assistant"
+            turns.append({"role": role, "content": line[match.end() :]})
+        elif turns and line.strip():
+            turns[-1]["content"] += "\n" + line
+    for turn in turns:
+        turn["content"] = re.sub(r"\{\{char\}\}|<BOT>", name, turn["content"], flags=re.I).strip()
+        turn["content"] = re.sub(r"\{\{user\}\}|<USER>", DIALOGUE_USER, turn["content"], flags=re.I)
+    return [turn for turn in turns if turn["content"]]
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings as `|` blocks, so the imported prompt reads like a hand-written persona."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _represent_str)
+
+
+def persona_yaml(persona: dict[str, Any], source: Path) -> str:
+    """The persona file's text, with a comment naming the card it came from."""
+    body = yaml.dump(persona, Dumper=_BlockDumper, sort_keys=False, allow_unicode=True, width=100)
+    return f"# Imported from the character card {source.name}; edit freely.\n{body}"

@@ -1,0 +1,124 @@
+"""Character cards (SillyTavern / TavernAI) imported as personas: JSON and PNG, V1 and V2, and bad files."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from bot.cli import main
+from bot.personas import PersonaRegistry
+
+CARD_V2 = {
+    "spec": "chara_card_v2",
+    "spec_version": "2.0",
+    "data": {
+        "name": "Captain Mira Vance",
+        "description": "{{char}} commands the salvage ship Gull. She owes {{user}} a favour.",
+        "personality": "dry, loyal, impatient with fools",
+        "scenario": "The Gull drifts near a derelict station.",
+        "first_mes": "*{{char}} glances up.* You're late, {{user}}.",
+        "mes_example": (
+            "<START>\n{{user}}: What's our heading?\n{{char}}: Wherever the scrap is.\nAnd quickly.\n"
+            "<START>\n{{user}}: Can we trust them?\n{{char}}: No, {{user}}."
+        ),
+        "creator_notes": "A salvage captain for sci-fi scenes.\nSecond line of notes.",
+        "system_prompt": "",
+        "tags": ["sci-fi"],
+    },
+}
+
+
+def png_card(card: dict, keyword: bytes = b"chara") -> bytes:
+    """A 1x1 PNG with the card in a tEXt chunk, as SillyTavern writes it."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\x00\x00\x00\x00")
+    text = keyword + b"\x00" + base64.b64encode(json.dumps(card).encode())
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"tEXt", text) + chunk(b"IDAT", pixels)
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture
+def personas_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = tmp_path / "personas"
+    monkeypatch.setenv("HERMES_PERSONAS_DIR", str(directory))
+    return directory
+
+
+def test_a_png_card_becomes_a_persona_the_registry_loads(
+    tmp_path: Path, personas_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    card = tmp_path / "mira.png"
+    card.write_bytes(png_card(CARD_V2))
+    assert main(["personas", "import", str(card)]) == 0
+    assert "as persona captain_mira_vance" in capsys.readouterr().out
+    persona = PersonaRegistry.load(personas_dir).get("captain_mira_vance")
+    assert persona.name == "Captain Mira Vance"
+    assert persona.system_prompt.startswith("Write Captain Mira Vance's next reply")
+    assert "Captain Mira Vance commands the salvage ship Gull. She owes the user a favour." in persona.system_prompt
+    assert "personality: dry, loyal" in persona.system_prompt and "Scenario: The Gull drifts" in persona.system_prompt
+    assert persona.greeting == "*Captain Mira Vance glances up.* You're late, friend."
+    assert [(e.role, e.content) for e in persona.examples] == [
+        ("user", "What's our heading?"),
+        ("assistant", "Wherever the scrap is.\nAnd quickly."),
+        ("user", "Can we trust them?"),
+        ("assistant", "No, friend."),
+    ]
+    assert persona.description == "A salvage captain for sci-fi scenes."
+    assert persona.wake_words == ["captain"]
+    assert "{{" not in (personas_dir / "captain_mira_vance.yaml").read_text()
+
+
+def test_a_v1_json_card_with_its_own_system_prompt(tmp_path: Path, personas_dir: Path) -> None:
+    v1 = {"name": "Bo", "description": "A <BOT> who bakes.", "personality": "", "scenario": "",
+          "first_mes": "", "mes_example": "<USER>: Bread?\n<BOT>: Always.",
+          "system_prompt": "{{original}} Never break character."}
+    card = tmp_path / "bo.json"
+    card.write_text(json.dumps(v1))
+    assert main(["personas", "import", str(card), "--id", "baker"]) == 0
+    persona = PersonaRegistry.load(personas_dir).get("baker")
+    assert persona.system_prompt == (
+        "Write Bo's next reply in a fictional chat with the people here. Stay in character as Bo. "
+        "Never break character.\n\nA Bo who bakes."
+    )
+    assert persona.greeting is None and persona.wake_words == []
+    assert [(e.role, e.content) for e in persona.examples] == [("user", "Bread?"), ("assistant", "Always.")]
+
+
+def test_a_v3_png_is_read_from_its_ccv3_chunk(tmp_path: Path, personas_dir: Path) -> None:
+    v3 = {"spec": "chara_card_v3", "data": {**CARD_V2["data"], "name": "Nyx"}}
+    card = tmp_path / "nyx.png"
+    card.write_bytes(png_card(v3, keyword=b"ccv3"))
+    assert main(["personas", "import", str(card)]) == 0
+    assert PersonaRegistry.load(personas_dir).get("nyx").name == "Nyx"
+
+
+def test_bad_cards_and_existing_ids_are_clear_errors(
+    tmp_path: Path, personas_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain_png = tmp_path / "photo.png"
+    plain_png.write_bytes(png_card(CARD_V2, keyword=b"Comment"))
+    assert main(["personas", "import", str(plain_png)]) == 2
+    assert "photo.png: a PNG without a character card" in capsys.readouterr().err
+    nameless = tmp_path / "nameless.json"
+    nameless.write_text(json.dumps({"spec": "chara_card_v2", "data": {"description": "who?"}}))
+    assert main(["personas", "import", str(nameless)]) == 2
+    assert "nameless.json: not a character card: it has no name" in capsys.readouterr().err
+    card = tmp_path / "mira.json"
+    card.write_text(json.dumps(CARD_V2))
+    assert main(["personas", "import", str(card)]) == 0
+    assert main(["personas", "import", str(card)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["personas", "import", str(card), "--force"]) == 0
+    assert main(["personas", "import", str(card), "--id", "Not An Id"]) == 2
+    assert "field 'id'" in capsys.readouterr().err and not (personas_dir / "Not An Id.yaml").exists()
