@@ -257,3 +257,20 @@ async def test_prompt_too_long_is_a_clear_error(engine: TransformersEngine) -> N
     too_long = [{"role": "system", "content": "rule " * 2000}, {"role": "user", "content": "hi"}]
     with pytest.raises(EngineError, match="system prompt alone"):
         await engine.generate_text(GenerationRequest("x", too_long, huge))
+
+
+def test_a_hub_model_on_the_cpu_warns_before_it_downloads(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub: the load fails after the warning
+    with pytest.raises(EngineError, match="cannot load HERMES_MODEL='teknium/OpenHermes-2.5-Mistral-7B'"):
+        load_model(Settings(model="teknium/OpenHermes-2.5-Mistral-7B", device="cpu"))
+    assert "no GPU: HERMES_MODEL=teknium/OpenHermes-2.5-Mistral-7B will run on the CPU in float32" in caplog.text
+    assert "HERMES_ENGINE=openai" in caplog.text
+
+
+def test_a_local_model_on_the_cpu_loads_without_the_warning(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    load_model(Settings(model=str(tiny_model_dir), device="cpu"))
+    assert "no GPU" not in caplog.text

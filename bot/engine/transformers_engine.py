@@ -19,6 +19,7 @@ import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,6 +101,12 @@ def load_model(settings: Settings) -> tuple[Any, Any, torch.device]:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     quant = quantization_config(settings.quantization)
+    if device.type == "cpu" and not Path(settings.model).exists():
+        log.warning(
+            "no GPU: HERMES_MODEL=%s will run on the CPU in %s. A 7B model needs about 30 GiB of RAM that way "
+            "and answers slowly; without a GPU, HERMES_ENGINE=openai with LM Studio, llama.cpp or Ollama is "
+            "the fast path (README: Without a GPU)", settings.model, str(dtype).removeprefix("torch."),
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(settings.model)
         model = AutoModelForCausalLM.from_pretrained(
