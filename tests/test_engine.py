@@ -262,7 +262,11 @@ async def test_prompt_too_long_is_a_clear_error(engine: TransformersEngine) -> N
 def test_a_hub_model_on_the_cpu_warns_before_it_downloads(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub: the load fails after the warning
+    import huggingface_hub.constants
+
+    # This machine has no hub: offline mode makes the load fail at once, after the warning. The hub reads
+    # HF_HUB_OFFLINE when it is imported, so the flag itself is set for this test.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(EngineError, match="cannot load HERMES_MODEL='teknium/OpenHermes-2.5-Mistral-7B'"):
         load_model(Settings(model="teknium/OpenHermes-2.5-Mistral-7B", device="cpu"))
     assert "no GPU: HERMES_MODEL=teknium/OpenHermes-2.5-Mistral-7B will run on the CPU in float32" in caplog.text
