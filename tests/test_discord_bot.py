@@ -636,3 +636,24 @@ async def test_a_persona_hands_the_turn_to_another_it_addresses(env: Env) -> Non
     assert any("Sherlock, what do you make of this?" in text for text in asked)  # he saw what he was asked
     await asyncio.sleep(0.3)
     assert len(env.llm.requests) == 2  # HERMES_PERSONA_HAND_OFFS=1: Sherlock's answer hands nothing on
+
+
+async def test_a_persona_that_joins_a_channel_greets_it_once(env: Env) -> None:
+    w = env.world
+    greeting = "The tavern door creaks open as rain lashes the cobblestones outside. Who steps in from the storm?"
+    assert "Narrator" in await slash(env, "persona set", {"persona": "narrator"})
+    posted = await persona_reply(env, w.general, greeting)
+    assert posted.username == "Narrator"
+    key = ConversationKey(w.guild.id, w.general.id)
+    stored = await eventually(lambda: env.store.window(key, 5))
+    assert [(m.role, m.persona_id, m.content) for m in stored] == [("assistant", "narrator", greeting)]
+    await slash(env, "persona set", {"persona": "narrator"})  # already the default: no second greeting
+    await slash(env, "persona add", {"persona": "narrator"})  # already here
+    assert [m.content for m in env.fake.bot_messages(w.general) if m.webhook_id == posted.webhook_id] == [greeting]
+    env.llm.script(Reply("You shake the rain off your cloak."))
+    await env.fake.send_message(w.general, w.alice, "Mira: I step inside.")  # the greeting made it take part
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} what do I see?")
+    await persona_reply(env, w.general, "You shake the rain off your cloak.")
+    context = [m["content"] for m in env.llm.requests[-1]["messages"]]
+    assert any(greeting in text for text in context)  # the model continues the scene it set
+    assert any("I step inside." in text for text in context)  # stored although nobody addressed the bot

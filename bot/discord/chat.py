@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import discord
@@ -209,6 +210,27 @@ class ChatCog(commands.Cog):
             if self._in_flight == 0:
                 self._idle.set()
 
+    async def introduce(self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona) -> None:
+        """A persona that joins a channel posts its greeting, kept as its first turn there (in role-play
+        the greeting sets the scene the model continues). Discord trouble is logged, not raised."""
+        if not persona.greeting:
+            return
+        live = LiveReply(await self.identities.outlet(channel, persona), reopen=self._reopener(channel, persona))
+        try:
+            await live.finish(persona.greeting)
+        except discord.HTTPException as exc:
+            log.warning("could not post %s's greeting in %s: %s", persona.id, key, exc)
+            return
+        self._participating.add(key)
+        self._remember(SentReply(key, persona.id, tuple(live.ids)))
+        await self.chat.store_reply(key, persona, persona.greeting, live.ids)
+
+    def _reopener(self, channel: discord.abc.Messageable, persona: Persona) -> Callable[[Outlet], Awaitable[Outlet]]:
+        async def reopen(gone: Outlet) -> Outlet:
+            return await self.identities.replace(gone, channel, persona)  # type: ignore[arg-type]
+
+        return reopen
+
     async def _addressed_persona(self, key: ConversationKey, speaker: Persona, text: str) -> Persona | None:
         """Another persona active here that `text` addresses at its start, as a person would."""
         channel = await self.chat.store.get_settings(key)
@@ -218,10 +240,7 @@ class ChatCog(commands.Cog):
 
     async def _reply(self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona) -> str | None:
         """Stream one reply; its text when it finished normally and was shown, else None."""
-        async def reopen(gone: Outlet) -> Outlet:
-            return await self.identities.replace(gone, channel, persona)  # type: ignore[arg-type]
-
-        live = LiveReply(await self.identities.outlet(channel, persona), reopen=reopen)
+        live = LiveReply(await self.identities.outlet(channel, persona), reopen=self._reopener(channel, persona))
         try:
             pending = await self.chat.start_reply(key, persona)
         except QueueBusy as exc:

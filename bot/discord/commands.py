@@ -55,7 +55,7 @@ def may_change(interaction: discord.Interaction, admin_role: str | None) -> bool
 
 
 def _with_persona(
-    change: Callable[[CommandsCog, ConversationKey, Persona], Awaitable[str]],
+    change: Callable[[CommandsCog, discord.Interaction, Persona], Awaitable[str]],
 ) -> Callable[[CommandsCog, discord.Interaction, str], Awaitable[str]]:
     """An action on a persona id: unknown ids get the list of known ones, else `change` runs on the persona."""
 
@@ -63,7 +63,7 @@ def _with_persona(
     async def action(cog: CommandsCog, interaction: discord.Interaction, persona_id: str) -> str:
         if persona_id not in cog.personas:
             return cog._unknown(persona_id)
-        return await change(cog, conversation_key(interaction.channel), cog.personas.get(persona_id))
+        return await change(cog, interaction, cog.personas.get(persona_id))
 
     return action
 
@@ -151,19 +151,31 @@ class CommandsCog(commands.Cog):
         source = " (the parent channel's, until one is changed in this thread)" if channel.inherited else ""
         return f"Default persona: **{default}**. Also here: {names}. Auto-respond: {state}.{source}"
 
+    async def _active_here(self, key: ConversationKey) -> list[str]:
+        return active_personas(await self.store.get_settings(key), self.personas, self.settings.default_persona)
+
     @_with_persona
-    async def set_default(self, key: ConversationKey, persona: Persona) -> str:
+    async def set_default(self, interaction: discord.Interaction, persona: Persona) -> str:
+        key = conversation_key(interaction.channel)
+        was_default = (await self._active_here(key))[:1] == [persona.id]
         await self.store.set_default_persona(key, persona.id)
+        if not was_default:
+            await self.chat.introduce(interaction.channel, key, persona)  # type: ignore[arg-type]
         return f"**{persona.name}** now answers here by default."
 
     @_with_persona
-    async def add(self, key: ConversationKey, persona: Persona) -> str:
+    async def add(self, interaction: discord.Interaction, persona: Persona) -> str:
+        key = conversation_key(interaction.channel)
+        was_here = persona.id in await self._active_here(key)
         await self.store.add_persona(key, persona.id)
+        if not was_here:
+            await self.chat.introduce(interaction.channel, key, persona)  # type: ignore[arg-type]
         words = ", ".join(persona.addressed_by())
         return f"**{persona.name}** joins this channel. Address them by starting with: {words}."
 
     @_with_persona
-    async def remove(self, key: ConversationKey, persona: Persona) -> str:
+    async def remove(self, interaction: discord.Interaction, persona: Persona) -> str:
+        key = conversation_key(interaction.channel)
         await self.store.remove_persona(key, persona.id)
         if (await self.store.get_settings(key)).default_persona == persona.id:
             await self.store.set_default_persona(key, None)
