@@ -24,6 +24,7 @@ import gc
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -199,12 +200,25 @@ def transformers_cb_tokens_per_s(
     return sum(len(out.generated_tokens) for out in outputs.values()) / elapsed
 
 
+class Results(dict[str, Any]):
+    """The run's numbers; each is also written to stderr as it arrives, so a run cut short (a device
+    lent for minutes) still shows what it measured."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        print(json.dumps({key: value}), file=sys.stderr, flush=True)
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        for key, value in dict(other, **kwargs).items():
+            self[key] = value
+
+
 async def measure(
     model: Any, tokenizer: Any, settings: Settings, *, levels: list[int], new_tokens: int, prompt_words: int,
     baseline_runs: int, history_tokens: int, ttft_repeats: int,
 ) -> dict[str, Any]:
     sampling = Sampling(temperature=0.7, top_p=0.95, top_k=50, repetition_penalty=1.1, max_new_tokens=new_tokens)
-    result: dict[str, Any] = {}
+    result = Results()
     base = baseline_tokens_per_s(model, tokenizer, sampling, new_tokens, baseline_runs, prompt_words)
     result["baseline_tokens_per_s"] = round(base, 1)
     await worker_tokens_per_s(settings, model, tokenizer, sampling, 2, seed=-100, words=prompt_words)  # warm-up
@@ -226,7 +240,7 @@ async def measure(
         else:
             result["transformers_cb_tokens_per_s_16"] = round(cb, 1)
             result["engine_vs_transformers_cb_16"] = round(result["tokens_per_s_16"] / cb, 2)
-    return result
+    return dict(result)
 
 
 def main() -> None:
