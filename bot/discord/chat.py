@@ -13,7 +13,6 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import discord
@@ -23,7 +22,7 @@ from bot import metrics
 from bot.config import Settings
 from bot.conversation import ChatService, PendingReply
 from bot.discord.identity import SAFE_MENTIONS, Identities
-from bot.discord.stream import LiveReply, Outlet
+from bot.discord.stream import LiveReply, Outlet, Reopen
 from bot.discord.triggers import Signals, active_personas, choose_persona
 from bot.personas import Persona
 from bot.queue.base import QueueBusy, QueueUnavailable
@@ -225,7 +224,8 @@ class ChatCog(commands.Cog):
         self._remember(SentReply(key, persona.id, tuple(live.ids)))
         await self.chat.store_reply(key, persona, persona.greeting, live.ids)
 
-    def _reopener(self, channel: discord.abc.Messageable, persona: Persona) -> Callable[[Outlet], Awaitable[Outlet]]:
+    def _reopener(self, channel: discord.abc.Messageable, persona: Persona) -> Reopen:
+        """How a reply of `persona` here gets a new outlet after a moderator deleted its webhook."""
         async def reopen(gone: Outlet) -> Outlet:
             return await self.identities.replace(gone, channel, persona)  # type: ignore[arg-type]
 
