@@ -79,16 +79,17 @@ def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:
     name = str(card["name"]).strip()
 
     def plain(field: str, user: str = "the user") -> str:
-        text = str(card.get(field) or "").replace("\r\n", "\n").strip()
-        return re.sub(r"\{\{user\}\}|<USER>", user, re.sub(r"\{\{char\}\}|<BOT>", name, text, flags=re.I), flags=re.I)
+        return _fill(str(card.get(field) or "").replace("\r\n", "\n").strip(), name, user)
 
     instruction = DEFAULT_INSTRUCTION.format(name=name)
     own = plain("system_prompt")
+    always, lore = _book(card.get("character_book"), name)
     parts = [
         re.sub(r"\{\{original\}\}", instruction, own, flags=re.I) if own else instruction,
         plain("description"),
         f"{name}'s personality: {plain('personality')}" if plain("personality") else "",
         f"Scenario: {plain('scenario')}" if plain("scenario") else "",
+        *always,
     ]
     persona: dict[str, Any] = {
         "name": name[:80],
@@ -101,7 +102,36 @@ def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:
         persona["examples"] = examples
     first_word = re.split(r"\W+", name.lower())[0]
     persona["wake_words"] = [first_word] if first_word and first_word != name.lower() else []
+    if lore:
+        persona["lore"] = lore
     return persona
+
+
+def _book(book: Any, name: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """A card's embedded lorebook: entries marked `constant` (always true), and keyed lore entries.
+
+    Disabled entries and keyed entries without keys are left out.
+    """
+    always: list[str] = []
+    lore: list[dict[str, Any]] = []
+    entries = book.get("entries") if isinstance(book, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict) or entry.get("enabled") is False:
+            continue
+        content = _fill(str(entry.get("content") or "").strip(), name, "the user")
+        keys = [str(key).strip() for key in entry.get("keys") or [] if str(key).strip()]
+        if not content:
+            continue
+        if entry.get("constant"):
+            always.append(content)
+        elif keys:
+            lore.append({"keys": keys, "content": content})
+    return always, lore
+
+
+def _fill(text: str, name: str, user: str) -> str:
+    """The card's macros as plain text: `{{char}}`/`<BOT>` the name, `{{user}}`/`<USER>` `user`."""
+    return re.sub(r"\{\{user\}\}|<USER>", user, re.sub(r"\{\{char\}\}|<BOT>", name, text, flags=re.I), flags=re.I)
 
 
 def _first_line(text: str, limit: int = 200) -> str:
@@ -123,8 +153,7 @@ def _examples(text: str, name: str) -> list[dict[str, str]]:
         elif turns and line.strip():
             turns[-1]["content"] += "\n" + line
     for turn in turns:
-        turn["content"] = re.sub(r"\{\{char\}\}|<BOT>", name, turn["content"], flags=re.I).strip()
-        turn["content"] = re.sub(r"\{\{user\}\}|<USER>", DIALOGUE_USER, turn["content"], flags=re.I)
+        turn["content"] = _fill(turn["content"], name, DIALOGUE_USER).strip()
     return [turn for turn in turns if turn["content"]]
 
 

@@ -42,6 +42,23 @@ class ExampleTurn(BaseModel):
     content: str = Field(min_length=1)
 
 
+class LoreEntry(BaseModel):
+    """Background the persona is told only while the conversation mentions it (SillyTavern's world
+    info): a long setting costs prompt tokens only when it matters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[str] = Field(min_length=1)
+    content: str = Field(min_length=1)
+
+    @field_validator("keys")
+    @classmethod
+    def _no_empty_keys(cls, value: list[str]) -> list[str]:
+        if any(not key.strip() for key in value):
+            raise ValueError("keys must not be empty")
+        return value
+
+
 class Persona(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -55,6 +72,7 @@ class Persona(BaseModel):
     sampling: Sampling = Field(default_factory=Sampling)
     stop: list[str] = Field(default_factory=list)
     wake_words: list[str] = Field(default_factory=list)
+    lore: list[LoreEntry] = Field(default_factory=list)
 
     @field_validator("avatar_url")
     @classmethod

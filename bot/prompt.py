@@ -27,6 +27,10 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+LORE_SCAN_TURNS = 6  # how far back a mention still brings a lore entry into the prompt
+LORE_MAX_ENTRIES = 8
+LORE_HEADING = "Background that matters right now:"
+
 # Control-token shapes used by ChatML, Llama/Mistral and most chat templates.
 _CONTROL_TOKEN_RE = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|\[/?INST\]")
 
@@ -60,17 +64,33 @@ def is_multi_speaker(persona: Persona, turns: Sequence[ChatTurn], names: Mapping
     return len(others) > 1 or other_personas
 
 
+def relevant_lore(persona: Persona, turns: Sequence[ChatTurn]) -> list[str]:
+    """The persona's lore entries whose keys appear, as whole words in any case, in the newest
+    LORE_SCAN_TURNS turns; at most LORE_MAX_ENTRIES, in the persona file's order."""
+    recent = "\n".join(turn.content for turn in turns[-LORE_SCAN_TURNS:])
+    found = [
+        entry.content
+        for entry in persona.lore
+        if any(re.search(rf"(?<!\w){re.escape(key.strip())}(?!\w)", recent, re.IGNORECASE) for key in entry.keys)
+    ]
+    return found[:LORE_MAX_ENTRIES]
+
+
 def build_messages(
     persona: Persona, turns: Sequence[ChatTurn], *, persona_names: Mapping[str, str] | None = None
 ) -> list[dict[str, str]]:
     """Model messages for `persona` answering after `turns` (oldest first).
 
     `persona_names` maps other personas' ids to display names, for channels where several speak.
-    Their lines reach this persona as named user lines, never as its own assistant turns.
+    Their lines reach this persona as named user lines, never as its own assistant turns. Lore the
+    conversation just mentioned joins the system prompt.
     """
     names = persona_names or {}
     multi = is_multi_speaker(persona, turns, names)
-    messages: list[dict[str, str]] = [{"role": "system", "content": persona.system_prompt}]
+    system = persona.system_prompt
+    if lore := relevant_lore(persona, turns):
+        system += "\n\n" + LORE_HEADING + "\n" + "\n".join(f"- {fact}" for fact in lore)
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}]
     messages += [{"role": ex.role, "content": ex.content} for ex in persona.examples]
     for turn in turns:
         if turn.role == "assistant" and turn.persona_id in (None, persona.id):

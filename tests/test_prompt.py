@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.personas import Persona, PersonaRegistry
+from bot.personas import Persona, PersonaError, PersonaRegistry, load_persona_file
 from bot.prompt import (
     ChatTurn,
     PromptTooLong,
@@ -194,3 +194,30 @@ def test_prompt_command_rejects_bad_input_clearly(tiny_model_dir: Path) -> None:
 def test_persona_model_is_strict() -> None:
     with pytest.raises(ValueError):
         Persona(id="x", name="X", system_prompt="p", temperature=1)  # type: ignore[call-arg]
+
+
+def test_lore_joins_the_system_prompt_only_while_the_conversation_mentions_it() -> None:
+    persona = Persona(
+        id="keeper", name="Keeper", system_prompt="You keep the inn.",
+        lore=[
+            {"keys": ["Gull", "salvage ship"], "content": "The Gull is a salvage ship with a leaking hull."},
+            {"keys": ["tea"], "content": "The inn serves smoked tea."},
+        ],
+    )
+    system = lambda turns: build_messages(persona, turns)[0]["content"]  # noqa: E731
+    assert system([ChatTurn("user", "Evening!")]) == "You keep the inn."
+    assert system([ChatTurn("user", "Is the GULL in port?")]) == (
+        "You keep the inn.\n\nBackground that matters right now:\n- The Gull is a salvage ship with a leaking hull."
+    )
+    assert "smoked tea" not in system([ChatTurn("user", "Our team is thirsty.")])  # whole words only
+    both = system([ChatTurn("user", "Tea, please."), ChatTurn("assistant", "Coming."), ChatTurn("user", "And the salvage ship?")])
+    assert both.index("leaking hull") < both.index("smoked tea")  # the persona file's order
+    long_ago = [ChatTurn("user", "Tell me about the Gull."), *[ChatTurn("user", "hm") for _ in range(6)]]
+    assert "leaking hull" not in system(long_ago)  # out of the last six turns: out of the prompt
+
+
+def test_a_lore_entry_needs_keys_and_content(tmp_path: Path) -> None:
+    path = tmp_path / "keeper.yaml"
+    path.write_text("name: Keeper\nsystem_prompt: You keep the inn.\nlore:\n  - keys: []\n    content: x\n")
+    with pytest.raises(PersonaError, match=r"keeper.yaml:4: field 'lore.0.keys'"):
+        load_persona_file(path)
