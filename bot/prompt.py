@@ -83,14 +83,12 @@ def build_messages(
 
     `persona_names` maps other personas' ids to display names, for channels where several speak.
     Their lines reach this persona as named user lines, never as its own assistant turns. Lore the
-    conversation just mentioned joins the system prompt.
+    conversation just mentioned comes as a system line right before the newest turn: the system prompt
+    and the history before it stay the same prompt after prompt, so their KV cache stays reusable.
     """
     names = persona_names or {}
     multi = is_multi_speaker(persona, turns, names)
-    system = persona.system_prompt
-    if lore := relevant_lore(persona, turns):
-        system += "\n\n" + LORE_HEADING + "\n" + "\n".join(f"- {fact}" for fact in lore)
-    messages: list[dict[str, str]] = [{"role": "system", "content": system}]
+    messages: list[dict[str, str]] = [{"role": "system", "content": persona.system_prompt}]
     messages += [{"role": ex.role, "content": ex.content} for ex in persona.examples]
     for turn in turns:
         if turn.role == "assistant" and turn.persona_id in (None, persona.id):
@@ -104,6 +102,9 @@ def build_messages(
             messages.append({"role": "user", "content": f"{turn.author}: {turn.content}"})
         else:
             messages.append({"role": "user", "content": turn.content})
+    if lore := relevant_lore(persona, turns):
+        background = {"role": "system", "content": LORE_HEADING + "\n" + "\n".join(f"- {fact}" for fact in lore)}
+        messages.insert(len(messages) - 1 if turns else len(messages), background)
     return messages
 
 

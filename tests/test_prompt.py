@@ -196,7 +196,7 @@ def test_persona_model_is_strict() -> None:
         Persona(id="x", name="X", system_prompt="p", temperature=1)  # type: ignore[call-arg]
 
 
-def test_lore_joins_the_system_prompt_only_while_the_conversation_mentions_it() -> None:
+def test_lore_comes_before_the_newest_turn_only_while_the_conversation_mentions_it() -> None:
     persona = Persona(
         id="keeper", name="Keeper", system_prompt="You keep the inn.",
         lore=[
@@ -204,16 +204,23 @@ def test_lore_joins_the_system_prompt_only_while_the_conversation_mentions_it() 
             {"keys": ["tea"], "content": "The inn serves smoked tea."},
         ],
     )
-    system = lambda turns: build_messages(persona, turns)[0]["content"]  # noqa: E731
-    assert system([ChatTurn("user", "Evening!")]) == "You keep the inn."
-    assert system([ChatTurn("user", "Is the GULL in port?")]) == (
-        "You keep the inn.\n\nBackground that matters right now:\n- The Gull is a salvage ship with a leaking hull."
+
+    def background(turns: list[ChatTurn]) -> str | None:
+        messages = build_messages(persona, turns)
+        assert messages[0] == {"role": "system", "content": "You keep the inn."}  # never changes: cacheable
+        assert messages[-1]["content"] == turns[-1].content
+        return messages[-2]["content"] if messages[-2]["role"] == "system" and len(messages) > 2 else None
+
+    assert background([ChatTurn("user", "Evening!")]) is None
+    assert background([ChatTurn("user", "Is the GULL in port?")]) == (
+        "Background that matters right now:\n- The Gull is a salvage ship with a leaking hull."
     )
-    assert "smoked tea" not in system([ChatTurn("user", "Our team is thirsty.")])  # whole words only
-    both = system([ChatTurn("user", "Tea, please."), ChatTurn("assistant", "Coming."), ChatTurn("user", "And the salvage ship?")])
-    assert both.index("leaking hull") < both.index("smoked tea")  # the persona file's order
+    assert background([ChatTurn("user", "Our team is thirsty.")]) is None  # whole words only: not "tea"
+    both = background([ChatTurn("user", "Tea, please."), ChatTurn("assistant", "Coming."),
+                       ChatTurn("user", "And the salvage ship?")])
+    assert both is not None and both.index("leaking hull") < both.index("smoked tea")  # the file's order
     long_ago = [ChatTurn("user", "Tell me about the Gull."), *[ChatTurn("user", "hm") for _ in range(6)]]
-    assert "leaking hull" not in system(long_ago)  # out of the last six turns: out of the prompt
+    assert background(long_ago) is None  # out of the last six turns: out of the prompt
 
 
 def test_a_lore_entry_needs_keys_and_content(tmp_path: Path) -> None:
