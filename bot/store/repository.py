@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, delete, func, or_, select, text, update
+from sqlalchemy import ColumnElement, Row, Select, delete, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -48,7 +48,7 @@ class ChannelSettings:
     inherited: bool = False  # a thread showing its parent channel's settings
 
 
-def _stored(message: Message, key: str) -> StoredMessage:
+def _stored(message: Message | Row[Any], key: str) -> StoredMessage:
     return StoredMessage(
         id=message.id,
         conversation_key=key,
@@ -65,13 +65,20 @@ def _stored(message: Message, key: str) -> StoredMessage:
     )
 
 
-def _live_turns(conversation: Conversation) -> Select[tuple[Message]]:
-    """Undeleted turns since the conversation's reset point, newest first (served by the window index)."""
+def _live_turns(key: ConversationKey) -> Select[Any]:
+    """Undeleted turns of one conversation since its reset point, newest first, as plain rows: one
+    round trip and no ORM objects to build.
+
+    The conversation's id and reset point are scalar subqueries, which both databases evaluate once
+    and then use as constants of a backward range scan of the window index. (A join instead lets
+    PostgreSQL walk the newest messages of every conversation until it reaches this one's.)
+    """
+    conversation = Conversation.key == key.as_str()
     return (
-        select(Message)
+        select(*Message.__table__.columns)
         .where(
-            Message.conversation_id == conversation.id,
-            Message.id > conversation.reset_after_id,
+            Message.conversation_id == select(Conversation.id).where(conversation).scalar_subquery(),
+            Message.id > select(Conversation.reset_after_id).where(conversation).scalar_subquery(),
             Message.deleted_at.is_(None),
         )
         .order_by(Message.id.desc())
@@ -190,21 +197,17 @@ class ConversationStore:
         """The newest `limit` live turns since the last reset, oldest first (the model's context)."""
         if limit < 0:
             raise ValueError(f"window limit must be >= 0 (got {limit})")
+        if limit == 0:
+            return []
         async with self._sessions() as session:
-            conversation = await self._conversation(session, key)
-            if conversation is None or limit == 0:
-                return []
-            rows = await session.scalars(_live_turns(conversation).limit(limit))
-            return [_stored(m, conversation.key) for m in reversed(rows.all())]
+            rows = (await session.execute(_live_turns(key).limit(limit))).all()
+        return [_stored(row, key.as_str()) for row in reversed(rows)]
 
     async def last_assistant_turn(self, key: ConversationKey) -> StoredMessage | None:
         """The newest live assistant turn since the last reset (what /regenerate replaces)."""
         async with self._sessions() as session:
-            conversation = await self._conversation(session, key)
-            if conversation is None:
-                return None
-            message = await session.scalar(_live_turns(conversation).where(Message.role == "assistant").limit(1))
-            return None if message is None else _stored(message, conversation.key)
+            row = (await session.execute(_live_turns(key).where(Message.role == "assistant").limit(1))).first()
+        return None if row is None else _stored(row, key.as_str())
 
     async def find_message(self, discord_message_id: int) -> StoredMessage | None:
         """A stored turn by the Discord id of any of its messages, deleted ones included (check `deleted_at`)."""
