@@ -448,7 +448,13 @@ async def guild_on_shard(fake: FakeDiscord, shard: int, count: int, member: User
         await asyncio.sleep(0.002)  # the next snowflake's millisecond decides its shard
 
 
-async def answered_once(fake: FakeDiscord, channels: list[Channel], text: str) -> None:
+async def each_answered_once(
+    fake: FakeDiscord, llm: OpenAITestServer, channels: list[Channel], author: User, text: str
+) -> None:
+    """A mention in each channel gets exactly one reply `text`: no shard misses it or answers twice."""
+    llm.script(*(Reply(text) for _ in channels))
+    for channel in channels:
+        await fake.send_message(channel, author, f"<@{fake.bot_user.id}> hi")
     for channel in channels:
         await fake.wait_for_message(channel, lambda m: m.webhook_id is not None and m.content == text)
     await asyncio.sleep(0.3)  # a second answer from a wrongly routed shard would show by now
@@ -464,10 +470,7 @@ async def test_one_process_runs_every_shard_discord_recommends(
     channels = [await guild_on_shard(fake_discord, shard, 2, w.alice) for shard in (0, 1)]
     async with BotApp(make_settings(fake_discord, llm, tmp_path), guild_ready_timeout=0.1) as app:
         assert app.bot is not None and sorted(app.bot.shards) == [0, 1]
-        llm.script(Reply("Hello from a shard."), Reply("Hello from a shard."))
-        for channel in channels:
-            await fake_discord.send_message(channel, w.alice, f"<@{fake_discord.bot_user.id}> hi")
-        await answered_once(fake_discord, channels, "Hello from a shard.")
+        await each_answered_once(fake_discord, llm, channels, w.alice, "Hello from a shard.")
 
 
 async def test_two_processes_split_the_shards_of_one_token(
@@ -481,10 +484,7 @@ async def test_two_processes_split_the_shards_of_one_token(
         assert app0.bot is not None and app1.bot is not None
         assert app0.bot.get_channel(channels[0].id) and not app0.bot.get_channel(channels[1].id)
         assert app1.bot.get_channel(channels[1].id) and not app1.bot.get_channel(channels[0].id)
-        llm.script(Reply("One of us answers."), Reply("One of us answers."))
-        for channel in channels:
-            await fake_discord.send_message(channel, w.alice, f"<@{fake_discord.bot_user.id}> hi")
-        await answered_once(fake_discord, channels, "One of us answers.")
+        await each_answered_once(fake_discord, llm, channels, w.alice, "One of us answers.")
 
 
 # -- slash command registration ------------------------------------------------------------------------
