@@ -181,7 +181,8 @@ def _by_id(personas: Iterable[Persona]) -> dict[str, Persona]:
 def _file_state(directory: Path) -> tuple[tuple[str, int, int], ...]:
     """Name, modification time and size of each persona file: what changes when one is edited."""
     try:
-        return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in persona_files([directory]))
+        stats = [(path.name, path.stat()) for path in persona_files([directory])]
+        return tuple((name, st.st_mtime_ns, st.st_size) for name, st in stats)
     except OSError:  # the directory (or a file) vanished between listing and stat
         return ()
 

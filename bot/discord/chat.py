@@ -232,11 +232,15 @@ class ChatCog(commands.Cog):
         return reopen
 
     async def _addressed_persona(self, key: ConversationKey, speaker: Persona, text: str) -> Persona | None:
-        """Another persona active here that `text` addresses at its start, as a person would."""
+        """Another persona active here that `text` addresses at its start, as a person would. Most
+        replies address nobody, so the channel's settings are read only when a name starts the text."""
+        personas = self.chat.personas
+        addressed = personas.find_addressed(text, [p.id for p in personas if p.id != speaker.id])
+        if addressed is None:
+            return None
         channel = await self.chat.store.get_settings(key)
-        others = [p for p in active_personas(channel, self.chat.personas, self.settings.default_persona)
-                  if p != speaker.id]
-        return self.chat.personas.find_addressed(text, others) if others else None
+        active = active_personas(channel, personas, self.settings.default_persona)
+        return addressed if addressed.id in active else None
 
     async def _reply(self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona) -> str | None:
         """Stream one reply; its text when it finished normally and was shown, else None."""
