@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import discord
@@ -171,16 +172,19 @@ class ChatCog(commands.Cog):
         message, me = payload.message, self.bot.user
         if "content" not in payload.data or message.author.bot or message.webhook_id or me is None:
             return
-        await self.chat.store.edit_message(payload.message_id, message_text(message, me.id))
+        with _store_trouble_logged("an edit"):
+            await self.chat.store.edit_message(payload.message_id, message_text(message, me.id))
 
     @commands.Cog.listener()
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
-        await self.chat.store.delete_message(payload.message_id)
+        with _store_trouble_logged("a deletion"):
+            await self.chat.store.delete_message(payload.message_id)
 
     @commands.Cog.listener()
     async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
-        for message_id in payload.message_ids:
-            await self.chat.store.delete_message(message_id)
+        with _store_trouble_logged("a bulk deletion"):
+            for message_id in payload.message_ids:
+                await self.chat.store.delete_message(message_id)
 
     # ----- replying -----
 
@@ -204,6 +208,8 @@ class ChatCog(commands.Cog):
             log.warning("could not deliver a reply or notice in %s: %s", key, exc)
         except STORE_ERRORS as exc:
             log.warning("database unavailable; no hand-off in %s: %s", key, exc)
+        except QueueUnavailable as exc:  # e.g. cancelling a job after Discord refused its message
+            log.warning("queue unavailable in %s: %s", key, exc)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -313,6 +319,10 @@ class ChatCog(commands.Cog):
                     metrics.count_error(event.kind)
                     log.warning("reply failed kind=%s: %s", event.kind, event.message)
                     ending = UNAVAILABLE if event.kind in ("timeout", "dead_letter", "unavailable") else FAILED
+        except QueueUnavailable as exc:  # the queue went away mid-reply: say so under what was shown
+            metrics.count_error("queue_unavailable")
+            log.warning("queue unavailable while streaming: %s", exc)
+            ending = UNAVAILABLE
         finally:
             typing.cancel()
         if ending and ending != STOPPED and text.strip():
@@ -324,6 +334,16 @@ class ChatCog(commands.Cog):
             self.sent[message_id] = reply
         while len(self.sent) > REMEMBERED_REPLIES:
             self.sent.popitem(last=False)
+
+
+@contextlib.contextmanager
+def _store_trouble_logged(what: str) -> Iterator[None]:
+    """Mirroring an event into a database that is down: log one line, not a traceback per event."""
+    try:
+        yield
+    except STORE_ERRORS as exc:
+        metrics.count_error("store_unavailable")
+        log.warning("database unavailable; %s was not mirrored: %s", what, exc)
 
 
 async def _keep_typing(channel: discord.abc.Messageable) -> None:

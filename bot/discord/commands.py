@@ -8,6 +8,7 @@ may look. In a DM the user owns the conversation and may change it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from bot.config import Settings
 from bot.discord.chat import STORE_DOWN, ChatCog, conversation_key
 from bot.discord.triggers import active_personas
 from bot.personas import Persona, PersonaRegistry
+from bot.queue.base import QueueUnavailable
 from bot.store.db import STORE_ERRORS
 from bot.store.keys import ConversationKey
 
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 LIST_LIMIT = 1900  # under Discord's 2000, with room for the "more" line
 
+COMMAND_FAILED = "Sorry, that didn't work: Discord or the reply service refused it. Please try again."
 NOT_ALLOWED = "You need the Manage Channels permission{role} to change this channel's settings."
 
 
@@ -130,6 +133,9 @@ class CommandsCog(commands.Cog):
                 metrics.count_error("store_unavailable")
                 log.warning("database unavailable; a command was not done: %s", exc)
                 text = STORE_DOWN
+            except (QueueUnavailable, discord.HTTPException) as exc:  # the user still gets an answer
+                log.warning("a command failed: %s", exc)
+                text = COMMAND_FAILED
         await interaction.followup.send(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
 
     def _unknown(self, persona_id: str) -> str:
@@ -237,11 +243,9 @@ class CommandsCog(commands.Cog):
         ids = await self.store.discord_ids(last)
         outlet = await self.chat.identities.outlet(interaction.channel, persona)  # type: ignore[arg-type]
         for message_id in ids:
-            try:
+            with contextlib.suppress(discord.NotFound):
                 await outlet.delete(message_id)
-            except discord.NotFound:
-                pass
-            await self.store.delete_message(message_id)
+        await self.store.delete_message(last.discord_message_id)  # erases the whole turn, every part
         task = asyncio.create_task(self.chat.reply(interaction.channel, key, persona))  # type: ignore[arg-type]
         self.chat.background.add(task)
         task.add_done_callback(self.chat.background.discard)

@@ -87,15 +87,19 @@ class LiveReply:
         return self._touched[index] + self.interval - time.monotonic()
 
     async def show(self, text: str) -> None:
-        """Bring Discord closer to `text` without waiting: skip edits that are not due yet."""
+        """Bring Discord closer to `text` without waiting: skip edits that are not due yet. While the
+        newest message is not due, nothing is split at all (text arrives far more often than edits)."""
+        if self.ids and self._due_in(len(self.ids) - 1) > 0:
+            return
         for index, chunk in enumerate(split_message(text, self.limit)):
-            if index >= len(self.ids):
-                await self._send(chunk)
-            elif chunk != self._shown[index] and self._due_in(index) <= 0:
-                try:
+            try:
+                if index >= len(self.ids):
+                    await self._send(chunk)
+                elif chunk != self._shown[index] and self._due_in(index) <= 0:
                     await self._edit(index, chunk)
-                except discord.HTTPException as exc:  # the next show or finish catches up
-                    log.warning("streaming edit failed: %s", exc)
+            except discord.HTTPException as exc:  # the next show or finish catches up
+                log.warning("streaming update failed: %s", exc)
+                return
 
     async def finish(self, text: str) -> None:
         """Make Discord show exactly `text`; extra messages from an earlier, longer text are removed."""
