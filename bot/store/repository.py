@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, delete, func, or_, select, text, update
+from sqlalchemy import ColumnElement, Row, Select, delete, func, select, text, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -86,9 +86,14 @@ def _live_turns(key: ConversationKey) -> Select[Any]:
 
 
 def _by_discord_id(discord_message_id: int) -> ColumnElement[bool]:
-    """The turn a Discord message belongs to: its first message, or a later part of a split reply."""
-    part_of = select(MessagePart.message_id).where(MessagePart.discord_message_id == discord_message_id)
-    return or_(Message.discord_message_id == discord_message_id, Message.id.in_(part_of))
+    """The turn a Discord message belongs to: its first message, or a later part of a split reply.
+
+    A UNION of two index lookups: written as `discord_message_id = X OR id IN (...)`, PostgreSQL
+    scans the whole messages table (20 ms at 200k rows) on every Discord delete event.
+    """
+    first = select(Message.id).where(Message.discord_message_id == discord_message_id)
+    part = select(MessagePart.message_id).where(MessagePart.discord_message_id == discord_message_id)
+    return Message.id.in_(union_all(first, part))
 
 
 def _iso(value: datetime | None) -> str | None:
