@@ -98,6 +98,8 @@ async def test_threads_with_settings_keep_them_across_0003(empty_database_url: s
         (1, "g1/c2", 2, None, "narrator"),  # the channel
         (2, "g1/c2/t3", 2, 3, "edward_elric"),  # a thread that chose its own persona
         (3, "g1/c2/t4", 2, 4, None),  # a thread that never changed anything
+        (4, "g1/c2/t5", 2, 5, None),  # a thread that only turned auto-respond on
+        (5, "g1/c2/t6", 2, 6, None),  # a thread that only added a persona
     ]
     try:
         async with engine.begin() as connection:
@@ -108,6 +110,11 @@ async def test_threads_with_settings_keep_them_across_0003(empty_database_url: s
                          "default_persona) VALUES (:id, :key, 1, :channel, :thread, CURRENT_TIMESTAMP, :persona)"),
                     dict(zip(("id", "key", "channel", "thread", "persona"), row, strict=True)),
                 )
+            await connection.execute(text("UPDATE conversations SET autorespond = TRUE WHERE id = 4"))
+            await connection.execute(text(
+                "INSERT INTO conversation_personas (conversation_id, persona_id, added_at) "
+                "VALUES (5, 'sherlock_holmes', CURRENT_TIMESTAMP)"
+            ))
     finally:
         await engine.dispose()
     await upgrade_async(empty_database_url)
@@ -116,6 +123,10 @@ async def test_threads_with_settings_keep_them_across_0003(empty_database_url: s
         assert (await store.get_settings(ConversationKey(1, 2, 3))).default_persona == "edward_elric"
         follows = await store.get_settings(ConversationKey(1, 2, 4))
         assert (follows.default_persona, follows.inherited) == ("narrator", True)
+        autoresponds = await store.get_settings(ConversationKey(1, 2, 5))
+        assert (autoresponds.autorespond, autoresponds.inherited, autoresponds.default_persona) == (True, False, None)
+        added = await store.get_settings(ConversationKey(1, 2, 6))
+        assert (added.personas, added.inherited) == (["sherlock_holmes"], False)
     finally:
         await store.close()
 
