@@ -487,3 +487,27 @@ async def test_cli_lists_dead_letters_from_redis(
     monkeypatch.setenv("HERMES_QUEUE_URL", "memory://")
     assert await asyncio.to_thread(main, ["queue", "dead-letters"]) == 2
     assert "keeps its dead letters inside the bot's own process" in capsys.readouterr().err
+
+
+async def test_a_worker_that_lost_its_job_cannot_publish_into_it(
+    redis_harness: Harness, redis_admin: aioredis.Redis
+) -> None:
+    """Fencing in Redis itself: once the job's attempt moved on (another worker took it over), this
+    worker's events are dropped by the PUBLISH script, even if the worker never asks `is_cancelled`."""
+    bot = redis_harness.start()
+    worker = redis_harness.worker()
+    j = job()
+    await bot.submit(j)
+    await fetch_one(worker)
+    await worker.publish(TextDelta(job_id=j.job_id, seq=0, text="mine"))
+    await redis_admin.hincrby(f"{redis_harness.prefix}:job:{j.job_id}", "attempt", 1)  # taken over
+    await worker.publish(TextDelta(job_id=j.job_id, seq=1, text=" stale"))
+    await worker.publish(Done(job_id=j.job_id, finish_reason="stop", prompt_tokens=1, completion_tokens=2))
+    seen = []
+    async with asyncio.timeout(2):
+        async for _, event in bot.stream(j.job_id):
+            seen.append(event)
+            if len(seen) == 1:
+                break
+    assert seen == [TextDelta(job_id=j.job_id, seq=0, text="mine")]
+    assert await redis_admin.xlen(f"{redis_harness.prefix}:events:{j.job_id}") == 1
