@@ -25,7 +25,7 @@ from bot import metrics
 from bot.config import Settings
 from bot.engine import Engine, EngineError, GenerationRequest, GenerationStream, TextChunk, make_engine
 from bot.logging_setup import log_context
-from bot.queue.base import Delivery, JobQueue
+from bot.queue.base import Delivery, JobQueue, QueueEvent
 from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
 
 log = logging.getLogger(__name__)
@@ -157,23 +157,28 @@ class Worker:
         try:
             stream = self.engine.submit(request)
             self._held[job.job_id] = (job, stream)
-            async for item in stream:
-                if isinstance(item, TextChunk):
-                    if seq == delivery.next_seq:
-                        metrics.observe_first_token(time.time() - started)
-                    await self.queue.publish(TextDelta(job_id=job.job_id, seq=seq, text=item.text))
-                    seq += 1
-                elif item.reason == "released":
-                    await self.queue.release(job.job_id)
-                    log.info("released job for another worker after %d deltas", seq)
-                    return
-                else:
-                    metrics.observe_generation(time.time() - started, item.completion_tokens)
-                    done = Done(
-                        job_id=job.job_id, finish_reason=item.reason,
-                        prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens,
-                    )
-                    await self._finish(job, done)
+            async for batch in stream.batches():  # one queue round trip per batch, not per token
+                events: list[QueueEvent] = []
+                for item in batch:
+                    if isinstance(item, TextChunk):
+                        if seq == delivery.next_seq:
+                            metrics.observe_first_token(time.time() - started)
+                        events.append(TextDelta(job_id=job.job_id, seq=seq, text=item.text))
+                        seq += 1
+                    elif item.reason == "released":
+                        await self.queue.publish_many(events)
+                        await self.queue.release(job.job_id)
+                        log.info("released job for another worker after %d deltas", seq)
+                        return
+                    else:
+                        metrics.observe_generation(time.time() - started, item.completion_tokens)
+                        events.append(Done(
+                            job_id=job.job_id, finish_reason=item.reason,
+                            prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens,
+                        ))
+                await self.queue.publish_many(events)
+                if isinstance(events[-1], Done):
+                    await self.queue.complete(job.job_id)
         except EngineError as exc:
             metrics.count_error("engine")
             log.warning("generation failed: %s", exc)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bot.config import Settings
-from bot.engine.base import EngineError, Finish, GenerationRequest, TextChunk
+from bot.engine.base import EngineError, Finish, GenerationRequest, GenerationStream, TextChunk
 from bot.engine.kv import (
     PrefillCache,
     PrefixCache,
@@ -278,3 +278,17 @@ def test_a_local_model_on_the_cpu_loads_without_the_warning(
 ) -> None:
     load_model(Settings(model=str(tiny_model_dir), device="cpu"))
     assert "no GPU" not in caplog.text
+
+
+async def test_a_stream_hands_over_everything_waiting_as_one_batch() -> None:
+    stream = GenerationStream(GenerationRequest("b", chat("hi"), GREEDY))
+    stream.feed([TextChunk("a"), TextChunk("b")])
+    stream.feed([TextChunk("c"), Finish("stop", 1, 3)])
+    assert [batch async for batch in stream.batches()] == [[TextChunk("a"), TextChunk("b"), TextChunk("c"),
+                                                          Finish("stop", 1, 3)]]
+    failing = GenerationStream(GenerationRequest("f", chat("hi"), GREEDY))
+    failing.feed([TextChunk("x"), EngineError("boom"), TextChunk("never")])
+    batches = failing.batches()
+    assert await anext(batches) == [TextChunk("x")]  # what came before the error is still delivered
+    with pytest.raises(EngineError, match="boom"):
+        await anext(batches)

@@ -92,14 +92,25 @@ class GenerationStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[StreamItem]:
+        async for batch in self.batches():
+            for item in batch:
+                yield item
+
+    async def batches(self) -> AsyncIterator[list[StreamItem]]:
+        """The items in order, everything already waiting at once, so a worker can publish a whole
+        batch in one queue round trip (decode steps pile up while the event loop is busy)."""
         while not self._done:
-            item = await self._items.get()
-            if isinstance(item, EngineError):
+            batch = [await self._items.get()]
+            while not self._items.empty() and not isinstance(batch[-1], Finish | EngineError):
+                batch.append(self._items.get_nowait())
+            last = batch[-1]
+            if isinstance(last, EngineError):
                 self._done = True
-                raise item
-            if isinstance(item, Finish):
-                self._done = True
-            yield item
+                if len(batch) > 1:
+                    yield batch[:-1]  # type: ignore[misc]
+                raise last
+            self._done = isinstance(last, Finish)
+            yield batch  # type: ignore[misc]
 
 
 class Engine(ABC):
