@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bot.config import Settings, SettingsError, load_settings
+from bot.engine.base import EngineError
 from bot.personas import PersonaError, UnknownPersona
 from bot.prompt import PromptTooLong
 from bot.prompt_cli import ConversationInputError
@@ -255,5 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"hermes-bot: {exc}", file=sys.stderr)
         return 2
+    except EngineError as exc:  # the model or the OpenAI-compatible server is not usable
+        print(f"hermes-bot: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

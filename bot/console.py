@@ -17,8 +17,7 @@ import zlib
 
 from bot.config import Settings
 from bot.conversation import ChatService
-from bot.engine import EngineError
-from bot.personas import Persona, PersonaError, PersonaRegistry
+from bot.personas import Persona, PersonaRegistry
 from bot.queue.base import JobQueue, QueueBusy
 from bot.queue.jobs import Done, ErrorEvent, TextDelta
 from bot.store.keys import ConversationKey
@@ -38,20 +37,8 @@ def _note(text: str) -> None:
 
 def run_chat(settings: Settings, persona_id: str) -> int:
     """The `hermes-bot chat` entry point; returns the exit status."""
-    try:
-        personas = PersonaRegistry.load(settings.personas_dir)
-        persona = personas.get(persona_id)
-    except PersonaError as exc:
-        _note(f"hermes-bot: {exc}")
-        return 2
-    except KeyError as exc:
-        _note(f"hermes-bot: {exc.args[0]}")
-        return 2
-    try:
-        return asyncio.run(_chat(settings, personas, persona))
-    except EngineError as exc:
-        _note(f"hermes-bot: {exc}")
-        return 1
+    personas = PersonaRegistry.load(settings.personas_dir)  # its errors are reported by cli.main
+    return asyncio.run(_chat(settings, personas, personas.get(persona_id)))
 
 
 async def _chat(settings: Settings, personas: PersonaRegistry, persona: Persona) -> int:

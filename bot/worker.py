@@ -201,11 +201,7 @@ def run_worker(settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        asyncio.run(_serve_forever(settings))
-    except EngineError as exc:
-        print(f"hermes-bot: {exc}", file=sys.stderr)
-        return 1
+    asyncio.run(_serve_forever(settings))  # an EngineError is reported by cli.main
     return 0
 
 
