@@ -22,6 +22,7 @@ import yaml
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CARD_CHUNKS = ("ccv3", "chara")  # V3 first: a V3 PNG also keeps a V2 copy under "chara"
 DIALOGUE_USER = "friend"
+NOT_A_NAME = {"the", "a", "an", "mr", "mrs", "ms", "dr", "sir", "lady", "lord", "miss", "madam", "old", "young", "my"}
 DEFAULT_INSTRUCTION = "Write {name}'s next reply in a fictional chat with the people here. Stay in character as {name}."
 
 
@@ -101,7 +102,9 @@ def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:
     if examples := _examples(str(card.get("mes_example") or ""), name):
         persona["examples"] = examples
     first_word = re.split(r"\W+", name.lower())[0]
-    persona["wake_words"] = [first_word] if first_word and first_word != name.lower() else []
+    # "Mira Vance" answers to "mira"; "The Narrator" must not answer every sentence that starts with "the".
+    meaningful = len(first_word) >= 3 and first_word not in NOT_A_NAME and first_word != name.lower()
+    persona["wake_words"] = [first_word] if meaningful else []
     if lore:
         persona["lore"] = lore
     return persona

@@ -142,3 +142,12 @@ def test_a_cards_lorebook_becomes_lore_and_constant_entries_join_the_prompt(
     ]
     assert persona.system_prompt.endswith("Captain Mira Vance never lies to the user.")
     assert "disabled note" not in (personas_dir / "captain_mira_vance.yaml").read_text()
+
+
+def test_an_article_or_title_is_not_made_a_wake_word(tmp_path: Path, personas_dir: Path) -> None:
+    for name, expected in (("The Narrator", []), ("Dr. Watson", []), ("Mira Vance", ["mira"])):
+        card = tmp_path / "card.json"
+        card.write_text(json.dumps({"name": name, "description": "x"}))
+        assert main(["personas", "import", str(card), "--force"]) == 0
+        persona = PersonaRegistry.load(personas_dir).get(name.lower().replace(". ", "_").replace(" ", "_"))
+        assert persona.wake_words == expected

@@ -181,16 +181,11 @@ class OpenAIEngine(Engine):
                 if choice.get("finish_reason") and not finished:
                     finished = True
                     state["reason"] = "length" if choice["finish_reason"] == "length" else "stop"
-                    rest = stops.flush()
-                    if rest:
-                        stream.feed([TextChunk(rest)])
         else:
             if not finished and not state["tokens"]:
                 raise _Retryable(f"the server at {self.url} closed the stream before any text")
-        if not finished:
-            rest = stops.flush()
-            if rest:
-                stream.feed([TextChunk(rest)])
+        if rest := stops.flush():  # the text held back in case it began a stop string
+            stream.feed([TextChunk(rest)])
 
 
 def _error_detail(body: str) -> str:
