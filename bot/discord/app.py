@@ -118,7 +118,6 @@ class BotApp:
         done, _ = await asyncio.wait({connection, ready}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
         if ready not in done:
             ready.cancel()
-            await self.close()
             if connection in done:
                 connection.result()  # raises why the gateway connection ended
             raise TimeoutError(f"no READY from the Discord gateway within {READY_TIMEOUT_S:.0f}s")
@@ -149,7 +148,11 @@ class BotApp:
         self._tasks.clear()
 
     async def __aenter__(self) -> BotApp:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:  # e.g. a refused token: what did start (store, queue, worker) is stopped too
+            await self.close()
+            raise
         return self
 
     async def __aexit__(
