@@ -10,10 +10,10 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PERSONA_SUFFIXES = (".yaml", ".yml")
 REFRESH_EVERY_S = 2.0  # how often a running bot looks for edited persona files
@@ -42,21 +42,23 @@ class ExampleTurn(BaseModel):
     content: str = Field(min_length=1)
 
 
+def _without_blank_entries(value: list[str]) -> list[str]:
+    if any(not item.strip() for item in value):
+        raise ValueError("entries must not be empty")
+    return value
+
+
+NonBlankStrings = Annotated[list[str], AfterValidator(_without_blank_entries)]
+
+
 class LoreEntry(BaseModel):
     """Background the persona is told only while the conversation mentions it (SillyTavern's world
     info): a long setting costs prompt tokens only when it matters."""
 
     model_config = ConfigDict(extra="forbid")
 
-    keys: list[str] = Field(min_length=1)
+    keys: NonBlankStrings = Field(min_length=1)
     content: str = Field(min_length=1)
-
-    @field_validator("keys")
-    @classmethod
-    def _no_empty_keys(cls, value: list[str]) -> list[str]:
-        if any(not key.strip() for key in value):
-            raise ValueError("keys must not be empty")
-        return value
 
 
 class Persona(BaseModel):
@@ -70,8 +72,8 @@ class Persona(BaseModel):
     greeting: str | None = None
     examples: list[ExampleTurn] = Field(default_factory=list)
     sampling: Sampling = Field(default_factory=Sampling)
-    stop: list[str] = Field(default_factory=list)
-    wake_words: list[str] = Field(default_factory=list)
+    stop: NonBlankStrings = Field(default_factory=list)
+    wake_words: NonBlankStrings = Field(default_factory=list)
     lore: list[LoreEntry] = Field(default_factory=list)
 
     @field_validator("avatar_url")
@@ -79,13 +81,6 @@ class Persona(BaseModel):
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("https://", "http://")):
             raise ValueError("must be an http(s) URL")
-        return value
-
-    @field_validator("stop", "wake_words")
-    @classmethod
-    def _no_empty(cls, value: list[str]) -> list[str]:
-        if any(not item.strip() for item in value):
-            raise ValueError("entries must not be empty")
         return value
 
     def addressed_by(self) -> list[str]:

@@ -75,20 +75,24 @@ class PrefillCache:
     """
 
     def __init__(self, kv: SlotKV, first_slot: int, starts: list[int], lengths: list[int]) -> None:
-        self.kv, self.first, self.starts, self.lengths = kv, first_slot, starts, lengths
+        self.kv = kv
+        self.rows = slice(first_slot, first_slot + len(starts))
         self.kv_len = max(s + n for s, n in zip(starts, lengths, strict=True))
+        # Where every real token goes, computed once for all layers: one indexed copy per layer.
+        q, device = max(lengths), kv.keys[0].device
+        pairs = [(row, start + i, q - length + i)
+                 for row, (start, length) in enumerate(zip(starts, lengths, strict=True)) for i in range(length)]
+        row, position, column = (torch.tensor(axis, device=device) for axis in zip(*pairs, strict=True))
+        self._src = (row, slice(None), column)
+        self._dst = (row + first_slot, slice(None), position)
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        q = key.shape[2]
         keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
-        for row, (start, length) in enumerate(zip(self.starts, self.lengths, strict=True)):
-            slot = self.first + row
-            keys[slot, :, start : start + length] = key[row, :, q - length :]
-            values[slot, :, start : start + length] = value[row, :, q - length :]
-        rows = slice(self.first, self.first + len(self.starts))
-        return keys[rows, :, : self.kv_len], values[rows, :, : self.kv_len]
+        keys[self._dst] = key[self._src]
+        values[self._dst] = value[self._src]
+        return keys[self.rows, :, : self.kv_len], values[self.rows, :, : self.kv_len]
 
 
 def prefill_positions(starts: list[int], lengths: list[int], device: torch.device) -> torch.Tensor:
