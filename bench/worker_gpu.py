@@ -28,6 +28,8 @@ from worker_throughput import measure  # noqa: E402
 
 from bot.config import Settings  # noqa: E402
 from bot.devtools import build_tokenizer  # noqa: E402
+from bot.engine.decode import DecodeGraphs, decode_logits  # noqa: E402
+from bot.engine.kv import SlotKV  # noqa: E402
 
 
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, vocab: int, tokenizer: object):  # type: ignore[no-untyped-def]
@@ -54,6 +56,26 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, vocab: int
     return model.eval()
 
 
+def graph_check(model: torch.nn.Module, rows: int = 11, slots: int = 16) -> dict[str, object]:
+    """One decode step replayed from a CUDA graph (padded to a bucket) against the eager step on the same
+    K/V: whether the capture worked, and the largest logit difference relative to the largest logit."""
+    config = model.config
+    kv = SlotKV(
+        layers=config.num_hidden_layers, slots=slots, kv_heads=config.num_key_value_heads, max_len=512,
+        head_dim=config.hidden_size // config.num_attention_heads, dtype=torch.bfloat16, device=torch.device("cuda"),
+    )
+    for buf in (*kv.keys, *kv.values):
+        buf.normal_()
+    tokens, positions = list(range(5, 5 + rows)), [30 + 17 * i for i in range(rows)]
+    graphs = DecodeGraphs(model, kv, None, capture=True)
+    with torch.inference_mode():
+        replayed = graphs.logits(tokens, positions).float()
+        eager = decode_logits(model, kv, torch.tensor(tokens, device="cuda").unsqueeze(-1),
+                              torch.tensor(positions, device="cuda"), max(positions) + 1, None).float()
+    return {"graph_captured": graphs.capture and graphs.captured == 1,
+            "graph_vs_eager_rel_diff": round(float((replayed - eager).abs().max() / eager.abs().max()), 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="small model on CPU: checks the script runs")
@@ -71,12 +93,14 @@ def main() -> None:
         model="random-mistral-7b", device=str(device), max_batch_size=max(levels), context_tokens=4096,
         prefix_cache_mb=8192,
     )
+    checked = graph_check(model) if device.type == "cuda" else {}
+    print(json.dumps(checked), file=sys.stderr, flush=True)
     result = asyncio.run(measure(
         model, tokenizer, settings, levels=levels, new_tokens=16 if args.tiny else 128, prompt_words=12,
         baseline_runs=1 if args.tiny else 2, history_tokens=500 if args.tiny else 3000, ttft_repeats=3,
     ))
     result.update(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", dtype=str(dtype),
+        checked, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", dtype=str(dtype),
         params=sum(p.numel() for p in model.parameters()), build_s=round(built_s, 1),
         total_s=round(time.perf_counter() - start, 1),
     )

@@ -12,6 +12,7 @@ import torch
 
 from bot.config import Settings
 from bot.engine.base import EngineError, Finish, GenerationRequest, GenerationStream, TextChunk
+from bot.engine.decode import KV_BLOCK, DecodeGraphs, decode_logits
 from bot.engine.kv import (
     PrefillCache,
     PrefixCache,
@@ -40,11 +41,15 @@ def loaded(tiny_model_dir: Path) -> tuple[Any, Any]:
     return tokenizer, model
 
 
-@pytest.fixture
-async def engine(loaded: tuple[Any, Any], tiny_model_dir: Path) -> AsyncIterator[TransformersEngine]:
+@pytest.fixture(params=[False, True], ids=["eager-decode", "graph-buckets"])
+async def engine(
+    loaded: tuple[Any, Any], tiny_model_dir: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[TransformersEngine]:
+    """The engine with exact decode steps (the CPU's way), and with the padded buckets a GPU's CUDA graphs
+    replay, here run eagerly."""
     tokenizer, model = loaded
     settings = Settings(model=str(tiny_model_dir), device="cpu", max_batch_size=4, context_tokens=1024)
-    eng = TransformersEngine(settings, model=model, tokenizer=tokenizer)
+    eng = TransformersEngine(settings, model=model, tokenizer=tokenizer, cuda_graphs=request.param)
     await eng.start()
     yield eng
     await eng.close()
@@ -171,6 +176,49 @@ def test_a_padded_prefill_group_matches_separate_forwards(loaded: tuple[Any, Any
         for layer in range(config.num_hidden_layers):
             for mine, theirs in ((together.keys, alone.keys), (together.values, alone.values)):
                 assert torch.allclose(mine[layer][row, :, : len(ids)], theirs[layer][row, :, : len(ids)], atol=1e-5)
+
+
+def test_a_padded_decode_bucket_matches_the_exact_step(loaded: tuple[Any, Any]) -> None:
+    """Three rows padded to a bucket of four: the real rows' logits and K/V equal an exact step's, and
+    the padding row leaves its slot (here one being prefilled) untouched below the last position."""
+    _, model = loaded
+    config = model.config
+    torch.manual_seed(3)
+
+    def slots() -> SlotKV:
+        kv = SlotKV(
+            layers=config.num_hidden_layers, slots=4, kv_heads=config.num_key_value_heads, max_len=300,
+            head_dim=config.hidden_size // config.num_attention_heads, dtype=torch.float32, device=torch.device("cpu"),
+        )
+        for buf in (*kv.keys, *kv.values):
+            buf.copy_(torch.randn_like(buf))  # any cached history: the step must read it the same way
+        return kv
+
+    exact_kv, padded_kv = slots(), slots()
+    for mine, theirs in zip((*padded_kv.keys, *padded_kv.values), (*exact_kv.keys, *exact_kv.values), strict=True):
+        mine.copy_(theirs)
+    before = [buf[3].clone() for buf in padded_kv.keys]
+    tokens, positions = [5, 17, 42], [7, 120, 31]
+    graphs = DecodeGraphs(model, padded_kv, None, capture=False)
+    assert graphs.bucket(3, 121) == (4, 256)
+    with torch.no_grad():
+        padded = graphs.logits(tokens, positions)
+        exact = decode_logits(model, exact_kv, torch.tensor(tokens).unsqueeze(-1), torch.tensor(positions), 121, None)
+    assert padded.shape == exact.shape == (3, model.config.vocab_size)
+    assert torch.allclose(padded, exact, atol=1e-4)
+    for mine, theirs in zip((*padded_kv.keys, *padded_kv.values), (*exact_kv.keys, *exact_kv.values), strict=True):
+        assert torch.allclose(mine[:3], theirs[:3], atol=1e-5)
+    for layer, old in enumerate(before):
+        assert torch.equal(padded_kv.keys[layer][3, :, : graphs.pad_position], old[:, : graphs.pad_position])
+
+
+def test_decode_buckets_are_powers_of_two_rows_and_kv_blocks(loaded: tuple[Any, Any]) -> None:
+    _, model = loaded
+    kv = SlotKV(layers=1, slots=6, kv_heads=1, max_len=4096, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
+    graphs = DecodeGraphs(model, kv, None, capture=False)
+    assert [graphs.bucket(rows, 1)[0] for rows in range(1, 7)] == [1, 2, 4, 4, 6, 6]  # capped at the slots
+    assert [graphs.bucket(1, n)[1] for n in (1, KV_BLOCK, KV_BLOCK + 1, 4000, 4096)] == [
+        KV_BLOCK, KV_BLOCK, 2 * KV_BLOCK, 4096, 4096]
 
 
 # --- the engine -------------------------------------------------------------------------------

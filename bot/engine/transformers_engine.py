@@ -34,8 +34,8 @@ from bot.engine.base import (
     GenerationStream,
     TextChunk,
 )
+from bot.engine.decode import PAD_ID, DecodeGraphs, decode_logits
 from bot.engine.kv import (
-    DecodeCache,
     PrefillCache,
     PrefixCache,
     PrefixEntry,
@@ -50,7 +50,6 @@ from bot.prompt import PromptTooLong, encode_messages
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512  # prompt tokens (padding included) per step while others decode: keeps their latency flat
-PAD_ID = 0  # fills the left padding of a prefill group; its outputs and K/V are discarded
 
 
 def resolve_device(name: str) -> torch.device:
@@ -138,13 +137,21 @@ class _Running:
 
 
 class TransformersEngine(Engine):
-    """Continuous batching over `SlotKV` with prefix reuse. `model`/`tokenizer` may be passed in (benchmarks)."""
+    """Continuous batching over `SlotKV` with prefix reuse. `model`/`tokenizer` may be passed in (benchmarks).
+
+    `cuda_graphs` (default: on a CUDA device) runs decode steps through `DecodeGraphs`; on the CPU
+    that means the same padded buckets, run eagerly (how the tests check them).
+    """
 
     name = "transformers"
 
-    def __init__(self, settings: Settings, *, model: Any = None, tokenizer: Any = None) -> None:
+    def __init__(
+        self, settings: Settings, *, model: Any = None, tokenizer: Any = None, cuda_graphs: bool | None = None
+    ) -> None:
         self.settings = settings
         self.model, self.tokenizer = model, tokenizer
+        self.cuda_graphs = cuda_graphs
+        self.graphs: DecodeGraphs | None = None
         self.device = next(model.parameters()).device if model is not None else None
         self._inbox: deque[GenerationStream] = deque()
         self._wake = threading.Event()
@@ -207,6 +214,12 @@ class TransformersEngine(Engine):
         self.penalty = torch.ones(slots, device=self.device)
         self.prefixes = PrefixCache(self.settings.prefix_cache_mb * 1024 * 1024)
         self.eos_ids = self._eos_ids()
+        on_gpu = self.device.type == "cuda"
+        if self.cuda_graphs if self.cuda_graphs is not None else on_gpu:
+            self.graphs = DecodeGraphs(self.model, self.kv, self.window, capture=on_gpu)
+            if on_gpu:
+                with torch.inference_mode():
+                    self.graphs.warm_up()
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -364,18 +377,16 @@ class TransformersEngine(Engine):
     def _decode_step(self) -> None:
         self._use_threads(prefill=False)
         rows = len(self._running)
-        positions = torch.tensor([r.cached for r in self._running], device=self.device)
-        kv_len = max(r.cached for r in self._running) + 1
-        tokens = torch.tensor([[r.ids[-1]] for r in self._running], device=self.device)
-        logits = self.model(
-            input_ids=tokens,
-            position_ids=positions.unsqueeze(-1),
-            attention_mask=causal_mask(positions.unsqueeze(-1), kv_len, self.window),
-            cache=DecodeCache(self.kv, positions, kv_len),
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1].float()
-        chosen = self._sample(logits, slice(0, rows)).tolist()
+        tokens = [r.ids[-1] for r in self._running]
+        positions = [r.cached for r in self._running]
+        if self.graphs is not None:
+            logits = self.graphs.logits(tokens, positions)
+        else:
+            logits = decode_logits(
+                self.model, self.kv, torch.tensor(tokens, device=self.device).unsqueeze(-1),
+                torch.tensor(positions, device=self.device), max(positions) + 1, self.window,
+            )
+        chosen = self._sample(logits.float(), slice(0, rows)).tolist()
         batch = list(self._running)
         for run in batch:  # first, so slot moves made while accepting copy this step's KV too
             run.cached += 1
