@@ -373,6 +373,34 @@ async def test_stop_and_regenerate(env: Env) -> None:
     assert await eventually(regenerated)
 
 
+async def test_two_quick_regenerates_replace_only_the_last_reply(env: Env) -> None:
+    """Both /regenerate arrive before either reply starts: one replaces the last reply, the other is
+    told to wait, and the reply before it stays (a second replacement would have erased that one)."""
+    w = env.world
+    key = ConversationKey(w.guild.id, w.general.id)
+    env.llm.script(Reply("first answer"), Reply("second answer"))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} one")
+    await persona_reply(env, w.general, "first answer")
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} two")
+    await persona_reply(env, w.general, "second answer")
+
+    async def stored(text: str) -> bool:
+        last = await env.store.last_assistant_turn(key)
+        return last is not None and last.content == text
+
+    assert await eventually(lambda: stored("second answer"))
+    env.llm.script(Reply("a new second answer", chunk_chars=4, delay_s=0.05), Reply("must not be written"))
+    answers = await asyncio.gather(*(slash(env, "regenerate", user=user) for user in (w.alice, w.bob)))
+    assert sorted("new reply" in a for a in answers) == [False, True]
+    assert any("still being written" in a for a in answers)
+    await persona_reply(env, w.general, "a new second answer")
+    assert await eventually(lambda: stored("a new second answer"))
+    shown = [m.content for m in env.fake.bot_messages(w.general)]
+    assert "first answer" in shown and "second answer" not in shown and "must not be written" not in shown
+    history = [m.content for m in await env.store.window(key, 10)]
+    assert "first answer" in history and "second answer" not in history
+
+
 async def test_queue_full_gets_a_friendly_message(
     fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
 ) -> None:

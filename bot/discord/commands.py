@@ -113,6 +113,9 @@ class CommandsCog(commands.Cog):
         self.bot, self.settings, self.chat = bot, settings, chat
         self.personas: PersonaRegistry = chat.chat.personas
         self.store = chat.chat.store
+        # Conversations whose last reply a /regenerate is replacing: claimed before its first await and
+        # released when the new reply ends, so a second /regenerate cannot erase the turn before it.
+        self.regenerating: set[ConversationKey] = set()
         bot.tree.add_command(PersonaGroup(self))
 
     async def answer(  # type: ignore[no-untyped-def]
@@ -234,11 +237,28 @@ class CommandsCog(commands.Cog):
 
     async def regenerate(self, interaction: discord.Interaction) -> str:
         key = conversation_key(interaction.channel)
-        if key in self.chat.running:
+        if key in self.chat.running or key in self.regenerating:
             return "A reply is still being written here; use /stop first."
+        self.regenerating.add(key)
+        try:
+            answer, reply = await self._replace_last_reply(interaction, key)
+        except BaseException:
+            self.regenerating.discard(key)
+            raise
+        if reply is None:
+            self.regenerating.discard(key)
+        else:
+            reply.add_done_callback(lambda _: self.regenerating.discard(key))
+        return answer
+
+    async def _replace_last_reply(
+        self, interaction: discord.Interaction, key: ConversationKey
+    ) -> tuple[str, asyncio.Task[None] | None]:
+        """Delete the last reply here (every part) and start writing a new one: the answer, and the
+        task writing it (None when there was nothing to replace)."""
         last = await self.store.last_assistant_turn(key)
         if last is None or last.discord_message_id is None or last.persona_id not in self.personas:
-            return "There is no reply here to regenerate."
+            return "There is no reply here to regenerate.", None
         persona = self.personas.get(last.persona_id)
         ids = await self.store.discord_ids(last)
         outlet = await self.chat.identities.outlet(interaction.channel, persona)  # type: ignore[arg-type]
@@ -249,4 +269,4 @@ class CommandsCog(commands.Cog):
         task = asyncio.create_task(self.chat.reply(interaction.channel, key, persona))  # type: ignore[arg-type]
         self.chat.background.add(task)
         task.add_done_callback(self.chat.background.discard)
-        return f"Writing a new reply as **{persona.name}**."
+        return f"Writing a new reply as **{persona.name}**.", task
