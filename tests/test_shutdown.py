@@ -100,6 +100,15 @@ class Process:
         await self._reader
         return code, time.monotonic() - started
 
+    async def wait_exit(self) -> int:
+        """The exit status of a process that ends by itself (within STOP_TIMEOUT_S)."""
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            raise AssertionError(f"still running after {STOP_TIMEOUT_S}s:\n{self.log}") from None
+        await self._reader
+        return code
+
     async def kill(self) -> None:
         if self.proc.returncode is None:
             self.proc.kill()
@@ -206,6 +215,31 @@ async def test_bot_sigterm_closes_discord_database_and_exits(
     # SQLite removes the write-ahead log when the last connection closes cleanly.
     assert (tmp_path / "hermes.db").is_file() and not (tmp_path / "hermes.db-wal").exists()
     assert "Traceback" not in bot.log and "Unclosed" not in bot.log, bot.log
+
+
+@pytest.mark.parametrize(
+    ("close_code", "status", "says"),
+    [
+        (4014, 2, "Privileged Gateway Intents > Message Content Intent"),
+        (4004, 2, "Discord rejected the token"),
+        (4010, 1, "with code 4010; HERMES_SHARD_IDS names a shard outside"),
+    ],
+)
+async def test_bot_exits_with_an_error_when_discord_ends_the_session(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path,
+    close_code: int, status: int, says: str,
+) -> None:
+    """A session Discord ends for good after READY stops `hermes-bot run` with an error status and a
+    line saying what to fix, not a silent exit 0 (a supervisor would not know to alert or restart)."""
+    bot = await start_bot(fake_discord, llm, tmp_path)
+    try:
+        await fake_discord.end_sessions(close_code, "ended by the test")
+        code = await bot.wait_exit()
+    finally:
+        await bot.kill()
+    assert code == status, bot.log
+    assert says in bot.log
+    assert "Traceback" not in bot.log, bot.log
 
 
 async def test_bot_sigterm_finishes_the_reply_in_flight(

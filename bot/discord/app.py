@@ -161,7 +161,24 @@ class BotApp:
         await self.close()
 
 
+class GatewayEnded(RuntimeError):
+    """The gateway connection ended without a signal to stop and without an error from Discord."""
+
+
+TOKEN_REJECTED = "Discord rejected the token (DISCORD_TOKEN); check it in the developer portal"
+INTENT_REFUSED = (
+    "Discord refused the Message Content intent this bot needs to read messages: turn it on in the developer "
+    "portal (your application > Bot > Privileged Gateway Intents > Message Content Intent), then start again"
+)
+CLOSE_CODE_HINTS = {
+    4010: "HERMES_SHARD_IDS names a shard outside HERMES_SHARD_COUNT",
+    4011: "this bot is in too many servers for HERMES_SHARD_COUNT; raise it, or leave it unset",
+}
+
+
 async def _run_until_signal(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT; if the gateway connection ends first, raise why (Discord's error, or
+    GatewayEnded), so the process exits with an error status that a supervisor restarts on."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -171,16 +188,36 @@ async def _run_until_signal(settings: Settings) -> None:
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({app.connection, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
+        if not stop.is_set():
+            app.connection.result()
+            raise GatewayEnded("the Discord gateway connection ended")
 
 
 def run_bot(settings: Settings) -> int:
-    """`hermes-bot run`: the bot (and, on memory://, its worker) until SIGTERM/SIGINT."""
+    """`hermes-bot run`: the bot (and, on memory://, its worker) until SIGTERM/SIGINT.
+
+    Exit status 0 after a signal, 2 when Discord refuses the token or the intents (a setting to fix,
+    restarting won't help), 1 when the connection ended for another reason."""
     from bot.logging_setup import configure_logging
 
     configure_logging(settings)
     try:
         asyncio.run(_run_until_signal(settings))
     except discord.LoginFailure:
-        log.error("Discord rejected the token (DISCORD_TOKEN); check it in the developer portal")
+        log.error(TOKEN_REJECTED)
         return 2
+    except discord.PrivilegedIntentsRequired:
+        log.error(INTENT_REFUSED)
+        return 2
+    except discord.ConnectionClosed as exc:
+        if exc.code == 4004:
+            log.error(TOKEN_REJECTED)
+            return 2
+        hint = CLOSE_CODE_HINTS.get(exc.code or 0)
+        details = "".join(f"; {part}" for part in (exc.reason, hint) if part)
+        log.error("Discord closed the gateway connection with code %s%s", exc.code, details)
+        return 1
+    except GatewayEnded as exc:
+        log.error("%s", exc)
+        return 1
     return 0

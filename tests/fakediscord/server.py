@@ -117,6 +117,12 @@ class FakeDiscord:
             await self._runner.cleanup()
             self._runner = None
 
+    async def end_sessions(self, code: int, reason: str) -> None:
+        """Close every gateway session with `code`, as Discord ends a session for good (4004: the token
+        was reset, 4014: an intent was turned off in the developer portal)."""
+        for session in list(self.sessions):
+            await session.ws.close(code=code, message=reason.encode())
+
     # ---- waiting ---------------------------------------------------------------------------
 
     def _notify(self) -> None:
