@@ -162,6 +162,47 @@ async def test_reply_dm_and_bots_ignored(env: Env) -> None:
     assert len(env.llm.requests) == before
 
 
+async def test_a_channel_the_bot_is_not_part_of_costs_one_history_lookup(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chatter where the bot never spoke is neither stored nor looked up again per message; once the
+    bot answers there, the chatter after it is kept as history."""
+    w = env.world
+    key = ConversationKey(w.guild.id, w.general.id)
+    assert env.app.bot is not None
+    cog = env.app.bot.get_cog("ChatCog")
+    lookups: list[ConversationKey] = []
+    handled: list[int] = []
+    last_turn, handle = env.store.last_assistant_turn, cog._handle
+
+    async def counting_lookup(k: ConversationKey):  # type: ignore[no-untyped-def]
+        lookups.append(k)
+        return await last_turn(k)
+
+    async def counting_handle(message):  # type: ignore[no-untyped-def]
+        await handle(message)
+        handled.append(message.id)
+
+    monkeypatch.setattr(env.store, "last_assistant_turn", counting_lookup)
+    monkeypatch.setattr(cog, "_handle", counting_handle)
+    for i in range(3):
+        await env.fake.send_message(w.general, w.alice, f"people talking {i}")
+        await eventually(lambda n=i + 1: _true_when(len(handled) >= n))
+    assert lookups == [key]
+    assert await env.store.window(key, 10) == []
+    env.llm.script(Reply("hello there"))
+    await env.fake.send_message(w.general, w.bob, f"{mention(env)} hi")
+    await persona_reply(env, w.general, "hello there")
+    await env.fake.send_message(w.general, w.alice, "people talking again")
+    await eventually(lambda: _true_when(len(handled) >= 5))
+    history = [m.content for m in await env.store.window(key, 10)]
+    assert history[-1] == "people talking again" and "people talking 0" not in history
+
+
+async def _true_when(condition: bool) -> bool:
+    return condition
+
+
 async def test_thread_is_its_own_conversation_through_the_parent_webhook(env: Env) -> None:
     w = env.world
     env.llm.script(Reply("thread answer"))

@@ -69,7 +69,11 @@ class ChatCog(commands.Cog):
         self.bot, self.settings, self.chat, self.identities = bot, settings, chat, identities
         self.running: dict[ConversationKey, PendingReply] = {}
         self.sent: OrderedDict[int, SentReply] = OrderedDict()  # every message id of recent replies
+        # Where the bot has spoken (it keeps their history), and where the store said it never has: a busy
+        # channel the bot is not part of then costs no query per message. Safe to keep in memory because
+        # only this process writes a guild's replies (shard processes split guilds).
         self._participating: set[ConversationKey] = set()
+        self._silent: set[ConversationKey] = set()
         self.background: set[asyncio.Task[None]] = set()  # replies started by commands
         self._busy_noticed: dict[ConversationKey, float] = {}  # when each last got a "busy" line
         self.accepting = True  # False once shutdown starts: new messages are left alone
@@ -126,7 +130,7 @@ class ChatCog(commands.Cog):
         persona = choose_persona(signals, channel, self.chat.personas, self.settings.default_persona)
         if persona is None and not await self._takes_part(key):
             return
-        self._participating.add(key)
+        self._take_part(key)
         await self.chat.record_user_turn(
             key,
             message_id=message.id,
@@ -139,9 +143,19 @@ class ChatCog(commands.Cog):
             await self.reply(message.channel, key, persona)
 
     async def _takes_part(self, key: ConversationKey) -> bool:
-        if key not in self._participating and await self.chat.store.last_assistant_turn(key) is not None:
-            self._participating.add(key)
-        return key in self._participating
+        if key in self._participating:
+            return True
+        if key in self._silent:
+            return False
+        if await self.chat.store.last_assistant_turn(key) is not None:
+            self._take_part(key)
+            return True
+        self._silent.add(key)
+        return False
+
+    def _take_part(self, key: ConversationKey) -> None:
+        self._participating.add(key)
+        self._silent.discard(key)
 
     async def _signals(self, message: discord.Message) -> Signals:
         me = self.bot.user
@@ -226,7 +240,7 @@ class ChatCog(commands.Cog):
         except discord.HTTPException as exc:
             log.warning("could not post %s's greeting in %s: %s", persona.id, key, exc)
             return
-        self._participating.add(key)
+        self._take_part(key)
         self._remember(SentReply(key, persona.id, tuple(live.ids)))
         await self.chat.store_reply(key, persona, persona.greeting, live.ids)
 
