@@ -8,6 +8,7 @@ exit with status 2; they never end in a traceback.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,12 +55,12 @@ def _cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_personas(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.personas import PersonaRegistry, load_persona_file, persona_files
+    from bot.personas import PersonaRegistry, load_persona_file, persona_files, personas_directory
 
     if args.action == "import":
         return _import_card(Path(args.card), settings.personas_dir, persona_id=args.id, force=args.force)
     if args.action == "validate":
-        paths = persona_files([Path(p) for p in args.paths] or [settings.personas_dir])
+        paths = persona_files([Path(p) for p in args.paths] or [personas_directory(settings.personas_dir)])
         failures = 0
         for path in paths:
             try:
@@ -85,9 +86,10 @@ def _cmd_personas(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _import_card(card_path: Path, directory: Path, *, persona_id: str | None, force: bool) -> int:
-    """Write a character card as `directory/<id>.yaml`, only once it validates as a persona."""
+    """Write a character card as `directory/<id>.yaml`, only once it validates as a persona. A missing
+    default directory starts as a copy of the bundled personas, so the default persona stays there."""
     from bot.character_cards import CardError, card_to_persona, persona_id_for, persona_yaml, read_card
-    from bot.personas import parse_persona
+    from bot.personas import PERSONA_SUFFIXES, parse_persona, personas_directory
 
     try:
         card = read_card(card_path)
@@ -99,7 +101,12 @@ def _import_card(card_path: Path, directory: Path, *, persona_id: str | None, fo
         raise UsageError(f"{target} exists; pass --force to replace it, or --id to import under another id")
     text = persona_yaml(persona, card_path)
     imported = parse_persona(text, target)  # a PersonaError names the field before anything is written
+    bundled = personas_directory(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if bundled != directory:
+        for source in sorted(p for p in bundled.iterdir() if p.suffix in PERSONA_SUFFIXES):
+            shutil.copyfile(source, directory / source.name)
+        print(f"created {directory}/ with the bundled personas, to edit or remove as you like")
     target.write_text(text, encoding="utf-8")
     print(f"imported {imported.name!r} as persona {imported.id}: {target}")
     return 0

@@ -15,6 +15,8 @@ import yaml
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+DEFAULT_PERSONAS_DIR = Path("personas")  # relative to where the bot runs; see personas.personas_directory
+
 YAML_FILE_ENV = "HERMES_CONFIG_FILE"
 DEFAULT_YAML_FILE = "hermes.yaml"
 
@@ -57,7 +59,7 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = Field(
         None, validation_alias=_alias("HERMES_OPENAI_API_KEY")
     )
-    personas_dir: Path = Field(Path("personas"), validation_alias=_alias("HERMES_PERSONAS_DIR"))
+    personas_dir: Path = Field(DEFAULT_PERSONAS_DIR, validation_alias=_alias("HERMES_PERSONAS_DIR"))
     default_persona: str = Field("hermes", validation_alias=_alias("HERMES_DEFAULT_PERSONA"))
     discord_api_base: str | None = Field(
         None, validation_alias=_alias("HERMES_DISCORD_API_BASE")

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from bot.config import DEFAULT_PERSONAS_DIR
+
 PERSONA_SUFFIXES = (".yaml", ".yml")
 REFRESH_EVERY_S = 2.0  # how often a running bot looks for edited persona files
 
@@ -193,6 +195,24 @@ def persona_files(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
+def bundled_personas_dir() -> Path | None:
+    """The personas shipped with hermes-bot: in an installed wheel (bot/bundled_personas), or the
+    checkout's personas/ beside the package (an editable install run from another folder)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "bundled_personas", package.parent / DEFAULT_PERSONAS_DIR):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def personas_directory(configured: Path) -> Path:
+    """Where personas load from: `configured`, or the bundled personas when it is the default
+    `personas` and no such folder exists where the bot runs (a `pip install` started anywhere)."""
+    if configured == DEFAULT_PERSONAS_DIR and not configured.is_dir():
+        return bundled_personas_dir() or configured
+    return configured
+
+
 class PersonaRegistry:
     """The personas loaded from one directory, by id. Loading stops at the first invalid file.
 
@@ -209,9 +229,12 @@ class PersonaRegistry:
 
     @classmethod
     def load(cls, directory: Path) -> PersonaRegistry:
-        if not directory.is_dir():
+        source = personas_directory(directory)
+        if not source.is_dir():
             raise PersonaError(directory, None, None, "personas directory not found (set HERMES_PERSONAS_DIR)")
-        return cls((load_persona_file(path) for path in persona_files([directory])), directory=directory)
+        if source != directory:
+            log.info("no %s/ folder here: using the bundled personas in %s", directory, source)
+        return cls((load_persona_file(path) for path in persona_files([source])), directory=source)
 
     def refresh(self, required: str | None = None) -> bool:
         """Reload when the directory's files changed (looked at most every `refresh_every_s`); True

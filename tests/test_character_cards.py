@@ -151,3 +151,21 @@ def test_an_article_or_title_is_not_made_a_wake_word(tmp_path: Path, personas_di
         assert main(["personas", "import", str(card), "--force"]) == 0
         persona = PersonaRegistry.load(personas_dir).get(name.lower().replace(". ", "_").replace(" ", "_"))
         assert persona.wake_words == expected
+
+
+def test_without_a_personas_folder_the_bundled_ones_load_and_an_import_starts_from_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run from a folder with no personas/ and HERMES_PERSONAS_DIR unset (a pip install): the bundled
+    personas load, and importing a card creates personas/ with them, so the default persona stays."""
+    monkeypatch.delenv("HERMES_PERSONAS_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["personas", "list"]) == 0
+    assert {line.split()[0] for line in capsys.readouterr().out.splitlines()} >= {"hermes", "edward_elric"}
+    card = tmp_path / "mira.png"
+    card.write_bytes(png_card(CARD_V2))
+    assert main(["personas", "import", str(card)]) == 0
+    assert "created personas/ with the bundled personas" in capsys.readouterr().out
+    assert {p.id for p in PersonaRegistry.load(Path("personas"))} >= {"hermes", "edward_elric", "captain_mira_vance"}
+    bundled = Path(__file__).resolve().parent.parent / "personas"
+    assert (tmp_path / "personas" / "hermes.yaml").read_text() == (bundled / "hermes.yaml").read_text()

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -153,34 +151,3 @@ def test_cli_db_upgrade_from_another_directory(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "database at head" in result.stdout
     upgrade(f"sqlite+aiosqlite:///{db}")  # already at head: nothing to do, no error
-
-
-def test_an_installed_wheel_upgrades_a_database_without_the_checkout(tmp_path: Path) -> None:
-    """A plain `pip install` (not editable) must carry the migrations: the bot upgrades SQLite at start."""
-    source = tmp_path / "src"
-    shutil.copytree(ROOT / "bot", source / "bot", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
-         str(source)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert built.returncode == 0, built.stderr
-    (wheel,) = (tmp_path / "dist").glob("hermes_bot-*.whl")
-    site = tmp_path / "site"
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(site)  # what pip install puts in site-packages
-    db = tmp_path / "hermes.db"
-    env = os.environ | {"HERMES_DATABASE_URL": f"sqlite+aiosqlite:///{db}", "PYTHONPATH": str(site)}
-    result = subprocess.run(
-        [sys.executable, "-m", "bot", "db", "upgrade"], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "database at head" in result.stdout
-    check = subprocess.run(
-        [sys.executable, "-c", "import bot, sys; print(bot.__file__)"], cwd=tmp_path, env=env, capture_output=True,
-        text=True, timeout=60,
-    )
-    assert check.stdout.startswith(str(site))  # it ran the wheel's copy, not the checkout
