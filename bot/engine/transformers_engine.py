@@ -6,9 +6,9 @@ shared prefixes across requests; with those, the loop is small (see BENCHMARKS.m
 
 Each loop iteration: take new requests, drop cancelled ones, prefill the waiting prompts that fit
 one forward (or the next chunk of one long prompt) into free slots, then run ONE batched decode step
-for every running request. Requests join and
-leave between steps. All torch work happens on the engine thread; text reaches the event loop through
-`GenerationStream.feed_threadsafe`, once per step.
+for every running request (on a GPU, replayed from a CUDA graph: `decode.py`). Requests join and
+leave between steps. After start, all torch work happens on the engine thread; text reaches the
+event loop through `GenerationStream.feed_threadsafe`, once per step.
 """
 
 from __future__ import annotations
