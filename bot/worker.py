@@ -45,6 +45,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._watch_done = asyncio.Event()
         self._slot_free = asyncio.Event()
         self.started = asyncio.Event()
 
@@ -65,9 +66,10 @@ class Worker:
             await self._take_jobs()
             await self._drain()
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            # A stop flag, not watcher.cancel(): redis-py 8.1 often loses a cancellation that lands
+            # mid-command (the command returns), and the watcher would then poll forever.
+            self._watch_done.set()
+            await watcher
             await self.engine.close()
             self._stopped.set()
 
@@ -115,7 +117,9 @@ class Worker:
     async def _watch(self) -> None:
         """Every poll_s: cancel streams whose job was cancelled (or taken over) or whose deadline passed."""
         while True:
-            await asyncio.sleep(self.poll_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._watch_done.wait(), self.poll_s)
+                return
             metrics.set_active_conversations(len(self._held))
             try:
                 metrics.set_queue_depth(await self.queue.depth())
