@@ -105,6 +105,25 @@ async def test_streaming_edit_failure_is_skipped_not_raised() -> None:
     assert list(outlet.messages.values()) == ["one two three"] and reply.ids == list(outlet.messages)
 
 
+async def test_a_refused_first_message_raises_and_a_failing_continuation_is_throttled() -> None:
+    """No permission to post: the first send raises at once (the caller stops the generation) instead of
+    being retried on every token. A continuation message that keeps failing is tried once per interval."""
+    outlet = MemoryOutlet(fail_next=[403])
+    reply = LiveReply(outlet, limit=40, interval=0.2)
+    try:
+        await reply.show("hello")
+    except discord.HTTPException as exc:
+        assert exc.status == 403
+    else:
+        raise AssertionError("a refused first message must raise")
+    await reply.show("hello")  # Discord lets it through now
+    outlet.fail_next = [500] * 50
+    await asyncio.sleep(0.25)
+    for n in range(20):
+        await reply.show("hello " + "more " * (n + 9))  # needs a second message every time
+    assert 50 - len(outlet.fail_next) == 1 and len(reply.ids) == 1
+
+
 async def test_finish_removes_messages_a_shorter_text_no_longer_needs() -> None:
     outlet = MemoryOutlet()
     reply = LiveReply(outlet, interval=0.0)

@@ -78,6 +78,7 @@ class LiveReply:
         self._shown: list[str] = []
         self._touched: list[float] = []
         self._orphaned: set[int] = set()  # sent through a webhook that was since deleted
+        self._sends_paused_until = 0.0  # after a failed send, like an edit, the next try waits an interval
 
     @property
     def limit(self) -> int:
@@ -88,16 +89,25 @@ class LiveReply:
 
     async def show(self, text: str) -> None:
         """Bring Discord closer to `text` without waiting: skip edits that are not due yet. While the
-        newest message is not due, nothing is split at all (text arrives far more often than edits)."""
-        if self.ids and self._due_in(len(self.ids) - 1) > 0:
+        newest message is not due, nothing is split at all (text arrives far more often than edits).
+
+        A failed update is left for the next show or finish to catch up, except a first message that
+        Discord refuses outright (no permission to post here): that raises, as nothing can be shown."""
+        now = time.monotonic()
+        if now < self._sends_paused_until or (self.ids and self._due_in(len(self.ids) - 1) > 0):
             return
         for index, chunk in enumerate(split_message(text, self.limit)):
+            sending = index >= len(self.ids)
             try:
-                if index >= len(self.ids):
+                if sending:
                     await self._send(chunk)
                 elif chunk != self._shown[index] and self._due_in(index) <= 0:
                     await self._edit(index, chunk)
-            except discord.HTTPException as exc:  # the next show or finish catches up
+            except discord.HTTPException as exc:
+                if sending and not self.ids and not _retryable(exc):
+                    raise
+                if sending:
+                    self._sends_paused_until = time.monotonic() + self.interval
                 log.warning("streaming update failed: %s", exc)
                 return
 
