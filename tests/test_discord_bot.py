@@ -707,6 +707,21 @@ async def test_a_persona_hands_the_turn_to_another_it_addresses(env: Env) -> Non
     assert len(env.llm.requests) == 2  # HERMES_PERSONA_HAND_OFFS=1: Sherlock's answer hands nothing on
 
 
+async def test_no_hand_off_once_shutdown_began(env: Env) -> None:
+    w = env.world
+    assert "Sherlock" in await slash(env, "persona add", {"persona": "sherlock_holmes"})
+    env.llm.script(Reply("Sherlock, what do you make of this?", chunk_chars=4, delay_s=0.05), Reply("Too late."))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} someone stole the tarts")
+    await env.fake.wait_for(  # Sherlock's greeting came first
+        lambda: [m for m in env.fake.bot_messages(w.general) if m.username == "Hermes 2"], what="the reply streaming"
+    )
+    assert env.app.bot is not None
+    drained = asyncio.create_task(env.app.bot.get_cog("ChatCog").drain(10))  # what shutdown does first
+    await persona_reply(env, w.general, "Sherlock, what do you make of this?")
+    assert await drained  # the reply in flight finished, and nothing started after it
+    assert len(env.llm.requests) == 1
+
+
 async def test_a_persona_that_joins_a_channel_greets_it_once(env: Env) -> None:
     w = env.world
     greeting = "The tavern door creaks open as rain lashes the cobblestones outside. Who steps in from the storm?"

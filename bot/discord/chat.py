@@ -70,8 +70,9 @@ class ChatCog(commands.Cog):
         self.running: dict[ConversationKey, PendingReply] = {}
         self.sent: OrderedDict[int, SentReply] = OrderedDict()  # every message id of recent replies
         # Where the bot has spoken (it keeps their history), and where the store said it never has: a busy
-        # channel the bot is not part of then costs no query per message. Safe to keep in memory because
-        # only this process writes a guild's replies (shard processes split guilds).
+        # channel the bot is not part of then costs no history lookup per message (its settings are still
+        # read). Safe to keep in memory because only this process writes a guild's replies (shard
+        # processes split guilds).
         self._participating: set[ConversationKey] = set()
         self._silent: set[ConversationKey] = set()
         self.background: set[asyncio.Task[None]] = set()  # replies started by commands
@@ -216,7 +217,8 @@ class ChatCog(commands.Cog):
         try:
             text = await self._reply(channel, key, persona)
             left = self.settings.persona_hand_offs if hand_offs is None else hand_offs
-            if text is not None and left > 0 and (addressed := await self._addressed_persona(key, persona, text)):
+            handing_off = text is not None and left > 0 and self.accepting  # no new reply once shutdown began
+            if handing_off and (addressed := await self._addressed_persona(key, persona, text)):
                 await self.reply(channel, key, addressed, hand_offs=left - 1)
         except discord.HTTPException as exc:  # e.g. Discord refused the busy notice: nothing to show it on
             log.warning("could not deliver a reply or notice in %s: %s", key, exc)
