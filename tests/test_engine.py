@@ -212,6 +212,58 @@ def test_a_padded_decode_bucket_matches_the_exact_step(loaded: tuple[Any, Any]) 
         assert torch.equal(padded_kv.keys[layer][3, :, : graphs.pad_position], old[:, : graphs.pad_position])
 
 
+def test_a_padding_row_is_never_masked_whole_under_a_sliding_window(
+    loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A padding row queries the last position; with a 16-token window none of the 256 keys in view is
+    near it. It must still see one key: a fully masked row can come back NaN from SDPA on a GPU."""
+    _, model = loaded
+    config = model.config
+    kv = SlotKV(
+        layers=config.num_hidden_layers, slots=4, kv_heads=config.num_key_value_heads, max_len=300,
+        head_dim=config.hidden_size // config.num_attention_heads, dtype=torch.float32, device=torch.device("cpu"),
+    )
+    masks: list[torch.Tensor] = []
+    forward = model.forward
+
+    def spying_forward(*args: Any, **kwargs: Any) -> Any:
+        masks.append(kwargs["attention_mask"].clone())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spying_forward)
+    with torch.no_grad():
+        DecodeGraphs(model, kv, 16, capture=False).logits([5, 6, 7], [20, 21, 22])
+    (mask,) = masks
+    assert mask.shape == (4, 1, 1, 256)
+    assert bool(mask.any(dim=-1).all())
+    assert mask[:3, 0, 0].sum(dim=-1).tolist() == [16, 16, 16]  # real rows: exactly their window
+
+
+async def test_after_a_failed_capture_decode_steps_are_exact_again(
+    loaded: tuple[Any, Any], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer, model = loaded
+    settings = Settings(model=str(tiny_model_dir), device="cpu", max_batch_size=4, context_tokens=1024)
+    engine = TransformersEngine(settings, model=model, tokenizer=tokenizer, cuda_graphs=True)
+    await engine.start()
+    assert engine.graphs is not None
+    engine.graphs.failed = True  # what a capture that raised leaves behind
+    decode_rows: list[int] = []
+    forward = model.forward
+
+    def counting_forward(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["input_ids"].shape[1] == 1:
+            decode_rows.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting_forward)
+    try:
+        await asyncio.gather(*(engine.generate_text(GenerationRequest(f"f{i}", chat(f"Hi {i}"), GREEDY)) for i in range(3)))
+    finally:
+        await engine.close()
+    assert decode_rows and max(decode_rows) == 3  # never padded to the bucket of 4
+
+
 def test_decode_buckets_are_powers_of_two_rows_and_kv_blocks(loaded: tuple[Any, Any]) -> None:
     _, model = loaded
     kv = SlotKV(layers=1, slots=6, kv_heads=1, max_len=4096, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))

@@ -9,8 +9,11 @@ A graph has fixed shapes and fixed memory, so a step is padded to a bucket: its 
 of two (at most the slot count), the attended length to the next multiple of KV_BLOCK. Padding rows run
 PAD_ID at the last position of their slot, which no request ever writes (a request finishes before its
 ids fill the context, see `TransformersEngine._accept`), and their logits are dropped; a padding row
-may sit in a slot being prefilled, so that position must stay unused. Each bucket is captured the first
-time it is needed, into one memory pool shared by all of them (the graphs only ever replay one at a time).
+may sit in a slot being prefilled, so that position must stay unused. A padding row also sees key 0, so a
+sliding window never masks it whole: SDPA may answer NaN for such a row, and its NaN K/V at that last
+position would poison the slot's next owner once a step's view reaches it (masked or not, NaN spreads).
+Each bucket is captured the first time it is needed, into one memory pool shared by all of them (the
+graphs only ever replay one at a time), on the model's own GPU.
 """
 
 from __future__ import annotations
@@ -31,14 +34,19 @@ WARM_UP_RUNS = 2  # eager runs on a side stream before a capture, so lazy initia
 
 
 def decode_logits(
-    model: Any, kv: SlotKV, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, window: int | None
+    model: Any, kv: SlotKV, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, window: int | None,
+    *, pad_position: int | None = None,
 ) -> torch.Tensor:
-    """Next-token logits [rows, vocab] for `tokens` [rows, 1] of slots 0..rows-1 at `positions` [rows]."""
+    """Next-token logits [rows, vocab] for `tokens` [rows, 1] of slots 0..rows-1 at `positions` [rows].
+    Rows at `pad_position` are padding: they also see key 0 (module docstring)."""
     query_positions = positions.unsqueeze(-1)
+    mask = causal_mask(query_positions, kv_len, window)
+    if pad_position is not None:
+        mask[..., 0] |= (query_positions == pad_position).unsqueeze(-1)
     return model(
         input_ids=tokens,
         position_ids=query_positions,
-        attention_mask=causal_mask(query_positions, kv_len, window),
+        attention_mask=mask,
         cache=DecodeCache(kv, positions, kv_len),
         use_cache=True,
         logits_to_keep=1,
@@ -48,15 +56,16 @@ def decode_logits(
 class DecodeGraphs:
     """Decode steps padded to buckets and, with `capture`, replayed from one CUDA graph per bucket.
 
-    Without `capture` the same padded steps run eagerly: the fallback when a model cannot be captured,
-    and how the CPU tests check the padding.
+    Without `capture` the same padded steps run eagerly: how the CPU tests check the padding. When a
+    capture fails, `failed` is set and the engine goes back to exact eager steps.
     """
 
     def __init__(self, model: Any, kv: SlotKV, window: int | None, *, capture: bool) -> None:
         self.model, self.kv, self.window, self.capture = model, kv, window, capture
-        device = kv.keys[0].device
-        self.tokens = torch.full((kv.slots, 1), PAD_ID, dtype=torch.long, device=device)
-        self.positions = torch.full((kv.slots,), self.pad_position, dtype=torch.long, device=device)
+        self.failed = False
+        self.device = kv.keys[0].device
+        # Row 0 the tokens, row 1 the positions: one host-to-device copy per step fills both.
+        self.inputs = torch.tensor([[PAD_ID] * kv.slots, [self.pad_position] * kv.slots], device=self.device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
 
@@ -77,7 +86,7 @@ class DecodeGraphs:
     def warm_up(self) -> None:
         """Capture every row bucket of the shortest length up front, so the first replies don't wait."""
         start, rows = time.perf_counter(), 1
-        while self.capture:
+        while self.capture and not self.failed:
             self._replay(*self.bucket(rows, 1))
             if rows >= self.kv.slots:
                 log.info("captured %d decode CUDA graphs in %.1f s", self.captured, time.perf_counter() - start)
@@ -90,26 +99,30 @@ class DecodeGraphs:
         padded_rows, padded_len = self.bucket(rows, max(positions) + 1)
         padding = padded_rows - rows
         step = torch.tensor([tokens + [PAD_ID] * padding, positions + [self.pad_position] * padding])
-        self.tokens[:padded_rows, 0].copy_(step[0])
-        self.positions[:padded_rows].copy_(step[1])
+        self.inputs[:, :padded_rows].copy_(step)
         return self._replay(padded_rows, padded_len)[:rows]
 
     def _forward(self, rows: int, kv_len: int) -> torch.Tensor:
-        return decode_logits(self.model, self.kv, self.tokens[:rows], self.positions[:rows], kv_len, self.window)
+        return decode_logits(
+            self.model, self.kv, self.inputs[0, :rows].unsqueeze(-1), self.inputs[1, :rows], kv_len, self.window,
+            pad_position=self.pad_position,
+        )
 
     def _replay(self, rows: int, kv_len: int) -> torch.Tensor:
-        if not self.capture:
+        if not self.capture or self.failed:
             return self._forward(rows, kv_len)
-        entry = self._graphs.get((rows, kv_len))
-        if entry is None:
-            try:
-                entry = self._capture(rows, kv_len)
-            except Exception as exc:  # e.g. a quantized model's kernels that a graph cannot hold
-                log.warning("CUDA graph capture failed (%s: %s); decode steps run eagerly", type(exc).__name__, exc)
-                self.capture, self._graphs = False, {}
-                return self._forward(rows, kv_len)
-        graph, logits = entry
-        graph.replay()
+        with torch.cuda.device(self.device):  # streams and graphs of the model's GPU, not the current one
+            entry = self._graphs.get((rows, kv_len))
+            if entry is None:
+                try:
+                    entry = self._capture(rows, kv_len)
+                except Exception as exc:  # e.g. a quantized model's kernels that a graph cannot hold
+                    log.warning("CUDA graph capture failed (%s: %s); decode steps run eagerly",
+                                type(exc).__name__, exc)
+                    self.failed, self._graphs = True, {}
+                    return self._forward(rows, kv_len)
+            graph, logits = entry
+            graph.replay()
         return logits
 
     def _capture(self, rows: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

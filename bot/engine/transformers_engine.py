@@ -379,7 +379,7 @@ class TransformersEngine(Engine):
         rows = len(self._running)
         tokens = [r.ids[-1] for r in self._running]
         positions = [r.cached for r in self._running]
-        if self.graphs is not None:
+        if self.graphs is not None and not self.graphs.failed:
             logits = self.graphs.logits(tokens, positions)
         else:
             logits = decode_logits(
