@@ -39,7 +39,7 @@ def read_card(path: Path) -> dict[str, Any]:
         raw = path.read_bytes()
     except OSError as exc:
         raise CardError(path, f"cannot read: {exc}") from None
-    text = _png_card_text(path, raw) if raw.startswith(PNG_SIGNATURE) else raw.decode("utf-8", errors="replace")
+    text = _png_card_text(path, raw) if raw.startswith(PNG_SIGNATURE) else raw.decode("utf-8-sig", errors="replace")
     try:
         card = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -85,11 +85,12 @@ def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:
     instruction = DEFAULT_INSTRUCTION.format(name=name)
     own = plain("system_prompt")
     always, lore = _book(card.get("character_book"), name)
+    personality, scenario = plain("personality"), plain("scenario")
     parts = [
         re.sub(r"\{\{original\}\}", instruction, own, flags=re.I) if own else instruction,
         plain("description"),
-        f"{name}'s personality: {plain('personality')}" if plain("personality") else "",
-        f"Scenario: {plain('scenario')}" if plain("scenario") else "",
+        f"{name}'s personality: {personality}" if personality else "",
+        f"Scenario: {scenario}" if scenario else "",
         *always,
     ]
     persona: dict[str, Any] = {

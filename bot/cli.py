@@ -97,11 +97,11 @@ def _import_card(card_path: Path, directory: Path, *, persona_id: str | None, fo
         raise UsageError(str(exc)) from None
     persona = card_to_persona(card)
     target = directory / f"{persona_id or persona_id_for(persona['name'])}.yaml"
-    if target.exists() and not force:
+    bundled = personas_directory(directory)  # the folder the target will be copied from, if it is missing
+    if (target.exists() or (bundled / target.name).exists()) and not force:
         raise UsageError(f"{target} exists; pass --force to replace it, or --id to import under another id")
     text = persona_yaml(persona, card_path)
     imported = parse_persona(text, target)  # a PersonaError names the field before anything is written
-    bundled = personas_directory(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if bundled != directory:
         for source in sorted(p for p in bundled.iterdir() if p.suffix in PERSONA_SUFFIXES):

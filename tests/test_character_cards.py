@@ -55,6 +55,13 @@ def personas_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return directory
 
 
+def test_a_json_card_saved_with_a_byte_order_mark_imports(tmp_path: Path, personas_dir: Path) -> None:
+    card = tmp_path / "mira.json"
+    card.write_bytes(b"\xef\xbb\xbf" + json.dumps(CARD_V2).encode())
+    assert main(["personas", "import", str(card)]) == 0
+    assert PersonaRegistry.load(personas_dir).get("captain_mira_vance").name == "Captain Mira Vance"
+
+
 def test_a_png_card_becomes_a_persona_the_registry_loads(
     tmp_path: Path, personas_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -164,6 +171,10 @@ def test_without_a_personas_folder_the_bundled_ones_load_and_an_import_starts_fr
     assert {line.split()[0] for line in capsys.readouterr().out.splitlines()} >= {"hermes", "edward_elric"}
     card = tmp_path / "mira.png"
     card.write_bytes(png_card(CARD_V2))
+    hermes_card = tmp_path / "hermes.json"
+    hermes_card.write_text(json.dumps({"name": "Hermes", "description": "An impostor."}))
+    assert main(["personas", "import", str(hermes_card)]) == 2  # would replace the bundled default persona
+    assert "--force" in capsys.readouterr().err and not (tmp_path / "personas").exists()
     assert main(["personas", "import", str(card)]) == 0
     assert "created personas/ with the bundled personas" in capsys.readouterr().out
     assert {p.id for p in PersonaRegistry.load(Path("personas"))} >= {"hermes", "edward_elric", "captain_mira_vance"}
