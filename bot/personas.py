@@ -7,8 +7,10 @@ instead of silently using the default.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Iterator
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -61,6 +63,12 @@ class LoreEntry(BaseModel):
 
     keys: NonBlankStrings = Field(min_length=1)
     content: str = Field(min_length=1)
+
+    @cached_property
+    def pattern(self) -> re.Pattern[str]:
+        """Any key as a whole word, in any case; compiled once per entry, not on every reply."""
+        words = "|".join(re.escape(key.strip()) for key in self.keys)
+        return re.compile(rf"(?<!\w)(?:{words})(?!\w)", re.IGNORECASE)
 
 
 class Persona(BaseModel):

@@ -11,6 +11,7 @@ The model sees ChatML through the tokenizer's own chat template. Three rules kee
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -68,12 +69,8 @@ def relevant_lore(persona: Persona, turns: Sequence[ChatTurn]) -> list[str]:
     """The persona's lore entries whose keys appear, as whole words in any case, in the newest
     LORE_SCAN_TURNS turns; at most LORE_MAX_ENTRIES, in the persona file's order."""
     recent = "\n".join(turn.content for turn in turns[-LORE_SCAN_TURNS:])
-    found = [
-        entry.content
-        for entry in persona.lore
-        if any(re.search(rf"(?<!\w){re.escape(key.strip())}(?!\w)", recent, re.IGNORECASE) for key in entry.keys)
-    ]
-    return found[:LORE_MAX_ENTRIES]
+    found = (entry.content for entry in persona.lore if entry.pattern.search(recent))
+    return list(itertools.islice(found, LORE_MAX_ENTRIES))
 
 
 def build_messages(
@@ -104,7 +101,7 @@ def build_messages(
             messages.append({"role": "user", "content": turn.content})
     if lore := relevant_lore(persona, turns):
         background = {"role": "system", "content": LORE_HEADING + "\n" + "\n".join(f"- {fact}" for fact in lore)}
-        messages.insert(len(messages) - 1 if turns else len(messages), background)
+        messages.insert(len(messages) - 1, background)  # lore needs turns, so the last message is one
     return messages
 
 
