@@ -14,11 +14,12 @@ import pytest
 from sqlalchemy import delete, select
 
 from bot.cli import main
-from bot.store.db import make_engine
+from bot.store.db import StoreUnavailable, make_engine
 from bot.store.keys import ConversationKey
 from bot.store.migrate import upgrade, upgrade_async
 from bot.store.models import Base
 from bot.store.repository import ChannelSettings, ConversationStore
+from tests.services import free_port
 
 GUILD = ConversationKey(guild_id=1, channel_id=2)
 THREAD = ConversationKey(guild_id=1, channel_id=2, thread_id=3)
@@ -392,3 +393,14 @@ def test_cli_exports_a_conversation_and_forgets_a_user(
     with pytest.raises(SystemExit) as exit_info:
         main(["db", "export", "general"])
     assert exit_info.value.code == 2 and "not a conversation key" in capsys.readouterr().err
+
+
+async def test_a_database_that_refuses_connections_is_store_unavailable() -> None:
+    """The driver's refusal (an OSError from asyncpg, not wrapped by SQLAlchemy) leaves the store as the one
+    type the bot answers users about, so other network errors are never reported as a database outage."""
+    store = ConversationStore(make_engine(f"postgresql+asyncpg://hermes@127.0.0.1:{free_port()}/hermes"))
+    try:
+        with pytest.raises(StoreUnavailable, match="the database failed"):
+            await store.get_settings(ConversationKey(1, 2))
+    finally:
+        await store.close()

@@ -28,7 +28,7 @@ from bot.discord.triggers import Signals, active_personas, choose_persona
 from bot.personas import Persona
 from bot.queue.base import QueueBusy, QueueUnavailable
 from bot.queue.jobs import Done, ErrorEvent, TextDelta
-from bot.store.db import STORE_ERRORS
+from bot.store.db import StoreUnavailable
 from bot.store.keys import ConversationKey
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class ChatCog(commands.Cog):
         metrics.count_discord_event("message")
         try:
             await self._handle(message)
-        except STORE_ERRORS as exc:
+        except StoreUnavailable as exc:
             metrics.count_error("store_unavailable")
             log.warning("database unavailable; message %s not handled: %s", message.id, exc)
             if self._addressed_directly(message):
@@ -222,7 +222,7 @@ class ChatCog(commands.Cog):
                 await self.reply(channel, key, addressed, hand_offs=left - 1)
         except discord.HTTPException as exc:  # e.g. Discord refused the busy notice: nothing to show it on
             log.warning("could not deliver a reply or notice in %s: %s", key, exc)
-        except STORE_ERRORS as exc:
+        except StoreUnavailable as exc:
             log.warning("database unavailable; no hand-off in %s: %s", key, exc)
         except QueueUnavailable as exc:  # e.g. cancelling a job after Discord refused its message
             log.warning("queue unavailable in %s: %s", key, exc)
@@ -280,7 +280,7 @@ class ChatCog(commands.Cog):
             metrics.count_error("queue_unavailable")
             await live.finish(UNAVAILABLE)
             return None
-        except STORE_ERRORS as exc:
+        except StoreUnavailable as exc:
             metrics.count_error("store_unavailable")
             log.warning("database unavailable; no reply in %s: %s", key, exc)
             await live.finish(STORE_DOWN)
@@ -302,7 +302,7 @@ class ChatCog(commands.Cog):
         if text.strip() and live.ids:
             try:
                 await self.chat.store_reply(key, persona, text.strip(), live.ids)
-            except STORE_ERRORS as exc:  # shown, but the next prompt will not contain it
+            except StoreUnavailable as exc:  # shown, but the next prompt will not contain it
                 metrics.count_error("store_unavailable")
                 log.warning("reply shown in %s but not stored: %s", key, exc)
         return text.strip() if text.strip() and live.ids and not ending else None
@@ -357,7 +357,7 @@ def _store_trouble_logged(what: str) -> Iterator[None]:
     """Mirroring an event into a database that is down: log one line, not a traceback per event."""
     try:
         yield
-    except STORE_ERRORS as exc:
+    except StoreUnavailable as exc:
         metrics.count_error("store_unavailable")
         log.warning("database unavailable; %s was not mirrored: %s", what, exc)
 

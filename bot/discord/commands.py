@@ -24,7 +24,7 @@ from bot.discord.chat import STORE_DOWN, ChatCog, conversation_key
 from bot.discord.triggers import active_personas
 from bot.personas import Persona, PersonaRegistry
 from bot.queue.base import QueueUnavailable
-from bot.store.db import STORE_ERRORS
+from bot.store.db import StoreUnavailable
 from bot.store.keys import ConversationKey
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class CommandsCog(commands.Cog):
         else:
             try:
                 text = await (action(interaction) if argument is None else action(interaction, argument))
-            except STORE_ERRORS as exc:
+            except StoreUnavailable as exc:
                 metrics.count_error("store_unavailable")
                 log.warning("database unavailable; a command was not done: %s", exc)
                 text = STORE_DOWN

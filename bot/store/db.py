@@ -7,6 +7,8 @@ upgrade at start, done on SQLite alone, looks at the URL.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +16,20 @@ import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
-# What a database outage raises through the store: the drivers' errors (SQLAlchemy wraps them, except
-# asyncpg's while connecting) and refused or reset connections. Callers that talk to users catch these
-# to answer instead of going quiet.
-STORE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# What a database outage raises inside a session: the drivers' errors (SQLAlchemy wraps them, except
+# asyncpg's while connecting) and refused or reset connections.
+_DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    SQLAlchemyError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+)
+
+
+class StoreUnavailable(Exception):
+    """The database failed under a store call. Callers that talk to users catch this one type to answer
+    instead of going quiet; a network error elsewhere (Discord's) is never mistaken for it."""
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -50,6 +58,25 @@ def make_engine(database_url: str) -> AsyncEngine:
     return engine
 
 
-def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker:
-    """Sessions that keep loaded rows usable after commit (the store returns plain dataclasses anyway)."""
-    return async_sessionmaker(engine, expire_on_commit=False)
+class Sessions:
+    """The store's sessions, `sessions()` or `sessions.begin()` like SQLAlchemy's: loaded rows stay
+    usable after commit (the store returns plain dataclasses anyway), and a database failure inside
+    one leaves as StoreUnavailable."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._maker = async_sessionmaker(engine, expire_on_commit=False)
+
+    def __call__(self) -> AbstractAsyncContextManager[AsyncSession]:
+        return _unavailable_on_failure(self._maker())
+
+    def begin(self) -> AbstractAsyncContextManager[AsyncSession]:
+        return _unavailable_on_failure(self._maker.begin())
+
+
+@asynccontextmanager
+async def _unavailable_on_failure(context: AbstractAsyncContextManager[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    try:
+        async with context as session:
+            yield session
+    except _DATABASE_ERRORS as exc:
+        raise StoreUnavailable(f"the database failed: {exc}") from exc

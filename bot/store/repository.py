@@ -15,7 +15,7 @@ from sqlalchemy import ColumnElement, Row, Select, delete, func, select, text, u
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from bot.store.db import make_engine, make_sessionmaker
+from bot.store.db import Sessions, make_engine
 from bot.store.keys import ConversationKey
 from bot.store.models import ROLES, Conversation, ConversationPersona, Message, MessagePart, utcnow
 
@@ -103,7 +103,7 @@ def _iso(value: datetime | None) -> str | None:
 class ConversationStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self._sessions = make_sessionmaker(engine)
+        self._sessions = Sessions(engine)
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
     @classmethod
