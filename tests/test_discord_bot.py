@@ -593,6 +593,11 @@ def test_command_signature_ignores_what_discord_adds() -> None:
     assert command_signature(ours) == command_signature(theirs)
     assert command_signature(ours) != command_signature({**theirs, "description": "Answer all"})
     assert command_signature(ours) != command_signature({**theirs, "default_member_permissions": "16"})
+    autocompleted = {**ours, "options": [{**ours["options"][0], "autocomplete": True}, ours["options"][1]]}
+    assert command_signature(ours) != command_signature(autocompleted)
+    bounded = {**ours, "options": [ours["options"][0], {**ours["options"][1], "type": 3, "max_length": 20}]}
+    unbounded = {**ours, "options": [ours["options"][0], {**ours["options"][1], "type": 3}]}
+    assert command_signature(bounded) != command_signature(unbounded)
 
 
 # -- database outage -----------------------------------------------------------------------------------

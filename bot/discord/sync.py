@@ -3,7 +3,10 @@
 A bulk overwrite on every start spends Discord's daily budget of command writes (discord.py's docs
 warn against syncing in `setup_hook` for this reason), and with several shard processes every one of
 them would do it. Comparing costs one GET. Only the parts of a command we set are compared, with
-Discord's defaults filled in, so a change to a name, description, option, choice or permission syncs.
+Discord's defaults filled in, so a change to a name, description, option (its type, choices, bounds,
+channel types, autocomplete) or permission syncs. Not compared: where a command may be used (`contexts`,
+`integration_types`), whose defaults Discord fills in its own way; change one of those together with
+something compared, or the change waits for the next one.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ def command_signature(payload: Mapping[str, Any]) -> str:
             "required": bool(o.get("required", False)),
             "choices": sorted((c["name"], str(c["value"])) for c in o.get("choices") or []),
             "options": [option(sub) for sub in o.get("options") or []],
+            "autocomplete": bool(o.get("autocomplete", False)),
+            "channel_types": sorted(o.get("channel_types") or []),
+            **{bound: o.get(bound) for bound in ("min_value", "max_value", "min_length", "max_length")},
         }
 
     command = option(payload) | {
