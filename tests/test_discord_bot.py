@@ -673,7 +673,7 @@ async def test_an_unknown_default_persona_stops_the_start_with_a_clear_error(
     fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
 ) -> None:
     settings = make_settings(fake_discord, llm, tmp_path, default_persona="hermes3")
-    with pytest.raises(UnknownPersona, match=r"HERMES_DEFAULT_PERSONA='hermes3' is not in .*known: assistant, "):
+    with pytest.raises(UnknownPersona, match=r"HERMES_DEFAULT_PERSONA: unknown persona 'hermes3' \(known: assistant, "):
         async with BotApp(settings, guild_ready_timeout=0.1):
             pass
 

@@ -92,11 +92,10 @@ class BotApp:
             raise ValueError("DISCORD_TOKEN is not set")
         point_discord_at(settings)
         personas = PersonaRegistry.load(settings.personas_dir)
-        if settings.default_persona not in personas:
-            known = ", ".join(p.id for p in personas) or "none"
-            raise UnknownPersona(
-                f"HERMES_DEFAULT_PERSONA={settings.default_persona!r} is not in {settings.personas_dir} (known: {known})"
-            )
+        try:
+            personas.get(settings.default_persona)
+        except UnknownPersona as exc:
+            raise UnknownPersona(f"HERMES_DEFAULT_PERSONA: {exc}") from None
         self.store = await ConversationStore.open(
             settings.database_url, migrate=settings.database_url.startswith("sqlite")
         )

@@ -110,18 +110,22 @@ class ChatCog(commands.Cog):
                 with contextlib.suppress(discord.HTTPException):
                     await message.channel.send(STORE_DOWN, allowed_mentions=SAFE_MENTIONS)
 
-    def _addressed_directly(self, message: discord.Message) -> bool:
-        """A DM, an @mention or a reply to one of our messages: what needs no database to recognise."""
+    def _direct_signals(self, message: discord.Message) -> tuple[bool, bool, bool]:
+        """(a DM, an @mention of the bot, a reply to the bot's own message): what the message alone tells."""
         me = self.bot.user
         assert me is not None
         ref = message.reference
         resolved = ref.resolved if ref is not None else None
         return (
-            isinstance(message.channel, discord.DMChannel)
-            or any(user.id == me.id for user in message.mentions)
-            or (ref is not None and ref.message_id in self.sent)
-            or (isinstance(resolved, discord.Message) and resolved.author.id == me.id)
+            isinstance(message.channel, discord.DMChannel),
+            any(user.id == me.id for user in message.mentions),
+            isinstance(resolved, discord.Message) and resolved.author.id == me.id,
         )
+
+    def _addressed_directly(self, message: discord.Message) -> bool:
+        """A DM, an @mention or a reply to one of our messages: what needs no database to recognise."""
+        ref = message.reference
+        return any(self._direct_signals(message)) or (ref is not None and ref.message_id in self.sent)
 
     async def _handle(self, message: discord.Message) -> None:
         self.chat.personas.refresh(required=self.settings.default_persona)
@@ -161,7 +165,7 @@ class ChatCog(commands.Cog):
     async def _signals(self, message: discord.Message) -> Signals:
         me = self.bot.user
         assert me is not None
-        replied_author, reply_persona = None, None
+        reply_persona = None
         ref = message.reference
         if ref is not None and ref.message_id is not None:
             known = self.sent.get(ref.message_id)
@@ -170,14 +174,10 @@ class ChatCog(commands.Cog):
                 reply_persona = known.persona_id
             elif stored is not None and stored.role == "assistant":
                 reply_persona = stored.persona_id
-            if isinstance(ref.resolved, discord.Message):
-                replied_author = ref.resolved.author.id
+        is_dm, mentions_bot, replies_to_bot = self._direct_signals(message)
         return Signals(
-            text=message_text(message, me.id),
-            is_dm=isinstance(message.channel, discord.DMChannel),
-            mentions_bot=any(user.id == me.id for user in message.mentions),
-            replies_to_bot=replied_author == me.id,
-            reply_persona=reply_persona,
+            text=message_text(message, me.id), is_dm=is_dm, mentions_bot=mentions_bot,
+            replies_to_bot=replies_to_bot, reply_persona=reply_persona,
         )
 
     # ----- edits and deletions mirror into the store -----
