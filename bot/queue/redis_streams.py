@@ -50,15 +50,6 @@ MAX_REMEMBERED_DEADLINES = 10_000
 PRUNE_AFTER_IDLES = 10
 
 
-def _pack(command: tuple[object, ...]) -> bytes:
-    """One command in the Redis protocol (bytes as they are, anything else as its str)."""
-    parts = [b"*%d\r\n" % len(command)]
-    for arg in command:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
-
-
 @contextlib.contextmanager
 def _available() -> Iterator[None]:
     try:
@@ -122,7 +113,7 @@ class RedisStreamsQueue(JobQueue):
                 elif await conn.can_read():  # closed by the server, or out of step: start afresh
                     await conn.disconnect()
                     await conn.connect()
-                await conn.send_packed_command(b"".join(map(_pack, commands)), check_health=False)
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                 replies: list[Any] = []
                 for _ in commands:
                     try:
