@@ -511,3 +511,20 @@ async def test_a_worker_that_lost_its_job_cannot_publish_into_it(
                 break
     assert seen == [TextDelta(job_id=j.job_id, seq=0, text="mine")]
     assert await redis_admin.xlen(f"{redis_harness.prefix}:events:{j.job_id}") == 1
+
+
+async def test_a_published_final_event_acks_the_job_in_redis(
+    redis_harness: Harness, redis_admin: aioredis.Redis
+) -> None:
+    """The PUBLISH script acks and deletes the job's stream entry with its final event, so the worker's
+    `complete` after it costs no round trip and no other worker can claim the finished job."""
+    bot = redis_harness.start()
+    worker = redis_harness.worker()
+    j = job()
+    await bot.submit(j)
+    await fetch_one(worker)
+    jobs = f"{redis_harness.prefix}:jobs"
+    assert (await redis_admin.xpending(jobs, "workers"))["pending"] == 1
+    await worker.publish(Done(job_id=j.job_id, finish_reason="stop", prompt_tokens=1, completion_tokens=2))
+    assert (await redis_admin.xpending(jobs, "workers"))["pending"] == 0  # before any `complete`
+    assert await redis_admin.xlen(jobs) == 0
