@@ -141,9 +141,12 @@ class Worker:
         with log_context(job=job.job_id, conversation=job.conversation_key):
             try:
                 await self._generate(delivery)
-            except Exception as exc:  # a bug, not the engine: end the job so the user is not left waiting
+            except Exception as exc:  # a bug, or the queue failing: end the job so the user is not left waiting
                 log.exception("serving job failed")
                 metrics.count_error("worker")
+                _, stream = self._held.get(job.job_id, (job, None))
+                if stream is not None:  # the engine would otherwise write the whole reply for nobody
+                    stream.cancel("cancelled")
                 with contextlib.suppress(Exception):
                     await self._finish(job, ErrorEvent(job_id=job.job_id, kind="worker", message=str(exc)))
             finally:

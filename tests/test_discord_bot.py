@@ -7,10 +7,9 @@ import asyncio
 import logging
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import asyncpg
 import pytest
@@ -25,11 +24,11 @@ from bot.store.migrate import upgrade_async
 from tests.fakediscord import FakeDiscord, World
 from tests.fakediscord.models import Channel, User
 from tests.openai_test_server import OpenAITestServer, Reply
+from tests.waiting import eventually
 
 pytest_plugins = ("tests.fakediscord.fixtures",)
 
 ROOT = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
 
 
 @dataclass
@@ -71,15 +70,6 @@ async def env(
 ) -> AsyncIterator[Env]:
     async with BotApp(make_settings(fake_discord, llm, tmp_path), guild_ready_timeout=0.1) as app:
         yield Env(fake_discord, discord_world, llm, app)
-
-
-async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 5.0) -> T:  # noqa: ASYNC109
-    """The first truthy result of an async check (for state only the bot's store shows)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (result := await check()):
-        assert asyncio.get_running_loop().time() < deadline, "timed out waiting for the store"
-        await asyncio.sleep(0.05)
-    return result
 
 
 def mention(env: Env) -> str:
@@ -187,20 +177,16 @@ async def test_a_channel_the_bot_is_not_part_of_costs_one_history_lookup(
     monkeypatch.setattr(cog, "_handle", counting_handle)
     for i in range(3):
         await env.fake.send_message(w.general, w.alice, f"people talking {i}")
-        await eventually(lambda n=i + 1: _true_when(len(handled) >= n))
+        await eventually(lambda n=i + 1: len(handled) >= n)
     assert lookups == [key]
     assert await env.store.window(key, 10) == []
     env.llm.script(Reply("hello there"))
     await env.fake.send_message(w.general, w.bob, f"{mention(env)} hi")
     await persona_reply(env, w.general, "hello there")
     await env.fake.send_message(w.general, w.alice, "people talking again")
-    await eventually(lambda: _true_when(len(handled) >= 5))
+    await eventually(lambda: len(handled) >= 5)
     history = [m.content for m in await env.store.window(key, 10)]
     assert history[-1] == "people talking again" and "people talking 0" not in history
-
-
-async def _true_when(condition: bool) -> bool:
-    return condition
 
 
 async def test_thread_is_its_own_conversation_through_the_parent_webhook(env: Env) -> None:

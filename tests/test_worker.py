@@ -21,6 +21,7 @@ from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
 from bot.queue.memory import MemoryQueue
 from bot.queue.redis_streams import RedisStreamsQueue
 from bot.worker import Worker
+from tests.waiting import eventually
 
 GREEDY = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=20)
 # Greedy on the seeded tiny model loops without ever choosing eos: a reply that only a limit ends.
@@ -217,4 +218,36 @@ async def test_shutdown_ends_even_when_a_queue_call_loses_its_cancellation(
     await worker.started.wait()
     await asyncio.sleep(0.1)  # the watcher is inside depth() most of the time now
     await asyncio.wait_for(worker.shutdown(), 5)
+    await task
+
+
+class PublishFails(MemoryQueue):
+    async def publish_many(self, events: Any) -> None:
+        raise RuntimeError("publishing broke")
+
+
+async def test_a_job_the_worker_cannot_publish_stops_its_generation(
+    loaded: tuple[Any, Any], tiny_model_dir: Path
+) -> None:
+    """When publishing fails mid-reply the job ends with an error, and the engine stops writing the reply
+    (before, it went on to max_new_tokens in a slot nobody read)."""
+    tokenizer, model = loaded
+    settings = Settings(queue_url="memory://", model=str(tiny_model_dir), device="cpu", max_batch_size=2)
+    engine = TransformersEngine(settings, model=model, tokenizer=tokenizer)
+    streams: list[GenerationStream] = []
+    submit = engine.submit
+
+    def recording_submit(request: GenerationRequest) -> GenerationStream:
+        streams.append(submit(request))
+        return streams[-1]
+
+    engine.submit = recording_submit  # type: ignore[method-assign]
+    queue = PublishFails(settings)
+    worker = Worker(settings, queue, engine, poll_s=0.01)
+    task = asyncio.create_task(worker.run())
+    await worker.started.wait()
+    await queue.submit(job("go on", Sampling(temperature=0.8, max_new_tokens=2000)))
+    await eventually(lambda: streams and not worker.held, timeout=10)
+    assert streams[0].cancel_reason == "cancelled"
+    await worker.shutdown()
     await task
