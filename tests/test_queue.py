@@ -528,3 +528,11 @@ async def test_a_published_final_event_acks_the_job_in_redis(
     await worker.publish(Done(job_id=j.job_id, finish_reason="stop", prompt_tokens=1, completion_tokens=2))
     assert (await redis_admin.xpending(jobs, "workers"))["pending"] == 0  # before any `complete`
     assert await redis_admin.xlen(jobs) == 0
+
+
+async def test_a_fetch_with_almost_no_time_to_wait_still_reads_waiting_jobs(harness: Harness) -> None:
+    """1 ms is used up by the look for abandoned jobs; the waiting job must still be read, not missed."""
+    bot, worker = harness.start(), harness.worker()
+    j = job()
+    await bot.submit(j)
+    assert [d.job.job_id for d in await worker.fetch(1, 1)] == [j.job_id]

@@ -238,8 +238,10 @@ class RedisStreamsQueue(JobQueue):
         with _available():
             await self._ensure_group()
             deliveries = await self._take(await self._reclaim(max_jobs))
-            # A waiting read below returns at once when jobs are already there: no separate look first.
-            if len(deliveries) < max_jobs and (deliveries or block_ms <= 0):
+            # A waiting read below returns at once when jobs are already there: no separate look first,
+            # unless no time is left to wait in (the reclaim took it all).
+            no_time_left = int((give_up - time.monotonic()) * 1000) <= 0
+            if len(deliveries) < max_jobs and (deliveries or no_time_left):
                 deliveries += await self._read_new(max_jobs - len(deliveries), wait_ms=0)
             while not deliveries and (wait_ms := int((give_up - time.monotonic()) * 1000)) > 0:
                 deliveries = await self._take(await self._reclaim(max_jobs))
