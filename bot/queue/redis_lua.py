@@ -174,7 +174,7 @@ PUBLISH = _PRELUDE + """
 local ttl = tonumber(ARGV[2])
 local out = {}
 local state = {}      -- id -> {attempt, final}, read once per job and kept up to date here
-local published, seen = {}, {}  -- ids whose event stream got an event, in order
+local published = {}  -- ids whose event stream got an event (their TTL is set once, after the loop)
 for i = 3, #ARGV, 5 do
   local id = ARGV[i]
   local m = meta(id)
@@ -187,10 +187,7 @@ for i = 3, #ARGV, 5 do
     out[#out + 1] = 0
   else
     redis.call('XADD', events(id), '*', 'e', ARGV[i + 3])
-    if not seen[id] then
-      seen[id] = true
-      published[#published + 1] = id
-    end
+    published[id] = true
     if ARGV[i + 4] == '1' then
       redis.call('HSET', m, 'final', '1')
       redis.call('EXPIRE', m, ttl)
@@ -200,7 +197,7 @@ for i = 3, #ARGV, 5 do
     out[#out + 1] = 1
   end
 end
-for _, id in ipairs(published) do redis.call('EXPIRE', events(id), ttl) end
+for id in pairs(published) do redis.call('EXPIRE', events(id), ttl) end
 return out
 """
 
