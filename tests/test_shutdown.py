@@ -222,7 +222,7 @@ async def test_bot_sigterm_closes_discord_database_and_exits(
     [
         (4014, 2, "Privileged Gateway Intents > Message Content Intent"),
         (4004, 2, "Discord rejected the token"),
-        (4010, 1, "with code 4010; HERMES_SHARD_IDS names a shard outside"),
+        (4011, 1, "with code 4011; this bot is in too many servers for HERMES_SHARD_COUNT"),
     ],
 )
 async def test_bot_exits_with_an_error_when_discord_ends_the_session(

@@ -170,7 +170,6 @@ INTENT_REFUSED = (
     "portal (your application > Bot > Privileged Gateway Intents > Message Content Intent), then start again"
 )
 CLOSE_CODE_HINTS = {
-    4010: "HERMES_SHARD_IDS names a shard outside HERMES_SHARD_COUNT",
     4011: "this bot is in too many servers for HERMES_SHARD_COUNT; raise it, or leave it unset",
 }
 
