@@ -10,18 +10,22 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
 
 from bot.cli import main
 from bot.config import Settings
+from bot.queue import redis_lua
 from bot.queue.base import Delivery, JobQueue, QueueBusy, QueueEvent, QueueUnavailable
 from bot.queue.factory import open_queue
 from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
 from bot.queue.memory import MemoryQueue
 from bot.queue.redis_streams import RedisStreamsQueue
 from tests.queue_worker_proc import TOTAL_PIECES, full_text, slow_worker
+from tests.tcp_proxy import CuttingProxy
+from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 CLAIM_IDLE_MS = 300
@@ -536,3 +540,75 @@ async def test_a_fetch_with_almost_no_time_to_wait_still_reads_waiting_jobs(harn
     j = job()
     await bot.submit(j)
     assert [d.job.job_id for d in await worker.fetch(1, 1)] == [j.job_id]
+
+
+@pytest.fixture
+async def cutting_proxy(redis_url: str, redis_admin: aioredis.Redis) -> AsyncIterator[CuttingProxy]:
+    """A proxy in front of the test Redis that can lose a reply; the scripts are loaded up front, so
+    the first command a test marks is the one that runs (not a NOSCRIPT answer)."""
+    for name in ("SUBMIT", "READ", "PUBLISH"):
+        await redis_admin.script_load(getattr(redis_lua, name))
+    target = urlsplit(redis_url)
+    proxy = CuttingProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+def through(proxy: CuttingProxy, redis_url: str) -> str:
+    return urlsplit(redis_url)._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
+
+
+async def test_a_submit_whose_reply_is_lost_is_queued_once(
+    redis_harness: Harness, cutting_proxy: CuttingProxy, redis_admin: aioredis.Redis, redis_url: str
+) -> None:
+    """Redis stored the job but the connection broke before its answer: the resend must not fail as a
+    duplicate (the user would see an error for a reply that is coming) nor queue the job twice."""
+    bot = redis_harness.start(queue_url=through(cutting_proxy, redis_url))
+    j = job()
+    cutting_proxy.cut_after(j.job_id.encode())
+    assert await bot.submit(j) == 1
+    assert cutting_proxy.cuts == 1
+    assert await redis_admin.xlen(f"{redis_harness.prefix}:jobs") == 1
+    with pytest.raises(ValueError, match="already submitted"):  # a second submit of its own still is one
+        await bot.submit(j)
+
+
+async def test_deltas_whose_publish_reply_is_lost_arrive_once(
+    redis_harness: Harness, cutting_proxy: CuttingProxy, redis_url: str
+) -> None:
+    """The worker's PUBLISH ran but its answer was lost: the resend must not add the deltas again."""
+    bot = redis_harness.start(queue_url=through(cutting_proxy, redis_url))
+    worker = redis_harness.worker()
+    j = job()
+    await bot.submit(j)
+    await fetch_one(worker)
+    cutting_proxy.cut_after(b"first piece")
+    await worker.publish_many([
+        TextDelta(job_id=j.job_id, seq=0, text="first piece, "), TextDelta(job_id=j.job_id, seq=1, text="second"),
+    ])
+    assert cutting_proxy.cuts == 1
+    await worker.publish_many([TextDelta(job_id=j.job_id, seq=2, text="."), Done(job_id=j.job_id, finish_reason="stop")])
+    events = [event for _, event in await collect(bot, j.job_id)]
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["first piece, ", "second", "."]
+    assert isinstance(events[-1], Done)
+
+
+async def test_a_reply_stream_rides_out_a_broken_connection(
+    redis_harness: Harness, cutting_proxy: CuttingProxy, redis_url: str
+) -> None:
+    """The bot's blocking read loses its answer with the connection: it reads again from where it was,
+    so the user's reply neither fails nor skips or repeats text."""
+    bot = redis_harness.start(queue_url=through(cutting_proxy, redis_url))
+    worker = redis_harness.worker()
+    j = job()
+    await bot.submit(j)
+    await fetch_one(worker)
+    await worker.publish(TextDelta(job_id=j.job_id, seq=0, text="Hello"))
+    cutting_proxy.cut_after(f":events:{j.job_id}".encode())
+    reader = asyncio.create_task(collect(bot, j.job_id))
+    await eventually(lambda: cutting_proxy.cuts == 1)
+    await worker.publish_many([TextDelta(job_id=j.job_id, seq=1, text=" there"), Done(job_id=j.job_id, finish_reason="stop")])
+    events = [event for _, event in await reader]
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["Hello", " there"]
+    assert isinstance(events[-1], Done)

@@ -4,7 +4,7 @@ Keys under the prefix P (ARGV[1] of every script):
   P:jobs          stream of submitted jobs, consumer group "workers" (fields: id, job)
   P:waiting       zset of waiting job ids, score = arrival order (released jobs get 0: front of line)
   P:conv:<key>    zset of a conversation's waiting job ids (fairness)
-  P:job:<id>      hash: conv, entry (stream id), attempt, deadline, cancelled, final
+  P:job:<id>      hash: conv, entry (stream id), attempt, deadline, nonce, cancelled, final, next (seq)
   P:events:<id>   stream of the job's events (field e = event JSON); expires after the job
   P:dead          stream of dead-lettered jobs
 The `attempt` field fences workers: only the holder of the current attempt may publish, ack or release.
@@ -44,13 +44,19 @@ local function drop_entry(entry)
 end
 """
 
-# ARGV: P, id, conv, job_json, max_waiting, max_per_conv, supersede, ttl, deadline
+# ARGV: P, id, conv, job_json, max_waiting, max_per_conv, supersede, ttl, deadline, nonce
 # -> {position, 0} | {-1, depth} queue full | {-2, n} conversation full | {-3, 0} duplicate id
+# The nonce is the submitting call's own: a resend of that call (a retry after its reply was lost)
+# finds the job stored with it and answers with the job's place instead of "duplicate".
 SUBMIT = _PRELUDE + """
 local id, conv, job = ARGV[2], ARGV[3], ARGV[4]
 local max_waiting, max_conv, ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[8])
 local convkey = P .. ':conv:' .. conv
-if redis.call('EXISTS', meta(id)) == 1 then return {-3, 0} end
+if redis.call('EXISTS', meta(id)) == 1 then
+  if redis.call('HGET', meta(id), 'nonce') ~= ARGV[10] then return {-3, 0} end
+  local rank = redis.call('ZRANK', WAITING, id)
+  return {rank and rank + 1 or 1, 0}
+end
 if ARGV[7] == '1' then
   for _, old in ipairs(redis.call('ZRANGE', convkey, 0, -1)) do
     unwait(old)
@@ -68,7 +74,7 @@ local entry = redis.call('XADD', JOBS, '*', 'id', id, 'job', job)
 local order = redis.call('INCR', P .. ':order')
 redis.call('ZADD', WAITING, order, id)
 redis.call('ZADD', convkey, order, id)
-redis.call('HSET', meta(id), 'conv', conv, 'entry', entry, 'attempt', 0, 'deadline', ARGV[9])
+redis.call('HSET', meta(id), 'conv', conv, 'entry', entry, 'attempt', 0, 'deadline', ARGV[9], 'nonce', ARGV[10])
 redis.call('EXPIRE', meta(id), ttl)
 -- Last in line: every other waiting job has a lower score (earlier order, or 0 when released).
 return {depth + 1, 0}
@@ -167,27 +173,35 @@ end
 return out
 """
 
-# ARGV: P, ttl, then (id, attempt, entry, event_json, is_final) quints, in order
+# ARGV: P, ttl, then (id, attempt, entry, event_json, is_final, seq) sextuples, in order; seq is -1 for
+# an event without one (the final event)
 # -> one value per event: 1 published, 0 fenced (not this worker's job any more, or already final)
 # A published final event also acks the job (what COMPLETE would do next), saving the worker a round trip.
+# The job's `next` field is the seq after its last published delta: a resend of the same call (a retry
+# after its reply was lost) skips the deltas it already added, and the final event is added once anyway.
 PUBLISH = _PRELUDE + """
 local ttl = tonumber(ARGV[2])
 local out = {}
-local state = {}      -- id -> {attempt, final}, read once per job and kept up to date here
-local published = {}  -- ids whose event stream got an event (their TTL is set once, after the loop)
-for i = 3, #ARGV, 5 do
+local state = {}      -- id -> {attempt, final, next seq}, read once per job and kept up to date here
+local published = {}  -- ids whose event stream got an event (their TTL and next seq are set once, after the loop)
+for i = 3, #ARGV, 6 do
   local id = ARGV[i]
   local m = meta(id)
   local f = state[id]
   if not f then
-    f = redis.call('HMGET', m, 'attempt', 'final')
+    f = redis.call('HMGET', m, 'attempt', 'final', 'next')
+    f[3] = tonumber(f[3]) or 0
     state[id] = f
   end
+  local seq = tonumber(ARGV[i + 5])
   if f[1] ~= ARGV[i + 1] or f[2] == '1' then
     out[#out + 1] = 0
+  elseif seq >= 0 and seq < f[3] then
+    out[#out + 1] = 1
   else
     redis.call('XADD', events(id), '*', 'e', ARGV[i + 3])
     published[id] = true
+    if seq >= 0 then f[3] = seq + 1 end
     if ARGV[i + 4] == '1' then
       redis.call('HSET', m, 'final', '1')
       redis.call('EXPIRE', m, ttl)
@@ -197,7 +211,10 @@ for i = 3, #ARGV, 5 do
     out[#out + 1] = 1
   end
 end
-for id in pairs(published) do redis.call('EXPIRE', events(id), ttl) end
+for id in pairs(published) do
+  redis.call('HSET', meta(id), 'next', state[id][3])
+  redis.call('EXPIRE', events(id), ttl)
+end
 return out
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -36,7 +37,9 @@ from bot.queue.base import (
     dead_letter_message,
     resume_point,
 )
-from bot.queue.jobs import ErrorEvent, GenerationJob, event_from_json, event_to_json, is_final
+from bot.queue.jobs import ErrorEvent, GenerationJob, TextDelta, event_from_json, event_to_json, is_final
+
+log = logging.getLogger(__name__)
 
 GROUP = "workers"
 DEFAULT_PREFIX = "hermes:queue"
@@ -48,6 +51,9 @@ MAX_BLOCK_MS = 2000
 MAX_REMEMBERED_DEADLINES = 10_000
 # Consumers of dead workers are forgotten once they hold nothing and were idle this many claim idle times.
 PRUNE_AFTER_IDLES = 10
+# Pauses before each resend of a direct exchange whose connection broke (see _direct): long enough
+# together to ride out a Redis restart or failover, short enough that a user's reply waits little.
+RETRY_DELAYS_S = (0.05, 0.5, 2.0)
 
 
 @contextlib.contextmanager
@@ -95,16 +101,33 @@ class RedisStreamsQueue(JobQueue):
         self._io_timeout_s: float | None = self._redis.connection_pool.make_connection().socket_timeout
 
     async def _direct(self, *commands: tuple[object, ...], block_ms: int = 0) -> list[Any]:
-        """Send `commands` in one write on a connection of this queue's own and read every reply.
+        """Send `commands` in one write on a connection of this queue's own and read every reply;
+        when the connection breaks, send them again on a new one after each of RETRY_DELAYS_S.
 
         The commands on a job's way (the scripts, the bot's and the waiting worker's blocking reads)
         go straight to a connection, past redis-py's per-command layers (pool lock, retry,
         observability, pipeline bookkeeping, and a task per write for the socket timeout, which
-        delays the write to the next loop turn): together they cost more than the Redis work. An
-        idle connection is reused; each concurrent caller gets its own. One timeout covers the
-        whole exchange (the socket timeout, plus block_ms for a blocking read). An error reply is
-        raised once all replies are read, so the connection stays in step.
+        delays the write to the next loop turn): together they cost more than the Redis work.
+        A broken connection may have lost only the reply, so every script is safe to run twice
+        (redis_lua.py: SUBMIT's nonce, PUBLISH's next seq; the others are fenced or idempotent; a
+        resent TAKE or READ at worst counts a delivery twice). A timeout is not retried: Redis
+        is there but not answering, and waiting again would only double the wait.
         """
+        for delay in RETRY_DELAYS_S:
+            try:
+                return await self._exchange(commands, block_ms)
+            except (RedisConnectionError, OSError) as exc:
+                if self._closing.is_set():
+                    raise
+                log.info("Redis connection broke (%s); sending again in %.2f s", exc, delay)
+            await asyncio.sleep(delay)
+        return await self._exchange(commands, block_ms)
+
+    async def _exchange(self, commands: tuple[tuple[object, ...], ...], block_ms: int) -> list[Any]:
+        """One write of `commands` and their replies. An idle connection is reused; each concurrent
+        caller gets its own. One timeout covers the whole exchange (the socket timeout, plus block_ms
+        for a blocking read). An error reply is raised once all replies are read, so the connection
+        stays in step."""
         conn = self._idle.pop() if self._idle else self._new_direct()
         try:
             async with asyncio.timeout(None if self._io_timeout_s is None else self._io_timeout_s + block_ms / 1000):
@@ -162,7 +185,7 @@ class RedisStreamsQueue(JobQueue):
         with _available():
             result, count = await self._run(
                 "SUBMIT", job.job_id, job.conversation_key, job.model_dump_json(), self._max_waiting,
-                self._max_per_conversation, int(supersede), self._ttl, repr(job.deadline),
+                self._max_per_conversation, int(supersede), self._ttl, repr(job.deadline), uuid.uuid4().hex,
             )
         if result == -1:
             raise QueueBusy(count, "queue", self._max_waiting)
@@ -343,12 +366,13 @@ class RedisStreamsQueue(JobQueue):
         held = [(event, self._inflight[event.job_id]) for event in events if event.job_id in self._inflight]
         if not held:
             return
-        quints = [
+        sextuples = [
             v for event, (entry, attempt) in held
-            for v in (event.job_id, attempt, entry, event_to_json(event), int(is_final(event)))
+            for v in (event.job_id, attempt, entry, event_to_json(event), int(is_final(event)),
+                      event.seq if isinstance(event, TextDelta) else -1)
         ]
         with _available():
-            published = await self._run("PUBLISH", self._ttl, *quints)
+            published = await self._run("PUBLISH", self._ttl, *sextuples)
         for (event, _), ok in zip(held, published, strict=True):
             # Fenced (another worker owns the job now), or final: the script acked it, complete() has nothing left to do.
             if not ok or is_final(event):
