@@ -11,7 +11,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, event, select
 
 from bot.cli import main
 from bot.store.db import StoreUnavailable, make_engine
@@ -314,6 +314,49 @@ async def test_a_thread_follows_its_channel_until_it_changes_a_setting(store: Co
     other_thread = ConversationKey(guild_id=1, channel_id=2, thread_id=4)
     await store.remove_persona(other_thread, "narrator")  # a no-op change still makes the settings its own
     assert (await store.get_settings(other_thread)).inherited is False
+
+
+async def test_settings_are_read_once_until_they_change(store: ConversationStore) -> None:
+    """Every message reads its channel's settings: after the first read they cost no query, until a
+    settings command here changes them (or the channel a thread follows)."""
+    statements: list[str] = []
+    listen = lambda *args: statements.append(args[2])  # noqa: E731 (before_cursor_execute's statement)
+    event.listen(store.engine.sync_engine, "before_cursor_execute", listen)
+    try:
+        await store.add_persona(GUILD, "hermes")
+        for key in (GUILD, THREAD, GUILD, THREAD):
+            await store.get_settings(key)
+        reads = len(statements)
+        assert await store.get_settings(GUILD) == ChannelSettings(personas=["hermes"])
+        assert await store.get_settings(THREAD) == ChannelSettings(personas=["hermes"], inherited=True)
+        assert len(statements) == reads
+        await store.set_autorespond(GUILD, True)
+        assert (await store.get_settings(THREAD)).autorespond is True
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", listen)
+
+
+async def test_a_settings_change_during_a_read_is_not_hidden_by_the_cache(
+    store: ConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that began before a change returns the old settings, but must not keep them for later."""
+    read, resume = asyncio.Event(), asyncio.Event()
+    applying = store._applying_settings
+
+    async def slow(*args: object) -> ChannelSettings:
+        settings = await applying(*args)  # type: ignore[arg-type]
+        read.set()
+        await resume.wait()
+        return settings
+
+    monkeypatch.setattr(store, "_applying_settings", slow)
+    reader = asyncio.create_task(store.get_settings(GUILD))
+    await read.wait()
+    monkeypatch.setattr(store, "_applying_settings", applying)
+    await store.set_autorespond(GUILD, True)
+    resume.set()
+    assert (await reader).autorespond is False
+    assert (await store.get_settings(GUILD)).autorespond is True
 
 
 # -- concurrency -------------------------------------------------------------------------------------

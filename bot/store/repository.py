@@ -6,7 +6,9 @@ ON CONFLICT DO NOTHING), so a re-delivered gateway event or a retried write neve
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -36,6 +38,8 @@ class StoredMessage:
     created_at: datetime
     edited_at: datetime | None
     deleted_at: datetime | None
+
+SETTINGS_CACHE_SIZE = 10_000  # conversations whose settings one store keeps in memory
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,12 @@ class ConversationStore:
         self.engine = engine
         self._sessions = Sessions(engine)
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        # Channel settings as get_settings last read them, most recently used last. Every message reads
+        # them (2 queries, 4 in a thread) and only the settings commands change them, through this object:
+        # shard processes split guilds, so no other process writes this one's channels. A write bumps
+        # the generation, so a read that overlapped it is not cached.
+        self._settings_cache: OrderedDict[ConversationKey, ChannelSettings] = OrderedDict()
+        self._settings_generation = 0
 
     @classmethod
     async def open(cls, database_url: str, *, migrate: bool = False) -> ConversationStore:
@@ -352,8 +362,24 @@ class ConversationStore:
         )
 
     async def get_settings(self, key: ConversationKey) -> ChannelSettings:
+        cached = self._settings_cache.get(key)
+        if cached is not None:
+            self._settings_cache.move_to_end(key)
+            return cached
+        generation = self._settings_generation
         async with self._sessions() as session:
-            return await self._applying_settings(session, key, await self._conversation(session, key))
+            settings = await self._applying_settings(session, key, await self._conversation(session, key))
+        if generation == self._settings_generation:
+            self._settings_cache[key] = settings
+            if len(self._settings_cache) > SETTINGS_CACHE_SIZE:
+                self._settings_cache.popitem(last=False)
+        return settings
+
+    def _settings_changed(self, key: ConversationKey) -> None:
+        """Forget the cached settings of `key` and of the threads that may follow it."""
+        self._settings_generation += 1
+        for cached in [k for k in self._settings_cache if k == key or k.parent == key]:
+            del self._settings_cache[cached]
 
     async def _applying_settings(
         self, session: AsyncSession, key: ConversationKey, conversation: Conversation | None
@@ -396,9 +422,17 @@ class ConversationStore:
         await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(**values))
         return conversation_id
 
+    @contextlib.asynccontextmanager
+    async def _settings_write(self, key: ConversationKey) -> AsyncIterator[tuple[AsyncSession, int]]:
+        """A transaction on the conversation whose settings change; the cached ones go however it ends."""
+        try:
+            async with self._sessions.begin() as session:
+                yield session, await self._settings_row(session, key)
+        finally:
+            self._settings_changed(key)
+
     async def _update_conversation(self, key: ConversationKey, **values: Any) -> None:
-        async with self._sessions.begin() as session:
-            conversation_id = await self._settings_row(session, key)
+        async with self._settings_write(key) as (session, conversation_id):
             await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(**values))
 
     async def set_default_persona(self, key: ConversationKey, persona_id: str | None) -> None:
@@ -411,8 +445,7 @@ class ConversationStore:
 
     async def add_persona(self, key: ConversationKey, persona_id: str) -> None:
         """Make one more persona active here (a no-op when it already is)."""
-        async with self._sessions.begin() as session:
-            conversation_id = await self._settings_row(session, key)
+        async with self._settings_write(key) as (session, conversation_id):
             await session.execute(
                 self._insert(ConversationPersona)
                 .values(conversation_id=conversation_id, persona_id=persona_id)
@@ -420,8 +453,7 @@ class ConversationStore:
             )
 
     async def remove_persona(self, key: ConversationKey, persona_id: str) -> None:
-        async with self._sessions.begin() as session:
-            conversation_id = await self._settings_row(session, key)
+        async with self._settings_write(key) as (session, conversation_id):
             await session.execute(
                 delete(ConversationPersona).where(
                     ConversationPersona.conversation_id == conversation_id,
