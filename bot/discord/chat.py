@@ -70,8 +70,8 @@ class ChatCog(commands.Cog):
         self.running: dict[ConversationKey, PendingReply] = {}
         self.sent: OrderedDict[int, SentReply] = OrderedDict()  # every message id of recent replies
         # Where the bot has spoken (it keeps their history), and where the store said it never has: a busy
-        # channel the bot is not part of then costs no history lookup per message (its settings are still
-        # read). Safe to keep in memory because only this process writes a guild's replies (shard
+        # channel the bot is not part of then costs no history lookup per message (its settings come from
+        # the store's cache). Safe to keep in memory because only this process writes a guild's replies (shard
         # processes split guilds).
         self._participating: set[ConversationKey] = set()
         self._silent: set[ConversationKey] = set()
