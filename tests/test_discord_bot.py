@@ -625,7 +625,9 @@ async def test_a_database_outage_gets_an_apology_and_the_bot_recovers(
             await fake_discord.send_message(w.general, w.bob, f"{mention(env)} two")
             sorry = await fake_discord.wait_for_message(w.general, lambda m: "can't reach my memory" in m.content)
         assert sorry.webhook_id is None and "Ignoring exception" not in caplog.text
-        assert "can't reach my memory" in await slash(env, "persona show", user=w.alice)
+        assert "can't reach my memory" in await slash(env, "reset")
+        # The channel's settings were read before the outage and are kept in memory: still shown.
+        assert "Auto-respond: off" in await slash(env, "persona show", user=w.alice)
         await allow_connections(True)
         await fake_discord.send_message(w.general, w.alice, f"{mention(env)} three")
         await persona_reply(env, w.general, "After.")
