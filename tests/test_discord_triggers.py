@@ -58,3 +58,10 @@ def test_autorespond_answers_everything_with_the_default(registry: PersonaRegist
 def test_active_personas_dedupes_and_skips_unknown(registry: PersonaRegistry) -> None:
     channel = ChannelSettings(default_persona="edward_elric", personas=["edward_elric", "gone", "hermes"])
     assert active_personas(channel, registry, "hermes") == ["edward_elric", "hermes"]
+
+
+def test_a_channel_whose_default_persona_is_gone_falls_back_to_the_bots(registry: PersonaRegistry) -> None:
+    """The channel chose a persona whose file was later removed: mentions must still get an answer."""
+    channel = ChannelSettings(default_persona="gone", personas=["edward_elric"])
+    assert active_personas(channel, registry, "hermes") == ["hermes", "edward_elric"]
+    assert pick(registry, Signals("hi", mentions_bot=True), channel) == "hermes"

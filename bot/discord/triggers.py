@@ -25,8 +25,11 @@ class Signals:
 
 
 def active_personas(channel: ChannelSettings, registry: PersonaRegistry, fallback: str) -> list[str]:
-    """The channel's default first, then the personas added to it; unknown ids are skipped."""
-    ids = [channel.default_persona or fallback, *channel.personas]
+    """The channel's default first, then the personas added to it; unknown ids are skipped. A channel
+    whose default is no longer loaded (its file removed or renamed) gets the bot's default instead, so
+    mentions there still get an answer."""
+    default = channel.default_persona if channel.default_persona in registry else fallback
+    ids = [default, *channel.personas]
     return [pid for i, pid in enumerate(ids) if pid in registry and pid not in ids[:i]]
 
 
