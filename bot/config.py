@@ -7,6 +7,7 @@ the same. Invalid values fail at start with one clear line per problem (`Setting
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,8 +31,9 @@ class SettingsError(ValueError):
 
 
 def _alias(name: str) -> AliasChoices:
-    """The public setting name (env, .env, hermes.yaml), or the field's own name (HERMES_MODEL -> model)."""
-    return AliasChoices(name, name.removeprefix("HERMES_").lower())
+    """The public setting name (env, .env, hermes.yaml); code may also pass the field's own name
+    (`Settings(model=...)`, populate_by_name), but the environment may not (`_PublicNamesOnly`)."""
+    return AliasChoices(name)
 
 
 class Settings(BaseSettings):
@@ -168,12 +170,29 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, dotenv_settings, _YamlSource(settings_cls))
+        return (init_settings, _PublicNamesOnly(env_settings), _PublicNamesOnly(dotenv_settings), _YamlSource(settings_cls))
 
     def secrets(self) -> list[str]:
         """Values that must never appear in logs."""
         found = [self.discord_token, self.openai_api_key]
         return [s.get_secret_value() for s in found if s is not None and s.get_secret_value()]
+
+
+class _PublicNamesOnly(PydanticBaseSettingsSource):
+    """The environment (or .env) as seen through the public names only. With populate_by_name,
+    pydantic-settings also reads a field's own name there, case-insensitively: a platform's DATABASE_URL
+    or LOG_LEVEL would become one of our settings."""
+
+    def __init__(self, source: PydanticBaseSettingsSource) -> None:
+        super().__init__(source.settings_cls)
+        self.source = source
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        public = {_public_name(name) for name in Settings.model_fields}
+        return {key: value for key, value in self.source().items() if key in public}
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -195,7 +214,16 @@ class _YamlSource(PydanticBaseSettingsSource):
             raise SettingsError([f"{self.path}: not valid YAML: {exc}"]) from exc
         if not isinstance(data, dict):
             raise SettingsError([f"{self.path}: must be a mapping of setting names to values"])
+        public = sorted(_public_name(name) for name in Settings.model_fields)
+        unknown = [str(key) for key in data if str(key) not in {*public, *Settings.model_fields}]
+        if unknown:
+            raise SettingsError([f"{self.path}: unknown setting {key}{_did_you_mean(key, public)}" for key in unknown])
         return {str(key): value for key, value in data.items()}
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name.upper(), known, n=1)
+    return f" (did you mean {close[0]}?)" if close else " (README.md, Configuration, lists them all)"
 
 
 def _public_name(field_name: str) -> str:

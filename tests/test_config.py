@@ -89,6 +89,27 @@ def test_secret_values_are_not_echoed_in_errors(monkeypatch: pytest.MonkeyPatch,
     assert "sekrit-token-value" not in str(info.value)
 
 
+def test_a_platforms_own_variables_are_not_read_as_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hosting platforms set DATABASE_URL, LOG_LEVEL and the like for their own use: only HERMES_* names count."""
+    for name, value in {"DATABASE_URL": "postgres://platform/db", "LOG_LEVEL": "warn", "MODEL": "gpt-4o",
+                        "database_url": "postgres://x", "engine": "openai"}.items():
+        monkeypatch.setenv(name, value)
+    s = load_settings()
+    assert s.database_url == "sqlite+aiosqlite:///data/hermes.db" and s.model == "teknium/OpenHermes-2.5-Mistral-7B"
+    assert s.engine == "transformers" and s.log_level == "INFO"
+    assert load_settings(model="from-code").model == "from-code"  # code may still pass field names
+
+
+def test_a_misspelt_setting_in_hermes_yaml_is_named(tmp_path: Path) -> None:
+    (tmp_path / "hermes.yaml").write_text("HERMES_MODLE: foo\nHERMES_DEFAULT_PERSONA: hermes\nshiny: 1\n")
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert raised.value.lines == [
+        "hermes.yaml: unknown setting HERMES_MODLE (did you mean HERMES_MODEL?)",
+        "hermes.yaml: unknown setting shiny (README.md, Configuration, lists them all)",
+    ]
+
+
 def test_bad_yaml_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "hermes.yaml").write_text("HERMES_MODEL: [unclosed\n")
     with pytest.raises(SettingsError, match="hermes.yaml: not valid YAML"):
