@@ -55,16 +55,17 @@ def _cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_personas(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.personas import PersonaRegistry, load_persona_file, persona_files, personas_directory
+    from bot.personas import PersonaRegistry, claim_id, load_persona_file, persona_files, personas_directory
 
     if args.action == "import":
         return _import_card(Path(args.card), settings.personas_dir, persona_id=args.id, force=args.force)
     if args.action == "validate":
         paths = persona_files([Path(p) for p in args.paths] or [personas_directory(settings.personas_dir)])
-        failures = 0
+        failures, seen = 0, {}
         for path in paths:
             try:
                 persona = load_persona_file(path)
+                claim_id(seen, persona, path)
                 print(f"ok    {path} ({persona.id}: {persona.name})")
             except PersonaError as exc:
                 failures += 1

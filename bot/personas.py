@@ -174,6 +174,25 @@ def load_persona_file(path: Path) -> Persona:
     return parse_persona(text, path)
 
 
+def claim_id(seen: dict[str, Path], persona: Persona, path: Path) -> None:
+    """Record that `path` defines `persona`'s id; a second file with the same id is an error naming both
+    (`foo.yaml` next to `foo.yml`, or a copied file whose id was not changed)."""
+    first = seen.setdefault(persona.id, path)
+    if first != path:
+        raise PersonaError(path, None, "id", f"{persona.id!r} is already the id of the persona in {first}")
+
+
+def load_persona_files(paths: Iterable[Path]) -> list[Persona]:
+    """The persona of each file, stopping at the first invalid one."""
+    seen: dict[str, Path] = {}
+    personas = []
+    for path in paths:
+        persona = load_persona_file(path)
+        claim_id(seen, persona, path)
+        personas.append(persona)
+    return personas
+
+
 def _by_id(personas: Iterable[Persona]) -> dict[str, Persona]:
     found: dict[str, Persona] = {}
     for persona in personas:
@@ -242,7 +261,7 @@ class PersonaRegistry:
             raise PersonaError(directory, None, None, "personas directory not found (set HERMES_PERSONAS_DIR)")
         if source != directory:
             log.info("no %s/ folder here: using the bundled personas in %s", directory, source)
-        return cls((load_persona_file(path) for path in persona_files([source])), directory=source)
+        return cls(load_persona_files(persona_files([source])), directory=source)
 
     def refresh(self, required: str | None = None) -> bool:
         """Reload when the directory's files changed (looked at most every `refresh_every_s`); True
@@ -257,7 +276,7 @@ class PersonaRegistry:
             return False
         self._files = files
         try:
-            fresh = _by_id(load_persona_file(path) for path in persona_files([self._directory]))
+            fresh = _by_id(load_persona_files(persona_files([self._directory])))
             if required is not None and required not in fresh:
                 raise UnknownPersona(f"the default persona {required!r} is gone")
         except (PersonaError, UnknownPersona, ValueError, OSError) as exc:

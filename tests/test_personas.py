@@ -134,3 +134,18 @@ def test_refresh_looks_at_the_files_at_most_every_interval(tmp_path: Path) -> No
     registry.refresh_every_s = 3600.0
     write(tmp_path, GOOD.replace("Tester", "Renamed"))
     assert registry.refresh() is False and registry.get("tester").name == "Tester"
+
+
+def test_two_files_with_one_id_are_an_error_naming_both(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = write(tmp_path, GOOD, "tester.yaml"), write(tmp_path, GOOD, "tester.yml")
+    problem = f"{second}: field 'id': 'tester' is already the id of the persona in {first}"
+    with pytest.raises(PersonaError) as raised:
+        PersonaRegistry.load(tmp_path)
+    assert str(raised.value) == problem
+    monkeypatch.setenv("HERMES_PERSONAS_DIR", str(tmp_path))
+    assert main(["personas", "list"]) == 2
+    assert problem in capsys.readouterr().err
+    assert main(["personas", "validate"]) == 1
+    assert f"error {problem}" in capsys.readouterr().out
