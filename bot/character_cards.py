@@ -87,7 +87,7 @@ def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:
     always, lore = _book(card.get("character_book"), name)
     personality, scenario = plain("personality"), plain("scenario")
     parts = [
-        re.sub(r"\{\{original\}\}", instruction, own, flags=re.I) if own else instruction,
+        re.sub(r"\{\{original\}\}", lambda _: instruction, own, flags=re.I) if own else instruction,
         plain("description"),
         f"{name}'s personality: {personality}" if personality else "",
         f"Scenario: {scenario}" if scenario else "",
@@ -135,7 +135,9 @@ def _book(book: Any, name: str) -> tuple[list[str], list[dict[str, Any]]]:
 
 def _fill(text: str, name: str, user: str) -> str:
     """The card's macros as plain text: `{{char}}`/`<BOT>` the name, `{{user}}`/`<USER>` `user`."""
-    return re.sub(r"\{\{user\}\}|<USER>", user, re.sub(r"\{\{char\}\}|<BOT>", name, text, flags=re.I), flags=re.I)
+    # Functions as replacements: a name is text, never a template (`Dr. \1` must not read as a group).
+    named = re.sub(r"\{\{char\}\}|<BOT>", lambda _: name, text, flags=re.I)
+    return re.sub(r"\{\{user\}\}|<USER>", lambda _: user, named, flags=re.I)
 
 
 def _first_line(text: str, limit: int = 200) -> str:

@@ -180,3 +180,14 @@ def test_without_a_personas_folder_the_bundled_ones_load_and_an_import_starts_fr
     assert {p.id for p in PersonaRegistry.load(Path("personas"))} >= {"hermes", "edward_elric", "captain_mira_vance"}
     bundled = Path(__file__).resolve().parent.parent / "personas"
     assert (tmp_path / "personas" / "hermes.yaml").read_text() == (bundled / "hermes.yaml").read_text()
+
+
+def test_a_name_with_backslashes_is_taken_as_text(tmp_path: Path, personas_dir: Path) -> None:
+    v1 = {"name": r"Dr. \1 \n", "description": "{{char}} studies <USER>.", "personality": "", "scenario": "",
+          "first_mes": "", "mes_example": "", "system_prompt": "{{original}} Stay calm."}
+    card = tmp_path / "dr.json"
+    card.write_text(json.dumps(v1))
+    assert main(["personas", "import", str(card), "--id", "doctor"]) == 0
+    prompt = PersonaRegistry.load(personas_dir).get("doctor").system_prompt
+    assert r"Stay in character as Dr. \1 \n. Stay calm." in prompt
+    assert prompt.endswith(r"Dr. \1 \n studies the user.")
