@@ -29,12 +29,18 @@ from aiohttp import web
 
 @dataclass
 class Reply:
-    """Stream `text` in chunks of `chunk_chars`, `delay_s` apart; `finish_reason` on the last chunk."""
+    """Stream `text` in chunks of `chunk_chars`, `delay_s` apart; `finish_reason` on the last chunk.
+
+    `multiline`: each event's JSON spread over several `data:` lines (valid SSE, rarely sent).
+    `clean_end_early`: end the response properly right after the text, without finish_reason or [DONE].
+    """
 
     text: str
     chunk_chars: int = 3
     delay_s: float = 0.0
     finish_reason: str = "stop"
+    multiline: bool = False
+    clean_end_early: bool = False
 
 
 @dataclass
@@ -137,15 +143,19 @@ class OpenAITestServer:
         await response.prepare(request)
         size = behaviour.chunk_chars if isinstance(behaviour, Reply) else 3
         pieces = [text[i : i + size] for i in range(0, len(text), size)]
+        multiline = isinstance(behaviour, Reply) and behaviour.multiline
         for piece in pieces:
-            await response.write(self._event(body, {"content": piece}, None))
+            await response.write(self._event(body, {"content": piece}, None, multiline=multiline))
             if isinstance(behaviour, Reply) and behaviour.delay_s:
                 await asyncio.sleep(behaviour.delay_s)
         if isinstance(behaviour, Drop):
             assert request.transport is not None
             request.transport.close()
             return response
-        await response.write(self._event(body, {}, behaviour.finish_reason))
+        if behaviour.clean_end_early:
+            await response.write_eof()
+            return response
+        await response.write(self._event(body, {}, behaviour.finish_reason, multiline=multiline))
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {"prompt_tokens": 11, "completion_tokens": len(pieces), "total_tokens": 11 + len(pieces)}
             await response.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
@@ -154,14 +164,15 @@ class OpenAITestServer:
         return response
 
     @staticmethod
-    def _event(body: dict[str, Any], delta: dict[str, str], finish: str | None) -> bytes:
+    def _event(body: dict[str, Any], delta: dict[str, str], finish: str | None, *, multiline: bool = False) -> bytes:
         chunk = {
             "id": "chatcmpl-test",
             "object": "chat.completion.chunk",
             "model": body.get("model", "test-model"),
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
         }
-        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        lines = json.dumps(chunk, indent=1 if multiline else None).splitlines()
+        return b"".join(b"data: " + line.encode() + b"\n" for line in lines) + b"\n"
 
     @staticmethod
     def _completion(body: dict[str, Any], text: str) -> dict[str, Any]:

@@ -132,3 +132,24 @@ async def test_missing_base_url_is_a_clear_error() -> None:
     engine = OpenAIEngine(Settings(engine="openai", openai_base_url=None))
     with pytest.raises(EngineError, match="HERMES_OPENAI_BASE_URL"):
         await engine.start()
+
+
+async def test_events_spread_over_several_data_lines_are_joined(server: OpenAITestServer) -> None:
+    server.script(Reply("Hello there, friend.", multiline=True))
+    engine = await started(server.base_url)
+    items = [item async for item in engine.submit(GenerationRequest("r", MESSAGES))]
+    await engine.close()
+    assert "".join(i.text for i in items if isinstance(i, TextChunk)) == "Hello there, friend."
+    assert items[-1] == Finish("stop", 11, 7)
+
+
+async def test_a_stream_that_ends_without_saying_it_is_complete_is_an_error(server: OpenAITestServer) -> None:
+    """Text, then a clean end with neither finish_reason nor [DONE]: the reply may be cut short, so it
+    must not be taken (and stored) as complete."""
+    server.script(Reply("Hello wor", clean_end_early=True))
+    engine = await started(server.base_url)
+    with pytest.raises(EngineError, match="ended the stream mid-reply"):
+        async for _ in engine.submit(GenerationRequest("r", MESSAGES)):
+            pass
+    await engine.close()
+    assert len(server.requests) == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -152,17 +153,15 @@ class OpenAIEngine(Engine):
         self, resp: aiohttp.ClientResponse, stream: GenerationStream, stops: StopMatcher, state: dict[str, Any]
     ) -> None:
         finished = False
-        async for raw in resp.content:
-            line = raw.decode("utf-8", errors="replace").strip()
-            if not line.startswith("data:"):
-                continue  # SSE comments, keep-alives, event: lines
-            data = line[5:].strip()
+        async for data in _event_data(resp):
             if data == "[DONE]":
                 break
             try:
                 chunk = json.loads(data)
             except json.JSONDecodeError:
-                raise EngineError(f"the server at {self.url} sent a malformed event: {data[:200]!r}") from None
+                chunk = None
+            if not isinstance(chunk, dict):
+                raise EngineError(f"the server at {self.url} sent a malformed event: {data[:200]!r}")
             if "error" in chunk:
                 raise EngineError(f"the server at {self.url} reported an error: {_error_detail(data)}")
             usage = chunk.get("usage") or {}
@@ -184,8 +183,25 @@ class OpenAIEngine(Engine):
         else:
             if not finished and not state["tokens"]:
                 raise _Retryable(f"the server at {self.url} closed the stream before any text")
+            if not finished:  # a complete reply says so: finish_reason or [DONE]
+                raise EngineError(f"the server at {self.url} ended the stream mid-reply, without a finish_reason")
         if rest := stops.flush():  # the text held back in case it began a stop string
             stream.feed([TextChunk(rest)])
+
+
+async def _event_data(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
+    """The data of each server-sent event: its `data:` lines joined by newlines, as the SSE standard
+    says (comments, keep-alives and `event:` lines carry none)."""
+    lines: list[str] = []
+    async for raw in resp.content:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if line.startswith("data:"):
+            lines.append(line[5:].removeprefix(" "))
+        elif not line and lines:  # a blank line ends the event
+            yield "\n".join(lines).strip()
+            lines = []
+    if lines:
+        yield "\n".join(lines).strip()
 
 
 def _error_detail(body: str) -> str:
