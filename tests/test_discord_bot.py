@@ -220,6 +220,18 @@ async def test_webhook_is_reused_and_falls_back_to_bold_name_without_manage_webh
     assert got.webhook_id is None
 
 
+async def test_a_channel_whose_webhooks_are_all_taken_still_gets_replies(env: Env) -> None:
+    """Discord refuses a 16th webhook with 400 (code 30007), not 403: the persona speaks as the bot."""
+    w = env.world
+    env.fake.inject_error("POST", "/channels/{channel_id}/webhooks", status=400, code=30007,
+                          message="Maximum number of webhooks reached (15)")
+    env.llm.script(Reply("still here"))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} anyone?")
+    got = await env.fake.wait_for_message(w.general, lambda m: m.author.id == env.fake.bot_user.id)
+    await env.fake.wait_for(lambda: got.content == "**Hermes 2:** still here", what="the fallback reply")
+    assert got.webhook_id is None
+
+
 async def test_a_deleted_webhook_is_replaced_and_the_reply_still_arrives(env: Env) -> None:
     w = env.world
     env.llm.script(Reply("first"), Reply("second"), Reply("third"))

@@ -2,19 +2,23 @@
 
 A webhook lets every message carry the persona's own name and avatar, so one webhook serves all
 personas of a channel (and its threads). Without Manage Webhooks the bot speaks itself and puts the
-persona's name in bold; that choice is re-checked from time to time, so granting the permission later
-takes effect without a restart.
+persona's name in bold, and so it does when Discord refuses the webhook otherwise (a channel's 15
+webhooks all taken, a server error); that choice is re-checked from time to time, so granting the
+permission or freeing a webhook later takes effect without a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import discord
 from discord.utils import MISSING, escape_markdown
 
 from bot.personas import Persona
+
+log = logging.getLogger(__name__)
 
 WEBHOOK_NAME = "hermes-personas"
 RECHECK_AFTER_S = 600.0
@@ -117,7 +121,9 @@ class Identities:
             try:
                 ours = [w for w in await channel.webhooks() if w.token and w.user and w.user.id == me.id]
                 webhook = ours[0] if ours else await channel.create_webhook(name=WEBHOOK_NAME)
-            except discord.Forbidden:
+            except discord.HTTPException as exc:  # refused, the channel's 15 webhooks taken, or Discord failing
+                if not isinstance(exc, discord.Forbidden):
+                    log.warning("no webhook in #%s (%s); personas speak as the bot there for a while", channel, exc)
                 self._denied[channel.id] = time.monotonic()
                 return None
             self._webhooks[channel.id] = webhook
