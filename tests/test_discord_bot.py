@@ -23,6 +23,7 @@ from bot.store.keys import ConversationKey
 from bot.store.migrate import upgrade_async
 from tests.fakediscord import FakeDiscord, World
 from tests.fakediscord.models import Channel, User
+from tests.fakediscord.server import DROP_CONNECTION
 from tests.openai_test_server import OpenAITestServer, Reply
 from tests.waiting import eventually
 
@@ -356,6 +357,24 @@ async def test_streaming_edits_are_throttled_and_survive_a_429(env: Env) -> None
     gaps = [b - a for a, b in zip([reply.created, *reply.edit_times], reply.edit_times, strict=False)]
     assert min(gaps) >= 0.95, gaps
     assert [r.status for r in env.fake.requests_to("PATCH", "/webhooks/{webhook_id}/{token}/messages/{message_id}")][0] == 429
+
+
+async def test_a_connection_dropped_mid_reply_does_not_end_it(env: Env) -> None:
+    """A network error (no HTTP answer at all) on a streaming edit is caught up later like a failed edit."""
+    w = env.world
+    text = " ".join(f"word{i}" for i in range(40))
+    env.llm.script(Reply(text, chunk_chars=6, delay_s=0.05))  # about 2 s of streaming
+    env.fake.inject_disconnect("PATCH", "/webhooks/{webhook_id}/{token}/messages/{message_id}")
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} talk for a while")
+    await env.fake.wait_for_message(w.general, lambda m: m.content == text, timeout=15)
+    edits = env.fake.requests_to("PATCH", "/webhooks/{webhook_id}/{token}/messages/{message_id}")
+    assert edits[0].status == DROP_CONNECTION and len(edits) >= 2
+    key = ConversationKey(w.guild.id, w.general.id)
+
+    async def stored() -> bool:
+        return any(m.role == "assistant" and m.content == text for m in await env.store.window(key, 10))
+
+    assert await eventually(stored)
 
 
 async def test_long_reply_is_split_with_code_fences_intact(env: Env) -> None:

@@ -23,7 +23,7 @@ from bot import metrics
 from bot.config import Settings
 from bot.conversation import ChatService, PendingReply
 from bot.discord.identity import SAFE_MENTIONS, Identities
-from bot.discord.stream import LiveReply, Outlet, Reopen
+from bot.discord.stream import DISCORD_FAILURES, LiveReply, Outlet, Reopen
 from bot.discord.triggers import Signals, active_personas, choose_persona
 from bot.personas import Persona
 from bot.queue.base import QueueBusy, QueueUnavailable
@@ -107,7 +107,7 @@ class ChatCog(commands.Cog):
             metrics.count_error("store_unavailable")
             log.warning("database unavailable; message %s not handled: %s", message.id, exc)
             if self._addressed_directly(message):
-                with contextlib.suppress(discord.HTTPException):
+                with contextlib.suppress(*DISCORD_FAILURES):
                     await message.channel.send(STORE_DOWN, allowed_mentions=SAFE_MENTIONS)
 
     def _direct_signals(self, message: discord.Message) -> tuple[bool, bool, bool]:
@@ -220,7 +220,7 @@ class ChatCog(commands.Cog):
             handing_off = text is not None and left > 0 and self.accepting  # no new reply once shutdown began
             if handing_off and (addressed := await self._addressed_persona(key, persona, text)):
                 await self.reply(channel, key, addressed, hand_offs=left - 1)
-        except discord.HTTPException as exc:  # e.g. Discord refused the busy notice: nothing to show it on
+        except DISCORD_FAILURES as exc:  # e.g. Discord refused the busy notice: nothing to show it on
             log.warning("could not deliver a reply or notice in %s: %s", key, exc)
         except StoreUnavailable as exc:
             log.warning("database unavailable; no hand-off in %s: %s", key, exc)
@@ -239,7 +239,7 @@ class ChatCog(commands.Cog):
         live = LiveReply(await self.identities.outlet(channel, persona), reopen=self._reopener(channel, persona))
         try:
             await live.finish(persona.greeting)
-        except discord.HTTPException as exc:
+        except DISCORD_FAILURES as exc:
             log.warning("could not post %s's greeting in %s: %s", persona.id, key, exc)
             return
         self._take_part(key)
@@ -290,7 +290,7 @@ class ChatCog(commands.Cog):
         try:
             text, ending = await self._stream(channel, live, pending)
             await live.finish(text + ending if text.strip() else ending or EMPTY)
-        except discord.HTTPException as exc:  # e.g. no permission to post here: nothing to show it on
+        except DISCORD_FAILURES as exc:  # e.g. no permission to post here: nothing to show it on
             log.warning("could not deliver reply in %s: %s", key, exc)
             await pending.cancel()
             ending = FAILED
@@ -364,7 +364,7 @@ def _store_trouble_logged(what: str) -> Iterator[None]:
 
 async def _keep_typing(channel: discord.abc.Messageable) -> None:
     """Show "typing…" until cancelled; a failure to show it never affects the reply."""
-    with contextlib.suppress(discord.HTTPException):
+    with contextlib.suppress(*DISCORD_FAILURES):
         while True:
             await channel.typing()
             await asyncio.sleep(TYPING_REFRESH_S)

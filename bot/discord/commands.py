@@ -21,6 +21,7 @@ from discord.ext import commands
 from bot import metrics
 from bot.config import Settings
 from bot.discord.chat import STORE_DOWN, ChatCog, conversation_key
+from bot.discord.stream import DISCORD_FAILURES
 from bot.discord.triggers import active_personas
 from bot.personas import Persona, PersonaRegistry
 from bot.queue.base import QueueUnavailable
@@ -136,7 +137,7 @@ class CommandsCog(commands.Cog):
                 metrics.count_error("store_unavailable")
                 log.warning("database unavailable; a command was not done: %s", exc)
                 text = STORE_DOWN
-            except (QueueUnavailable, discord.HTTPException) as exc:  # the user still gets an answer
+            except (QueueUnavailable, *DISCORD_FAILURES) as exc:  # the user still gets an answer
                 log.warning("a command failed: %s", exc)
                 text = COMMAND_FAILED
         await interaction.followup.send(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())

@@ -43,10 +43,15 @@ class Outlet(Protocol):
 Reopen = Callable[["Outlet"], Awaitable["Outlet"]]  # a replacement for an outlet whose webhook is gone
 
 
+# What a Discord call fails with: Discord's answer, or the network on the way (discord.py retries a
+# reset itself only on macOS and Windows errnos; a dropped connection reaches us as aiohttp's error).
+DISCORD_FAILURES = (discord.HTTPException, aiohttp.ClientError, OSError)
+
+
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, discord.HTTPException):
         return exc.status == 429 or exc.status >= 500
-    return isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError | OSError)
+    return isinstance(exc, DISCORD_FAILURES)
 
 
 async def deliver(call: Callable[[], Awaitable[T]], *, attempts: int = FINAL_ATTEMPTS) -> T:
@@ -103,7 +108,7 @@ class LiveReply:
                     await self._send(chunk)
                 elif chunk != self._shown[index] and self._due_in(index) <= 0:
                     await self._edit(index, chunk)
-            except discord.HTTPException as exc:
+            except DISCORD_FAILURES as exc:
                 if sending and not self.ids and not _retryable(exc):
                     raise
                 if sending:

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/api/v10"
 
 
+DROP_CONNECTION = 599  # a fault's status that means: no answer at all, the connection closes
+
+
 @dataclass
 class _Fault:
     method: str
@@ -258,6 +261,11 @@ class FakeDiscord:
     ) -> None:
         """Answer the next `times` calls of METHOD route with an error in Discord's JSON shape."""
         self._faults.append(_Fault(method, route, times, status, {"message": message, "code": code}, {}))
+
+    def inject_disconnect(self, method: str, route: str, *, times: int = 1) -> None:
+        """Drop the connection of the next `times` calls of METHOD route without an answer (a reset on
+        the way: the client gets a network error, not an HTTP status)."""
+        self._faults.append(_Fault(method, route, times, DROP_CONNECTION, {}, {}))
 
     # ---- building the world ----------------------------------------------------------------
 
@@ -698,7 +706,10 @@ class FakeDiscord:
         self.requests.append(rec)
         request[RECORD] = rec
         response = self._fault_for(rec)
-        if response is None:
+        if response is not None and response.status == DROP_CONNECTION:
+            assert request.transport is not None
+            request.transport.close()
+        elif response is None:
             try:
                 if _needs_bot_auth(rec.route) and request.headers.get("Authorization") != f"Bot {self.token}":
                     raise ApiError(401, 0, "401: Unauthorized")
@@ -722,6 +733,8 @@ class FakeDiscord:
         for fault in self._faults:
             if fault.matches(rec):
                 fault.remaining -= 1
+                if fault.status == DROP_CONNECTION:
+                    return web.Response(status=DROP_CONNECTION)
                 return json_response(fault.body, fault.status, fault.headers)
         return None
 
