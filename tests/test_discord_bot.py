@@ -377,6 +377,17 @@ async def test_a_connection_dropped_mid_reply_does_not_end_it(env: Env) -> None:
     assert await eventually(stored)
 
 
+async def test_a_message_delivered_twice_is_answered_once(env: Env) -> None:
+    w = env.world
+    env.llm.script(Reply("once"), Reply("and bye"))
+    asked = await env.fake.send_message(w.general, w.alice, f"{mention(env)} hello?")
+    await persona_reply(env, w.general, "once")
+    await env.fake.redeliver(asked)
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} bye")
+    await persona_reply(env, w.general, "and bye")
+    assert len(env.llm.requests) == 2
+
+
 async def test_long_reply_is_split_with_code_fences_intact(env: Env) -> None:
     w = env.world
     code = "```python\n" + "\n".join(f"print('line {i}')" for i in range(150)) + "\n```"

@@ -136,7 +136,7 @@ class ChatCog(commands.Cog):
         if persona is None and not await self._takes_part(key):
             return
         self._take_part(key)
-        await self.chat.record_user_turn(
+        recorded = await self.chat.record_user_turn(
             key,
             message_id=message.id,
             author_id=message.author.id,
@@ -144,7 +144,7 @@ class ChatCog(commands.Cog):
             content=signals.text,
             reply_to_id=message.reference.message_id if message.reference else None,
         )
-        if persona is not None:
+        if persona is not None and recorded:  # not recorded: Discord sent this message again; it had its answer
             await self.reply(message.channel, key, persona)
 
     async def _takes_part(self, key: ConversationKey) -> bool:

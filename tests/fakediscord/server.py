@@ -609,6 +609,11 @@ class FakeDiscord:
             }
         return data
 
+    async def redeliver(self, msg: StoredMessage) -> None:
+        """MESSAGE_CREATE for a message already delivered, as Discord may send again (a replayed
+        session, or two processes briefly holding one shard during a rolling deploy)."""
+        await self._broadcast_message("MESSAGE_CREATE", msg)
+
     async def _broadcast_message(self, event: str, msg: StoredMessage) -> None:
         intent = Intent.GUILD_MESSAGES if msg.guild_id else Intent.DIRECT_MESSAGES
         full = self.message_payload(msg)
