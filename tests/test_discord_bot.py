@@ -266,6 +266,8 @@ async def test_persona_commands_two_personas_and_wake_words(env: Env) -> None:
     assert "Manage Channels" in denied
     assert "Edward Elric" in await slash(env, "persona add", {"persona": "edward_elric"})
     assert "don't know" in await slash(env, "persona add", {"persona": "nobody"})
+    rambling = await slash(env, "persona add", {"persona": "x" * 3000})  # string options may be 6,000 long
+    assert "don't know" in rambling and "x" * 63 + "…" in rambling and len(rambling) < 2000
     env.llm.script(Reply("I'm not short!"), Reply("Hermes here."))
     await env.fake.send_message(w.general, w.alice, "Edward, how tall are you?")
     ed = await persona_reply(env, w.general, "I'm not short!")

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from bot.discord.split import split_message
+from bot.discord.split import clip, split_message
 
 FENCE = re.compile(r"^[ \t]*```", re.M)
 
@@ -94,3 +94,10 @@ def test_head_is_stable_while_text_grows() -> None:
         chunks = split_message(text[:end])
         for i, chunk in enumerate(chunks[:-1]):
             assert first_heads.setdefault(i, chunk) == chunk
+
+
+def test_clip_marks_where_it_cut() -> None:
+    assert clip("short", 10) == "short"
+    assert clip("x" * 10, 10) == "x" * 10
+    assert clip("x" * 11, 10) == "x" * 9 + "…"
+    assert len(clip("y" * 5000)) == 2000

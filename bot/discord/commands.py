@@ -21,6 +21,7 @@ from discord.ext import commands
 from bot import metrics
 from bot.config import Settings
 from bot.discord.chat import STORE_DOWN, ChatCog, conversation_key
+from bot.discord.split import clip
 from bot.discord.stream import DISCORD_FAILURES
 from bot.discord.triggers import active_personas
 from bot.personas import Persona, PersonaRegistry
@@ -31,6 +32,7 @@ from bot.store.keys import ConversationKey
 log = logging.getLogger(__name__)
 
 LIST_LIMIT = 1900  # under Discord's 2000, with room for the "more" line
+ECHO_LIMIT = 64  # characters of a user's argument repeated in an answer
 
 COMMAND_FAILED = "Sorry, that didn't work: Discord or the reply service refused it. Please try again."
 NOT_ALLOWED = "You need the Manage Channels permission{role} to change this channel's settings."
@@ -140,11 +142,12 @@ class CommandsCog(commands.Cog):
             except (QueueUnavailable, *DISCORD_FAILURES) as exc:  # the user still gets an answer
                 log.warning("a command failed: %s", exc)
                 text = COMMAND_FAILED
-        await interaction.followup.send(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
+        await interaction.followup.send(clip(text), ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
 
     def _unknown(self, persona_id: str) -> str:
         known = ", ".join(p.id for p in self.personas)
-        return f"I don't know a persona called `{discord.utils.escape_markdown(persona_id)}`. Known: {known}."
+        shown = discord.utils.escape_markdown(clip(persona_id, ECHO_LIMIT))
+        return f"I don't know a persona called `{shown}`. Known: {known}."
 
     # ----- actions: each returns the text of the answer -----
 

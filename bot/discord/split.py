@@ -88,6 +88,11 @@ def _split_once(text: str, limit: int) -> tuple[str, str]:
     return text[:limit], text[limit:]
 
 
+def clip(text: str, limit: int = DISCORD_LIMIT) -> str:
+    """`text` cut to `limit` characters, with an ellipsis where it was cut (one message, no split)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def split_message(text: str, limit: int = DISCORD_LIMIT) -> list[str]:
     """The messages that carry `text`, each at most `limit` characters; empty text gives []."""
     if limit < 40:
