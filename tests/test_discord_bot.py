@@ -282,6 +282,9 @@ async def test_persona_commands_two_personas_and_wake_words(env: Env) -> None:
     assert "left" in await slash(env, "persona remove", {"persona": "edward_elric"})
     shown = await slash(env, "persona show")
     assert "Sherlock Holmes" in shown and "Edward" not in shown
+    assert "not taking part" in await slash(env, "persona remove", {"persona": "edward_elric"})
+    quiet = await env.fake.add_channel(w.guild, "quiet")  # the bot's default answers there: it cannot leave
+    assert "`/persona set`" in await slash(env, "persona remove", {"persona": "hermes"}, channel=quiet)
     # A thread follows its channel's persona until a command changes it there.
     env.llm.script(Reply("From the thread."))
     await env.fake.send_message(w.thread, w.alice, f"{mention(env)} and in here?")

@@ -189,8 +189,15 @@ class CommandsCog(commands.Cog):
     @_with_persona
     async def remove(self, interaction: discord.Interaction, persona: Persona) -> str:
         key = conversation_key(interaction.channel)
+        channel = await self.store.get_settings(key)
+        active = active_personas(channel, self.personas, self.settings.default_persona)
+        if persona.id not in active:
+            return f"**{persona.name}** is not taking part here."
+        if active[0] == persona.id == self.settings.default_persona:  # removing it would change nothing
+            return (f"**{persona.name}** is the bot's default persona: it answers here unless this channel has "
+                    "another default. Choose one with `/persona set`.")
         await self.store.remove_persona(key, persona.id)
-        if (await self.store.get_settings(key)).default_persona == persona.id:
+        if channel.default_persona == persona.id:
             await self.store.set_default_persona(key, None)
         return f"**{persona.name}** left this channel."
 
