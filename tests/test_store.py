@@ -316,6 +316,20 @@ async def test_a_thread_follows_its_channel_until_it_changes_a_setting(store: Co
     assert (await store.get_settings(other_thread)).inherited is False
 
 
+async def test_two_first_changes_in_a_thread_at_once_both_stay(store: ConversationStore) -> None:
+    """Each of the two commands would copy the parent's settings first: only one may, or it undoes the other."""
+    await store.add_persona(GUILD, "sherlock_holmes")
+    threads = [ConversationKey(guild_id=1, channel_id=2, thread_id=100 + i) for i in range(10)]
+    for i, thread in enumerate(threads):  # threads people already talk in: their rows exist
+        await add(store, thread, 500 + i, "hello")
+    await asyncio.gather(*(
+        change for thread in threads
+        for change in (store.set_default_persona(thread, "narrator"), store.set_autorespond(thread, True))
+    ))
+    for thread in threads:
+        assert await store.get_settings(thread) == ChannelSettings("narrator", ["sherlock_holmes"], autorespond=True)
+
+
 async def test_settings_are_read_once_until_they_change(store: ConversationStore) -> None:
     """Every message reads its channel's settings: after the first read they cost no query, until a
     settings command here changes them (or the channel a thread follows)."""

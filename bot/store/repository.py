@@ -392,7 +392,10 @@ class ConversationStore:
 
     async def _settings_row(self, session: AsyncSession, key: ConversationKey) -> int:
         """The conversation a settings command changes. A thread still following its parent first gets
-        a copy of the parent's settings, so changing one of them does not silently drop the others."""
+        a copy of the parent's settings, so changing one of them does not silently drop the others.
+        Only the command whose guarded UPDATE turns `own_settings` on copies: a second command racing
+        it (its UPDATE waits for the first to commit, then matches nothing) must not copy the parent's
+        values over the first one's change."""
         conversation_id = await self._conversation_id(session, key)
         if key.parent is None:
             return conversation_id
@@ -403,6 +406,12 @@ class ConversationStore:
         values: dict[str, Any] = {"own_settings": True}
         if parent is not None:
             values |= {"default_persona": parent.default_persona, "autorespond": parent.autorespond}
+        claimed = await session.execute(
+            update(Conversation)
+            .where(Conversation.id == conversation_id, Conversation.own_settings.is_(False))
+            .values(**values)
+        )
+        if claimed.rowcount == 1 and parent is not None:
             personas = (
                 await session.execute(
                     select(ConversationPersona.persona_id, ConversationPersona.added_at).where(
@@ -419,7 +428,6 @@ class ConversationStore:
                     ])
                     .on_conflict_do_nothing()
                 )
-        await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(**values))
         return conversation_id
 
     @contextlib.asynccontextmanager
