@@ -14,6 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Column, Integer, MetaData, inspect, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from bot.store.db import make_engine
 from bot.store.keys import ConversationKey
@@ -125,6 +126,56 @@ async def test_threads_with_settings_keep_them_across_0003(empty_database_url: s
         assert (autoresponds.autorespond, autoresponds.inherited, autoresponds.default_persona) == (True, False, None)
         added = await store.get_settings(ConversationKey(1, 2, 6))
         assert (added.personas, added.inherited) == (["sherlock_holmes"], False)
+    finally:
+        await store.close()
+
+
+async def test_0004_keeps_every_row_and_ids_are_never_reused(empty_database_url: str) -> None:
+    """From 0002 (so 0003's write runs in the same upgrade) to head with stored turns and reply parts:
+    nothing is lost, and after /reset and /forget-me a new message still counts as new."""
+    engine = make_engine(empty_database_url)
+
+    def migrate(connection: Connection, revision: str) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(migrate, "0002")
+            await connection.execute(text(
+                "INSERT INTO conversations (id, key, guild_id, channel_id, created_at) "
+                "VALUES (1, 'g1/c2', 1, 2, CURRENT_TIMESTAMP)"
+            ))
+            for discord_id, role, author in ((101, "user", 7), (102, "assistant", None), (103, "user", 8)):
+                await connection.execute(
+                    text("INSERT INTO messages (conversation_id, discord_message_id, author_id, author_name, "
+                         "role, content, created_at) VALUES (1, :discord_id, :author, 'x', :role, 'hi', "
+                         "CURRENT_TIMESTAMP)"),
+                    {"discord_id": discord_id, "role": role, "author": author},
+                )
+            await connection.execute(text(
+                "INSERT INTO message_parts (discord_message_id, message_id) "
+                "SELECT 555, id FROM messages WHERE discord_message_id = 102"
+            ))
+    finally:
+        await engine.dispose()
+    await upgrade_async(empty_database_url)
+    store = await ConversationStore.open(empty_database_url)
+    try:
+        stored = await store.window(GUILD, 10)
+        assert [m.discord_message_id for m in stored] == [101, 102, 103]
+        assert (await store.find_message(555)).discord_message_id == 102  # the reply's later part still finds it
+        await store.reset(GUILD)
+        assert await store.forget_user(8) == 1  # the newest row is gone
+        await store.append(GUILD, discord_message_id=900, author_id=9, author_name="new", role="user", content="new")
+        assert [m.content for m in await store.window(GUILD, 10)] == ["new"]
+        with pytest.raises(IntegrityError, match="ck_messages_role"):  # the role CHECK survived the copy
+            async with store.engine.begin() as connection:
+                await connection.execute(text(
+                    "INSERT INTO messages (conversation_id, author_name, role, content, created_at) "
+                    "VALUES (1, 'x', 'bogus', '?', CURRENT_TIMESTAMP)"
+                ))
     finally:
         await store.close()
 

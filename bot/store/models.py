@@ -109,6 +109,9 @@ class Message(Base):
     __table_args__ = (
         CheckConstraint("role IN ('user', 'assistant', 'system')", name="role"),
         Index("ix_messages_window", "conversation_id", "id"),
+        # Ids only grow (SQLite would otherwise reuse the id of a deleted newest row), so a conversation's
+        # reset point, "every id above N", never takes a new message for an old one.
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True)

@@ -16,14 +16,24 @@ target_metadata = Base.metadata
 
 
 def _configure_and_run(connection: Connection) -> None:
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        # SQLite alters a table by copying it and dropping the old one, and with foreign keys on that
+        # drop deletes the rows referring to it (ON DELETE CASCADE): off for the run, checked after.
+        # (The pragma must come before the run's first write opens the transaction.)
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
-        render_as_batch=connection.dialect.name == "sqlite",  # SQLite can only ALTER by copying tables
+        render_as_batch=sqlite,  # SQLite can only ALTER by copying tables
         compare_type=True,
     )
     with context.begin_transaction():
         context.run_migrations()
+    if sqlite:
+        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise RuntimeError(f"migration left rows pointing at missing ones: {broken[:5]}")
 
 
 def _database_url() -> str:
