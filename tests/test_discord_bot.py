@@ -341,6 +341,19 @@ async def test_edits_and_deletes_are_mirrored_and_reset_starts_fresh(env: Env) -
     assert await env.store.window(ConversationKey(w.guild.id, w.general.id), 10) == []
 
 
+async def test_a_reply_deleted_while_it_streams_stays_out_of_the_context(env: Env) -> None:
+    """The deletion arrives before the reply is stored (nothing to delete yet): the stored turn must
+    still end up deleted, or the moderated text returns in every later prompt."""
+    w = env.world
+    env.llm.script(Reply("something a moderator removes " * 6, chunk_chars=6, delay_s=0.05))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} say something")
+    shown = await env.fake.wait_for_message(w.general, lambda m: m.webhook_id is not None)
+    await env.fake.delete_message(shown)
+    assert await eventually(lambda: _deleted(env, shown.id), timeout=15)
+    key = ConversationKey(w.guild.id, w.general.id)
+    assert [m.role for m in await env.store.window(key, 10)] == ["user"]
+
+
 async def _content_is(env: Env, message_id: int, text: str) -> bool:
     found = await env.store.find_message(message_id)
     return found is not None and found.content == text

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import discord
@@ -37,6 +37,7 @@ WAIT_NOTICE_POSITION = 3  # from this place in line on, say so instead of only t
 BUSY_NOTICE_EVERY_S = 30.0  # one "busy" line per conversation in this time: a burst must not get one each
 TYPING_REFRESH_S = 8.0
 REMEMBERED_REPLIES = 2048
+REMEMBERED_DELETIONS = 2048  # deleted message ids kept to catch a reply deleted while it streams
 
 WAITING = "⏳ You're number {position} in line, I'll answer as soon as I can."
 UNAVAILABLE = "Sorry, I can't reply right now: the reply service isn't answering. Please try again in a little while."
@@ -75,6 +76,7 @@ class ChatCog(commands.Cog):
         # processes split guilds).
         self._participating: set[ConversationKey] = set()
         self._silent: set[ConversationKey] = set()
+        self._deleted: OrderedDict[int, None] = OrderedDict()  # recent deletions: see _store_shown
         self.background: set[asyncio.Task[None]] = set()  # replies started by commands
         self._busy_noticed: dict[ConversationKey, float] = {}  # when each last got a "busy" line
         self.accepting = True  # False once shutdown starts: new messages are left alone
@@ -192,14 +194,31 @@ class ChatCog(commands.Cog):
 
     @commands.Cog.listener()
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        self._note_deleted([payload.message_id])
         with _store_trouble_logged("a deletion"):
             await self.chat.store.delete_message(payload.message_id)
 
     @commands.Cog.listener()
     async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        self._note_deleted(payload.message_ids)
         with _store_trouble_logged("a bulk deletion"):
             for message_id in payload.message_ids:
                 await self.chat.store.delete_message(message_id)
+
+    def _note_deleted(self, message_ids: Iterable[int]) -> None:
+        for message_id in message_ids:
+            self._deleted[message_id] = None
+        while len(self._deleted) > REMEMBERED_DELETIONS:
+            self._deleted.popitem(last=False)
+
+    async def _store_shown(self, key: ConversationKey, persona: Persona, text: str, message_ids: list[int]) -> None:
+        """Store a reply shown in `message_ids`. A moderator may have deleted one of them while it was being
+        written, when the deletion found nothing stored: then the stored turn is deleted too, so the text
+        never comes back in a prompt (deleting any part deletes the whole turn)."""
+        await self.chat.store_reply(key, persona, text, message_ids)
+        gone = next((message_id for message_id in message_ids if message_id in self._deleted), None)
+        if gone is not None:
+            await self.chat.store.delete_message(gone)
 
     # ----- replying -----
 
@@ -244,7 +263,7 @@ class ChatCog(commands.Cog):
             return
         self._take_part(key)
         self._remember(SentReply(key, persona.id, tuple(live.ids)))
-        await self.chat.store_reply(key, persona, persona.greeting, live.ids)
+        await self._store_shown(key, persona, persona.greeting, live.ids)
 
     def _reopener(self, channel: discord.abc.Messageable, persona: Persona) -> Reopen:
         """How a reply of `persona` here gets a new outlet after a moderator deleted its webhook."""
@@ -301,7 +320,7 @@ class ChatCog(commands.Cog):
             self._remember(SentReply(key, persona.id, tuple(live.ids)))
         if text.strip() and live.ids:
             try:
-                await self.chat.store_reply(key, persona, text.strip(), live.ids)
+                await self._store_shown(key, persona, text.strip(), live.ids)
             except StoreUnavailable as exc:  # shown, but the next prompt will not contain it
                 metrics.count_error("store_unavailable")
                 log.warning("reply shown in %s but not stored: %s", key, exc)
