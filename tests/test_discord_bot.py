@@ -354,6 +354,30 @@ async def test_a_reply_deleted_while_it_streams_stays_out_of_the_context(env: En
     assert [m.role for m in await env.store.window(key, 10)] == ["user"]
 
 
+async def test_a_forwarded_persona_message_is_not_a_reply_to_it(env: Env) -> None:
+    """A forward references the original message too, but answers nothing: no persona wakes up for
+    it, and its text (the original's, in a snapshot) is what the channel's history gets."""
+    w = env.world
+    env.llm.script(Reply("Alchemy has rules."))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} tell me about alchemy")
+    original = await persona_reply(env, w.general, "Alchemy has rules.")
+    other = await env.fake.add_channel(w.guild, "elsewhere")
+    env.llm.script(Reply("Noted."))
+    await env.fake.send_message(other, w.bob, f"{mention(env)} hi")  # the bot takes part there
+    await persona_reply(env, other, "Noted.")
+    await env.fake.forward_message(original, other, w.bob)
+    key = ConversationKey(w.guild.id, other.id)
+
+    async def forward_stored() -> bool:
+        return "[forwarded message] Alchemy has rules." in [m.content for m in await env.store.window(key, 10)]
+
+    assert await eventually(forward_stored)
+    env.llm.script(Reply("Thoughts."))
+    await env.fake.send_message(other, w.bob, f"{mention(env)} thoughts?")
+    await persona_reply(env, other, "Thoughts.")
+    assert len(env.llm.requests) == 3  # none for the forward
+
+
 async def _content_is(env: Env, message_id: int, text: str) -> bool:
     found = await env.store.find_message(message_id)
     return found is not None and found.content == text

@@ -116,7 +116,7 @@ class ChatCog(commands.Cog):
         """(a DM, an @mention of the bot, a reply to the bot's own message): what the message alone tells."""
         me = self.bot.user
         assert me is not None
-        ref = message.reference
+        ref = _replied_to(message)
         resolved = ref.resolved if ref is not None else None
         return (
             isinstance(message.channel, discord.DMChannel),
@@ -126,7 +126,7 @@ class ChatCog(commands.Cog):
 
     def _addressed_directly(self, message: discord.Message) -> bool:
         """A DM, an @mention or a reply to one of our messages: what needs no database to recognise."""
-        ref = message.reference
+        ref = _replied_to(message)
         return any(self._direct_signals(message)) or (ref is not None and ref.message_id in self.sent)
 
     async def _handle(self, message: discord.Message) -> None:
@@ -144,7 +144,7 @@ class ChatCog(commands.Cog):
             author_id=message.author.id,
             author_name=message.author.display_name,
             content=signals.text,
-            reply_to_id=message.reference.message_id if message.reference else None,
+            reply_to_id=ref.message_id if (ref := _replied_to(message)) else None,
         )
         if persona is not None and recorded:  # not recorded: Discord sent this message again; it had its answer
             await self.reply(message.channel, key, persona)
@@ -168,7 +168,7 @@ class ChatCog(commands.Cog):
         me = self.bot.user
         assert me is not None
         reply_persona = None
-        ref = message.reference
+        ref = _replied_to(message)
         if ref is not None and ref.message_id is not None:
             known = self.sent.get(ref.message_id)
             stored = None if known else await self.chat.store.find_message(ref.message_id)
@@ -391,14 +391,22 @@ async def _keep_typing(channel: discord.abc.Messageable) -> None:
 
 def message_text(message: discord.Message, bot_id: int) -> str:
     """The text as people read it (mentions as @names), minus an @bot at the start, plus one line per
-    attachment or sticker: the model cannot see them, but it should know they are there."""
+    attachment or sticker (the model cannot see them, but it should know they are there) and the text
+    of a forwarded message."""
     text = message.clean_content
     for user in message.mentions:
         if user.id == bot_id:
             text = re.sub(rf"^\s*@{re.escape(user.display_name)}[\s,:]*", "", text)
     notes = [f"[attached {_file_kind(a)}: {a.filename}]" for a in message.attachments]
     notes += [f"[sticker: {sticker.name}]" for sticker in message.stickers]
+    notes += [f"[forwarded message] {snapshot.content}".strip() for snapshot in message.message_snapshots]
     return "\n".join([text.strip(), *notes]).strip()
+
+
+def _replied_to(message: discord.Message) -> discord.MessageReference | None:
+    """The message this one answers; a forward also references its original, but answers nothing."""
+    ref = message.reference
+    return ref if ref is not None and ref.type is discord.MessageReferenceType.reply else None
 
 
 def _file_kind(attachment: discord.Attachment) -> str:

@@ -313,6 +313,7 @@ class StoredMessage:
     avatar_url: str | None = None
     allowed_mentions: dict[str, Any] | None = None
     reference_id: int | None = None
+    forwarded: bool = False  # the reference is a forward: the referenced message's snapshot goes along
     mention_ids: list[int] = field(default_factory=list)
     embeds: list[dict[str, Any]] = field(default_factory=list)
     attachments: list[dict[str, Any]] = field(default_factory=list)

@@ -407,6 +407,16 @@ class FakeDiscord:
         await self.store_message(msg)
         return msg
 
+    async def forward_message(self, source: StoredMessage, channel: Channel | int, author: User) -> StoredMessage:
+        """A user forwards `source` into `channel`: an empty message whose snapshot carries the original."""
+        chan = self.channels[_id(channel)]
+        msg = StoredMessage(
+            id=self.ids.next(), channel_id=chan.id, guild_id=chan.guild_id, author=author, content="",
+            reference_id=source.id, forwarded=True,
+        )
+        await self.store_message(msg)
+        return msg
+
     def _attachment(self, channel: Channel, filename: str, content_type: str) -> dict[str, Any]:
         attachment_id = self.ids.next()
         url = f"https://cdn.discordapp.com/attachments/{channel.id}/{attachment_id}/{filename}"
@@ -585,18 +595,24 @@ class FakeDiscord:
         if msg.webhook_id:
             data["webhook_id"] = str(msg.webhook_id)
         if msg.reference_id is not None:
-            data["type"] = 19
+            ref = self.messages.get(msg.reference_id)
             data["message_reference"] = {
-                "type": 0,
+                "type": 1 if msg.forwarded else 0,
                 "message_id": str(msg.reference_id),
-                "channel_id": str(msg.channel_id),
+                "channel_id": str(ref.channel_id if ref is not None else msg.channel_id),
                 **({"guild_id": str(msg.guild_id)} if msg.guild_id else {}),
             }
-            ref = self.messages.get(msg.reference_id)
-            if not nested:
-                data["referenced_message"] = (
-                    None if ref is None or ref.deleted else self.message_payload(ref, nested=True)
-                )
+            if msg.forwarded and ref is not None:  # type stays 0: a forward is a plain message with a snapshot
+                data["message_snapshots"] = [{"message": {
+                    "type": 0, "content": ref.content, "embeds": ref.embeds, "attachments": ref.attachments,
+                    "timestamp": ref.timestamp, "edited_timestamp": ref.edited_at, "flags": 0,
+                }}]
+            elif not msg.forwarded:
+                data["type"] = 19
+                if not nested:
+                    data["referenced_message"] = (
+                        None if ref is None or ref.deleted else self.message_payload(ref, nested=True)
+                    )
         if msg.interaction_id is not None:
             record = self.interactions[msg.interaction_id]
             data["type"] = 20
