@@ -462,6 +462,20 @@ async def test_long_reply_is_split_with_code_fences_intact(env: Env) -> None:
     assert shown == ["Shorter this time."]  # every part of the long reply was removed
 
 
+async def test_stop_stops_every_reply_being_written_here(env: Env) -> None:
+    w = env.world
+    env.llm.script(Reply("slow " * 200, chunk_chars=5, delay_s=0.05), Reply("also slow " * 100, chunk_chars=5, delay_s=0.05))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} go on and on")
+    await env.fake.send_message(w.general, w.bob, f"{mention(env)} you too")
+    def replies() -> list[str]:
+        return [m.content for m in env.fake.bot_messages(w.general) if m.username == "Hermes 2"]
+
+    await env.fake.wait_for(lambda: len(replies()) == 2, what="two streamed replies")
+    assert "Stopped all 2 replies" in await slash(env, "stop", user=w.alice)
+    await env.fake.wait_for(lambda: all(r.endswith("*(stopped)*") for r in replies()), what="both stopped")
+    assert "Nothing is being written" in await slash(env, "stop", user=w.alice)
+
+
 async def test_stop_and_regenerate(env: Env) -> None:
     w = env.world
     env.llm.script(Reply("slow " * 200, chunk_chars=5, delay_s=0.05))

@@ -68,7 +68,7 @@ class SentReply:
 class ChatCog(commands.Cog):
     def __init__(self, bot: commands.Bot, settings: Settings, chat: ChatService, identities: Identities) -> None:
         self.bot, self.settings, self.chat, self.identities = bot, settings, chat, identities
-        self.running: dict[ConversationKey, PendingReply] = {}
+        self.running: dict[ConversationKey, list[PendingReply]] = {}  # replies being written, oldest first
         self.sent: OrderedDict[int, SentReply] = OrderedDict()  # every message id of recent replies
         # Where the bot has spoken (it keeps their history), and where the store said it never has: a busy
         # channel the bot is not part of then costs no history lookup per message (its settings come from
@@ -304,7 +304,7 @@ class ChatCog(commands.Cog):
             log.warning("database unavailable; no reply in %s: %s", key, exc)
             await live.finish(STORE_DOWN)
             return None
-        self.running[key] = pending
+        self.running.setdefault(key, []).append(pending)
         text, ending = "", FAILED
         try:
             text, ending = await self._stream(channel, live, pending)
@@ -314,7 +314,8 @@ class ChatCog(commands.Cog):
             await pending.cancel()
             ending = FAILED
         finally:
-            if self.running.get(key) is pending:
+            self.running[key].remove(pending)
+            if not self.running[key]:
                 del self.running[key]
         if live.ids:
             self._remember(SentReply(key, persona.id, tuple(live.ids)))

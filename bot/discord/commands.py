@@ -222,11 +222,12 @@ class CommandsCog(commands.Cog):
         await self.answer(interaction, None, self.stop, managers_only=False)
 
     async def stop(self, interaction: discord.Interaction) -> str:
-        pending = self.chat.running.get(conversation_key(interaction.channel))
-        if pending is None:
+        running = list(self.chat.running.get(conversation_key(interaction.channel), ()))
+        if not running:
             return "Nothing is being written here right now."
-        await pending.cancel()
-        return "Stopped."
+        for pending in running:
+            await pending.cancel()
+        return "Stopped." if len(running) == 1 else f"Stopped all {len(running)} replies."
 
     @app_commands.command(name="forget-me", description="Erase everything you wrote from the bot's memory, everywhere")
     async def forget_me_command(self, interaction: discord.Interaction) -> None:
