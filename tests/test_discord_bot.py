@@ -378,6 +378,24 @@ async def test_a_forwarded_persona_message_is_not_a_reply_to_it(env: Env) -> Non
     assert len(env.llm.requests) == 3  # none for the forward
 
 
+async def test_messages_are_stored_in_the_order_they_were_sent(env: Env) -> None:
+    """A reply to an older message costs a lookup before it is stored; a plain message sent just after
+    it must still come after it in the history the model reads."""
+    w = env.world
+    env.llm.script(Reply("Hi."))
+    first = await env.fake.send_message(w.general, w.alice, f"{mention(env)} hello")
+    await persona_reply(env, w.general, "Hi.")
+    await env.fake.send_message(w.general, w.bob, "about that", reply_to=first, mention_author=False)
+    await env.fake.send_message(w.general, w.alice, "and another thing")
+    key = ConversationKey(w.guild.id, w.general.id)
+
+    async def stored() -> list[str]:
+        texts = [m.content for m in await env.store.window(key, 10)]
+        return texts if len(texts) == 4 else []
+
+    assert (await eventually(stored))[2:] == ["about that", "and another thing"]
+
+
 async def _content_is(env: Env, message_id: int, text: str) -> bool:
     found = await env.store.find_message(message_id)
     return found is not None and found.content == text

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 
 import discord
@@ -77,6 +77,7 @@ class ChatCog(commands.Cog):
         self._participating: set[ConversationKey] = set()
         self._silent: set[ConversationKey] = set()
         self._deleted: OrderedDict[int, None] = OrderedDict()  # recent deletions: see _store_shown
+        self._arrivals: dict[ConversationKey, tuple[asyncio.Lock, int]] = {}  # lock, handlers using it
         self.background: set[asyncio.Task[None]] = set()  # replies started by commands
         self._busy_noticed: dict[ConversationKey, float] = {}  # when each last got a "busy" line
         self.accepting = True  # False once shutdown starts: new messages are left alone
@@ -132,22 +133,40 @@ class ChatCog(commands.Cog):
     async def _handle(self, message: discord.Message) -> None:
         self.chat.personas.refresh(required=self.settings.default_persona)
         key = conversation_key(message.channel)
-        channel = await self.chat.store.get_settings(key)
-        signals = await self._signals(message)
-        persona = choose_persona(signals, channel, self.chat.personas, self.settings.default_persona)
-        if persona is None and not await self._takes_part(key):
-            return
-        self._take_part(key)
-        recorded = await self.chat.record_user_turn(
-            key,
-            message_id=message.id,
-            author_id=message.author.id,
-            author_name=message.author.display_name,
-            content=signals.text,
-            reply_to_id=ref.message_id if (ref := _replied_to(message)) else None,
-        )
+        async with self._in_arrival_order(key):
+            channel = await self.chat.store.get_settings(key)
+            signals = await self._signals(message)
+            persona = choose_persona(signals, channel, self.chat.personas, self.settings.default_persona)
+            if persona is None and not await self._takes_part(key):
+                return
+            self._take_part(key)
+            recorded = await self.chat.record_user_turn(
+                key,
+                message_id=message.id,
+                author_id=message.author.id,
+                author_name=message.author.display_name,
+                content=signals.text,
+                reply_to_id=ref.message_id if (ref := _replied_to(message)) else None,
+            )
         if persona is not None and recorded:  # not recorded: Discord sent this message again; it had its answer
             await self.reply(message.channel, key, persona)
+
+    @contextlib.asynccontextmanager
+    async def _in_arrival_order(self, key: ConversationKey) -> AsyncIterator[None]:
+        """One message of a conversation at a time until it is stored, in the order Discord delivered
+        them (asyncio.Lock is fair, and each handler reaches it without awaiting first): a message
+        needing a lookup (a reply) must not be stored after the plain one sent just after it."""
+        lock, waiting = self._arrivals.get(key, (asyncio.Lock(), 0))
+        self._arrivals[key] = (lock, waiting + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, waiting = self._arrivals[key]
+            if waiting == 1:
+                del self._arrivals[key]
+            else:
+                self._arrivals[key] = (lock, waiting - 1)
 
     async def _takes_part(self, key: ConversationKey) -> bool:
         if key in self._participating:
