@@ -242,6 +242,27 @@ async def test_bot_exits_with_an_error_when_discord_ends_the_session(
     assert "Traceback" not in bot.log, bot.log
 
 
+async def test_bot_exits_with_an_error_when_its_model_does_not_load(
+    fake_discord: FakeDiscord, discord_world: World, tmp_path: Path
+) -> None:
+    """On memory:// the worker runs inside `hermes-bot run`: a model that cannot load must stop the bot
+    with the reason, not leave it online (and ready) answering nothing."""
+    bot = await Process.start(
+        "run", tmp_path, DISCORD_TOKEN=fake_discord.token, HERMES_DISCORD_API_BASE=fake_discord.api_base,
+        HERMES_DISCORD_GATEWAY_URL=fake_discord.gateway_url,
+        HERMES_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/hermes.db", HERMES_QUEUE_URL="memory://",
+        HERMES_ENGINE="transformers", HERMES_MODEL=str(tmp_path / "no-such-model"), HF_HUB_OFFLINE="1",
+        HERMES_PERSONAS_DIR=str(ROOT / "personas"),
+    )
+    try:
+        code = await bot.wait_exit()
+    finally:
+        await bot.kill()
+    assert code == 1, bot.log
+    assert "the model cannot serve replies: cannot load HERMES_MODEL=" in bot.log
+    assert "Traceback" not in bot.log, bot.log
+
+
 async def test_bot_sigterm_finishes_the_reply_in_flight(
     fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
 ) -> None:

@@ -25,6 +25,7 @@ from bot.discord.chat import ChatCog
 from bot.discord.commands import CommandsCog
 from bot.discord.identity import SAFE_MENTIONS, Identities
 from bot.discord.sync import sync_if_changed
+from bot.engine.base import EngineError
 from bot.personas import PersonaRegistry, UnknownPersona
 from bot.queue.base import JobQueue
 from bot.queue.factory import open_queue
@@ -84,6 +85,7 @@ class BotApp:
         self.queue: JobQueue | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.connection: asyncio.Task[None] | None = None  # ends when the gateway connection does
+        self.worker_task: asyncio.Task[None] | None = None  # the in-process worker (memory://); ends if it fails
         self._closers: list[Callable[[], Awaitable[object]]] = []
 
     async def start(self) -> None:
@@ -102,12 +104,15 @@ class BotApp:
         self._closers.append(self.store.close)
         self.queue = open_queue(settings)
         self._closers.append(self.queue.close)
+        checks = {"database": self.store.ping, "queue": self.queue.ping}
         if settings.queue_url == "memory://":
             from bot.worker import Worker
 
             worker = Worker.in_process(settings, self.queue)
-            self._tasks.append(asyncio.create_task(worker.run()))
+            self.worker_task = asyncio.create_task(worker.run())
+            self._tasks.append(self.worker_task)
             self._closers.append(worker.shutdown)
+            checks["model"] = worker.started.is_set
         self.bot = HermesBot(settings, ChatService(settings, self.store, self.queue, personas), **self.client_options)
         self._closers.append(self.bot.close)
         await self.bot.login(settings.discord_token.get_secret_value())
@@ -122,9 +127,7 @@ class BotApp:
             raise TimeoutError(f"no READY from the Discord gateway within {READY_TIMEOUT_S:.0f}s")
         from bot.health import serve_ops
 
-        queue = self.queue
-        store = self.store
-        ops = await serve_ops(settings, {"discord": self.bot.is_ready, "database": store.ping, "queue": queue.ping})
+        ops = await serve_ops(settings, {"discord": self.bot.is_ready, **checks})
         if ops is not None:
             self._closers.append(ops.close)
         log.info("discord bot ready as %s", self.bot.user)
@@ -164,6 +167,10 @@ class GatewayEnded(RuntimeError):
     """The gateway connection ended without a signal to stop and without an error from Discord."""
 
 
+class WorkerEnded(RuntimeError):
+    """The in-process worker stopped without a signal to stop and without an error of its own."""
+
+
 TOKEN_REJECTED = "Discord rejected the token (DISCORD_TOKEN); check it in the developer portal"
 INTENT_REFUSED = (
     "Discord refused the Message Content intent this bot needs to read messages: turn it on in the developer "
@@ -175,8 +182,9 @@ CLOSE_CODE_HINTS = {
 
 
 async def _run_until_signal(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT; if the gateway connection ends first, raise why (Discord's error, or
-    GatewayEnded), so the process exits with an error status that a supervisor restarts on."""
+    """Run until SIGTERM/SIGINT; if the gateway connection or the in-process worker (say, a model that
+    does not load) ends first, raise why, so the process exits with an error status that a supervisor
+    restarts on or alerts about, instead of a bot that stays online and never answers."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -184,11 +192,16 @@ async def _run_until_signal(settings: Settings) -> None:
     async with BotApp(settings) as app:
         assert app.connection is not None
         stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({app.connection, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        lifelines = {app.connection, stopped, *([app.worker_task] if app.worker_task else [])}
+        done, _ = await asyncio.wait(lifelines, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
-        if not stop.is_set():
-            app.connection.result()
-            raise GatewayEnded("the Discord gateway connection ended")
+        if stop.is_set():
+            return
+        if app.worker_task in done:
+            app.worker_task.result()  # raises why it failed (EngineError: cannot load HERMES_MODEL=...)
+            raise WorkerEnded("the in-process worker stopped")
+        app.connection.result()
+        raise GatewayEnded("the Discord gateway connection ended")
 
 
 def run_bot(settings: Settings) -> int:
@@ -215,7 +228,10 @@ def run_bot(settings: Settings) -> int:
         details = "".join(f"; {part}" for part in (exc.reason, hint) if part)
         log.error("Discord closed the gateway connection with code %s%s", exc.code, details)
         return 1
-    except GatewayEnded as exc:
+    except (GatewayEnded, WorkerEnded) as exc:
         log.error("%s", exc)
+        return 1
+    except EngineError as exc:
+        log.error("the model cannot serve replies: %s", exc)
         return 1
     return 0
