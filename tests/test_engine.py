@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from bot.config import Settings
+from bot.engine import transformers_engine
 from bot.engine.base import EngineError, Finish, GenerationRequest, GenerationStream, TextChunk
 from bot.engine.decode import KV_BLOCK, DecodeGraphs, decode_logits
 from bot.engine.kv import (
@@ -392,3 +395,32 @@ async def test_a_stream_hands_over_everything_waiting_as_one_batch() -> None:
     assert await anext(batches) == [TextChunk("x")]  # what came before the error is still delivered
     with pytest.raises(EngineError, match="boom"):
         await anext(batches)
+
+
+def test_a_process_stopping_while_the_model_loads_does_not_wait_for_the_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A signal or a refused token during a minutes-long load: `asyncio.run` must return at once, not
+    join the loading thread (as it joins `asyncio.to_thread`'s) and leave the process hanging."""
+    loading, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_load(settings: Settings) -> tuple[object, object, object]:
+        loading.set()
+        release.wait(10)
+        finished.set()
+        raise EngineError("gave up")
+
+    monkeypatch.setattr(transformers_engine, "load_model", slow_load)
+
+    async def start_then_stop() -> None:
+        start = asyncio.create_task(TransformersEngine(Settings(device="cpu")).start())
+        await asyncio.to_thread(loading.wait, 10)
+        start.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await start
+
+    try:
+        asyncio.run(start_then_stop())
+        assert loading.is_set() and not finished.is_set()  # returned while the load still ran
+    finally:
+        release.set()
