@@ -362,6 +362,29 @@ async def test_prompt_too_long_is_a_clear_error(engine: TransformersEngine) -> N
         await engine.generate_text(GenerationRequest("x", too_long, huge))
 
 
+async def test_a_prompt_the_chat_template_refuses_fails_alone(
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some models' templates raise for message orders they do not accept (Mistral's, Gemma's): that request
+    gets an error, and it is not lost from the engine (its stream would wait forever, and shutdown with it)."""
+    encode = transformers_engine.encode_messages
+
+    def picky(tokenizer: Any, messages: list[dict[str, str]], **kw: Any) -> Any:
+        if messages[-1]["content"] == "refused":
+            raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+        return encode(tokenizer, messages, **kw)
+
+    monkeypatch.setattr(transformers_engine, "encode_messages", picky)
+    async with asyncio.timeout(60):  # a lost request never answers: fail, don't hang
+        refused, fine = await asyncio.gather(
+            engine.generate_text(GenerationRequest("bad", chat("refused"), GREEDY)),
+            engine.generate_text(GenerationRequest("good", chat("Hello there"), GREEDY)),
+            return_exceptions=True,
+        )
+    assert isinstance(refused, EngineError) and "roles must alternate" in str(refused)
+    assert fine[0] == reference(engine, chat("Hello there"), 24)
+
+
 def test_a_hub_model_on_the_cpu_warns_before_it_downloads(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

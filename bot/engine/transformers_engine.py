@@ -279,7 +279,7 @@ class TransformersEngine(Engine):
         self._take_new()
         self._drop_cancelled()
         if not self._prefilling:
-            self._prefilling = self._next_prefill_group()
+            self._fill_prefill_group()
         if self._prefilling:
             self._prefill_chunk()
         if self._running:
@@ -294,6 +294,9 @@ class TransformersEngine(Engine):
                 self._waiting.append(self._prepare(stream))
             except EngineError as exc:
                 stream.feed_threadsafe([exc])
+            except Exception as exc:  # e.g. a model's chat template refusing these messages: out of every list now
+                log.exception("preparing a request failed")
+                stream.feed_threadsafe([EngineError(f"the prompt could not be built: {exc}")])
 
     def _prepare(self, stream: GenerationStream) -> _Running:
         request = stream.request
@@ -330,11 +333,12 @@ class TransformersEngine(Engine):
         for run in [r for r in self._running if r.stream.cancelled]:
             self._finish(run, run.stream.cancel_reason or "cancelled")
 
-    def _next_prefill_group(self) -> list[_Running]:
-        """Waiting prompts to prefill in one forward: as many as the free slots and PREFILL_CHUNK
-        padded tokens (rows x longest) allow, so a burst of channels starts together. A longer prompt
-        goes alone, in chunks. Each one first copies its longest cached prefix into its slot."""
-        group: list[_Running] = []
+    def _fill_prefill_group(self) -> None:
+        """Move the waiting prompts to prefill in one forward into `_prefilling`: as many as the free slots
+        and PREFILL_CHUNK padded tokens (rows x longest) allow, so a burst of channels starts together. A
+        longer prompt goes alone, in chunks. Each one first copies its longest cached prefix into its slot.
+        A run leaves `_waiting` only once it is in `_prefilling`, so a failure finds it in one of them."""
+        group = self._prefilling
         while self._waiting and len(self._running) + len(group) < self.kv.slots:
             run = self._waiting[0]
             entry, shared = self.prefixes.lookup(torch.tensor(run.ids, dtype=torch.long))
@@ -342,14 +346,12 @@ class TransformersEngine(Engine):
             longest = max([run.prompt_len - shared, *(r.prompt_len - r.cached for r in group)])
             if group and longest * (len(group) + 1) > PREFILL_CHUNK:
                 break
-            self._waiting.popleft()
             run.slot = len(self._running) + len(group)
             if entry is not None and shared > 0:
                 self.kv.load(run.slot, entry.keys, entry.values, shared)
                 run.cached = shared
             self._set_row(run.slot, run)
-            group.append(run)
-        return group
+            group.append(self._waiting.popleft())
 
     def _set_row(self, slot: int, run: _Running) -> None:
         s = run.stream.request.sampling
