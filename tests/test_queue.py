@@ -612,3 +612,16 @@ async def test_a_reply_stream_rides_out_a_broken_connection(
     events = [event for _, event in await reader]
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["Hello", " there"]
     assert isinstance(events[-1], Done)
+
+
+async def test_a_waiting_job_that_expired_no_longer_holds_its_conversation(
+    redis_harness: Harness, redis_admin: aioredis.Redis
+) -> None:
+    """With every worker down past a job's TTL its hash expires, but the conversation's line kept its id:
+    the conversation was refused ("already waiting") for good, and a superseding submit failed in Lua."""
+    bot = redis_harness.start(queue_max_per_conversation=1)
+    stale = job("chan-9")
+    await bot.submit(stale)
+    await redis_admin.delete(f"{redis_harness.prefix}:job:{stale.job_id}")  # what its TTL does
+    assert await bot.submit(job("chan-9")) == 1
+    assert await bot.submit(job("chan-9"), supersede=True) == 1

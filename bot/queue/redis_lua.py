@@ -57,6 +57,14 @@ if redis.call('EXISTS', meta(id)) == 1 then
   local rank = redis.call('ZRANK', WAITING, id)
   return {rank and rank + 1 or 1, 0}
 end
+-- A waiting job whose hash expired (no worker read it in time) no longer counts: it must not hold
+-- its conversation's places for good.
+for _, old in ipairs(redis.call('ZRANGE', convkey, 0, -1)) do
+  if redis.call('EXISTS', meta(old)) == 0 then
+    redis.call('ZREM', convkey, old)
+    redis.call('ZREM', WAITING, old)
+  end
+end
 if ARGV[7] == '1' then
   for _, old in ipairs(redis.call('ZRANGE', convkey, 0, -1)) do
     unwait(old)
