@@ -147,8 +147,11 @@ class Worker:
                 _, stream = self._held.get(job.job_id, (job, None))
                 if stream is not None:  # the engine would otherwise write the whole reply for nobody
                     stream.cancel("cancelled")
-                with contextlib.suppress(Exception):
+                try:
                     await self._finish(job, ErrorEvent(job_id=job.job_id, kind="worker", message=str(exc)))
+                except Exception:  # the queue is unreachable: let the job go, to be taken over once it is back
+                    with contextlib.suppress(Exception):
+                        await self.queue.release(job.job_id)
             finally:
                 self._held.pop(job.job_id, None)
                 self._slot_free.set()

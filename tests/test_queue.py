@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ReadOnlyError
 
 from bot.cli import main
 from bot.config import Settings
@@ -625,3 +626,28 @@ async def test_a_waiting_job_that_expired_no_longer_holds_its_conversation(
     await redis_admin.delete(f"{redis_harness.prefix}:job:{stale.job_id}")  # what its TTL does
     assert await bot.submit(job("chan-9")) == 1
     assert await bot.submit(job("chan-9"), supersede=True) == 1
+
+
+async def test_a_heartbeat_answered_with_an_error_keeps_beating(
+    redis_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failover answers READONLY for a moment: the heartbeat must go on, or after the claim idle time
+    other workers take over every job this live worker holds (and it would write them twice)."""
+    bot, worker = redis_harness.start(), redis_harness.worker()
+    assert isinstance(worker, RedisStreamsQueue)
+    j = job()
+    await bot.submit(j)
+    await fetch_one(worker)
+    run, refused = worker._run, asyncio.Event()
+
+    async def readonly_once(name: str, *args: object) -> Any:
+        if name == "HEARTBEAT" and not refused.is_set():
+            refused.set()
+            raise ReadOnlyError("You can't write against a read only replica.")
+        return await run(name, *args)
+
+    monkeypatch.setattr(worker, "_run", readonly_once)
+    await asyncio.wait_for(refused.wait(), 5)
+    other = redis_harness.worker()
+    for _ in range(12):  # short fetches, each looking for abandoned jobs, well past the claim idle time
+        assert await other.fetch(1, CLAIM_IDLE_MS // 3) == []

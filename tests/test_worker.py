@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot.config import Settings
 from bot.engine.base import GenerationRequest, GenerationStream
 from bot.engine.transformers_engine import TransformersEngine, load_model
 from bot.personas import Sampling
+from bot.queue import redis_streams
 from bot.queue.base import JobQueue, QueueEvent
 from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
 from bot.queue.memory import MemoryQueue
@@ -251,3 +253,35 @@ async def test_a_job_the_worker_cannot_publish_stops_its_generation(
     assert streams[0].cancel_reason == "cancelled"
     await worker.shutdown()
     await task
+
+
+async def test_a_job_whose_worker_lost_redis_is_finished_once_redis_is_back(
+    loaded: tuple[Any, Any], tiny_model_dir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis unreachable mid-reply for longer than the resends: the worker can neither publish, nor end
+    the job, nor release it. It must still let the job go, so that once Redis is back the job is taken
+    over and finished (before, the heartbeat kept claiming it and the user waited for the timeout)."""
+    monkeypatch.setattr(redis_streams, "RETRY_DELAYS_S", (0.01,))
+    rig = Rig("redis", redis_url, loaded, tiny_model_dir)
+    try:
+        worker = await rig.start_worker()
+        queue = worker.queue
+        assert isinstance(queue, RedisStreamsQueue)
+        exchange, down = queue._exchange, asyncio.Event()
+
+        async def unreachable_while_down(*args: Any) -> Any:
+            if down.is_set():
+                raise RedisConnectionError("Connection refused")
+            return await exchange(*args)
+
+        monkeypatch.setattr(queue, "_exchange", unreachable_while_down)
+        j = job("go on", Sampling(temperature=0.0, max_new_tokens=60))
+        await rig.bot.submit(j)
+        await eventually(lambda: worker.held, timeout=10)
+        down.set()
+        await eventually(lambda: not worker.held, timeout=10)  # its publish failed: it gave up the job
+        down.clear()
+        evs = await events(rig.bot, j.job_id)
+        assert isinstance(evs[-1], Done) and reply_of(evs)
+    finally:
+        await rig.close()

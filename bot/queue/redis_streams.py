@@ -355,9 +355,13 @@ class RedisStreamsQueue(JobQueue):
             if not self._inflight or self._closing.is_set():
                 continue
             triples = [v for job_id, (entry, attempt) in self._inflight.items() for v in (job_id, attempt, entry)]
-            with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
-                for job_id in await self._run("HEARTBEAT", self._consumer, *triples):
-                    self._inflight.pop(job_id, None)
+            try:
+                lost = await self._run("HEARTBEAT", self._consumer, *triples)
+            except Exception as exc:  # unreachable, or answering errors (READONLY in a failover): next beat
+                log.warning("queue heartbeat failed: %s", exc)
+                continue
+            for job_id in lost:
+                self._inflight.pop(job_id, None)
 
     async def publish(self, event: QueueEvent) -> None:
         await self.publish_many([event])
@@ -383,18 +387,22 @@ class RedisStreamsQueue(JobQueue):
         if held is None:
             return
         incomplete = ErrorEvent(job_id=job_id, kind="incomplete", message="the reply ended unexpectedly")
-        with _available():
-            await self._run("COMPLETE", job_id, held[1], held[0], self._ttl, event_to_json(incomplete))
-        self._inflight.pop(job_id, None)
+        try:
+            with _available():
+                await self._run("COMPLETE", job_id, held[1], held[0], self._ttl, event_to_json(incomplete))
+        finally:  # even unheard: the heartbeat must stop claiming it, so it goes idle and is taken over
+            self._inflight.pop(job_id, None)
 
     async def release(self, job_id: str) -> None:
         held = self._inflight.get(job_id)
         if held is None:
             return
-        with _available():
-            await self._run("RELEASE", job_id, held[1], held[0], self._consumer)
-        self._inflight.pop(job_id, None)
-        self._next_reclaim = 0.0
+        try:
+            with _available():
+                await self._run("RELEASE", job_id, held[1], held[0], self._consumer)
+        finally:  # as in complete: a release Redis did not hear still lets the job go idle
+            self._inflight.pop(job_id, None)
+            self._next_reclaim = 0.0
 
     async def is_cancelled(self, job_id: str) -> bool:
         return job_id in await self.cancelled([job_id])
