@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -235,6 +236,11 @@ def _public_name(field_name: str) -> str:
 _SECRET_SETTINGS = {"DISCORD_TOKEN", "HERMES_OPENAI_API_KEY"}
 
 
+def _without_password(value: Any) -> Any:
+    """A URL's password masked (`postgresql://hermes:***@db/hermes`): error lines end up in logs."""
+    return re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", value) if isinstance(value, str) else value
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build Settings or raise SettingsError with one line per invalid setting."""
     try:
@@ -249,6 +255,6 @@ def load_settings(**overrides: Any) -> Settings:
             name = _public_name(field) if field in Settings.model_fields else field
             value = error.get("input")
             hidden = isinstance(value, dict) or name in _SECRET_SETTINGS
-            shown = "" if hidden else f" (got {value!r})"
+            shown = "" if hidden else f" (got {_without_password(value)!r})"
             lines.append(f"invalid setting {name}: {error['msg']}{shown}")
         raise SettingsError(lines) from None
