@@ -12,11 +12,13 @@ conversation (a DM-style key derived from the persona id), so history survives b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import zlib
 
 from bot.config import Settings
 from bot.conversation import ChatService
+from bot.daemon_thread import in_daemon_thread
 from bot.personas import Persona, PersonaRegistry
 from bot.queue.base import JobQueue, QueueBusy
 from bot.queue.jobs import Done, ErrorEvent, TextDelta
@@ -75,9 +77,8 @@ async def _converse(service: ChatService, queue: JobQueue, persona: Persona) -> 
     _note(f"Chatting with {persona.name} ({persona.id}). /reset clears the history, /quit leaves.")
     if persona.greeting:
         print(f"{persona.name}: {persona.greeting}", flush=True)
-    loop = asyncio.get_running_loop()
     while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
+        line = await in_daemon_thread(sys.stdin.readline, name="hermes-stdin")
         if not line:
             break
         text = line.strip()
@@ -106,15 +107,20 @@ async def _reply(service: ChatService, key: ConversationKey, persona: Persona) -
         _note(f"(you are number {pending.position} in line)")
     print(f"{persona.name}: ", end="", flush=True)
     parts: list[str] = []
-    async for event in pending.events():
-        if isinstance(event, TextDelta):
-            parts.append(event.text)
-            print(event.text, end="", flush=True)
-        elif isinstance(event, ErrorEvent):
-            print(flush=True)
-            _note(f"(error: {event.message})")
-            return ""
-        elif isinstance(event, Done) and event.finish_reason in ("cancelled", "deadline"):
-            _note(f"({event.finish_reason})")
+    try:
+        async for event in pending.events():
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+                print(event.text, end="", flush=True)
+            elif isinstance(event, ErrorEvent):
+                print(flush=True)
+                _note(f"(error: {event.message})")
+                return ""
+            elif isinstance(event, Done) and event.finish_reason in ("cancelled", "deadline"):
+                _note(f"({event.finish_reason})")
+    except asyncio.CancelledError:  # Ctrl-C: the worker's shutdown must not wait for this reply to end
+        with contextlib.suppress(Exception):
+            await pending.cancel()
+        raise
     print(flush=True)
     return "".join(parts)

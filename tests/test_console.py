@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,25 @@ def test_unknown_persona_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) 
     result = chat("", tmp_path, tiny_model_dir, "--persona", "nobody")
     assert result.returncode == 2
     assert "unknown persona 'nobody'" in result.stderr and "hermes" in result.stderr
+
+
+def test_ctrl_c_at_the_prompt_ends_the_chat(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Ctrl-C while chat waits for a line: it exits (130) at once, not after the next Enter."""
+    env = {
+        **os.environ, "HERMES_MODEL": str(tiny_model_dir), "HERMES_DEVICE": "cpu",
+        "HERMES_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}", "HERMES_PERSONAS_DIR": str(ROOT / "personas"),
+        "HERMES_QUEUE_URL": "memory://", "HERMES_CONFIG_FILE": str(tmp_path / "absent.yaml"), "HERMES_LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot", "chat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env, cwd=tmp_path,
+    )
+    try:
+        assert proc.stderr is not None
+        while b"Chatting with" not in (line := proc.stderr.readline()):
+            assert line, "chat ended before its prompt"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130  # stdin stays open: before, it waited for a line forever
+    finally:
+        proc.kill()
+        proc.wait()

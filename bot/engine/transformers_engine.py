@@ -14,20 +14,18 @@ event loop through `GenerationStream.feed_threadsafe`, once per step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from bot.config import Settings
+from bot.daemon_thread import in_daemon_thread
 from bot.engine.base import (
     Engine,
     EngineError,
@@ -51,8 +49,6 @@ from bot.engine.text import IncrementalDetokenizer, StopMatcher
 from bot.prompt import PromptTooLong, encode_messages
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 PREFILL_CHUNK = 512  # prompt tokens (padding included) per step while others decode: keeps their latency flat
 
@@ -125,29 +121,6 @@ def load_model(settings: Settings) -> tuple[Any, Any, torch.device]:
     return tokenizer, model, device
 
 
-async def _in_daemon_thread(fn: Callable[[], T]) -> T:
-    """`fn()` on a daemon thread of its own. Unlike `asyncio.to_thread`, whose threads `asyncio.run` joins
-    at exit, a process told to stop while a model loads (a signal, a refused token) exits at once instead
-    of after the load, which can take minutes."""
-    loop = asyncio.get_running_loop()
-    outcome: asyncio.Future[T] = loop.create_future()
-
-    def settle(set_outcome: Callable[[], object]) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for the result any more
-            loop.call_soon_threadsafe(lambda: outcome.done() or set_outcome())
-
-    def load() -> None:
-        try:
-            result = fn()
-        except BaseException as exc:  # handed to the awaiting coroutine
-            settle(functools.partial(outcome.set_exception, exc))
-        else:
-            settle(functools.partial(outcome.set_result, result))
-
-    threading.Thread(target=load, name="hermes-model-load", daemon=True).start()
-    return await outcome
-
-
 @dataclass(eq=False)
 class _Running:
     """Engine-thread state of one request."""
@@ -194,7 +167,7 @@ class TransformersEngine(Engine):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.model is None:
-            self.tokenizer, self.model, self.device = await _in_daemon_thread(lambda: load_model(self.settings))
+            self.tokenizer, self.model, self.device = await in_daemon_thread(lambda: load_model(self.settings), name="hermes-model-load")
         await asyncio.to_thread(self._setup)
         self._thread = threading.Thread(target=self._run, name="hermes-engine", daemon=True)
         self._thread.start()
