@@ -24,8 +24,9 @@ Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000, punctuation . , ; : ! ? ' " ( ) [ ] { }
 """
 
 
-def build_tokenizer(vocab_size: int = 1024):  # type: ignore[no-untyped-def]
-    """A byte-level BPE PreTrainedTokenizerFast with ChatML specials, trained on the built-in corpus."""
+def build_tokenizer(vocab_size: int = 1024, model_max_length: int = 4096):  # type: ignore[no-untyped-def]
+    """A byte-level BPE PreTrainedTokenizerFast with ChatML specials, trained on the built-in corpus;
+    `model_max_length` is the model's context, which `hermes-bot prompt` reads from the tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,7 +48,7 @@ def build_tokenizer(vocab_size: int = 1024):  # type: ignore[no-untyped-def]
         pad_token="</s>",
         additional_special_tokens=["<|im_start|>"],
         chat_template=CHATML_TEMPLATE,
-        model_max_length=4096,
+        model_max_length=model_max_length,
     )
 
 
@@ -67,7 +68,7 @@ def write_tiny_model(
     from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(model_max_length=context)
     config = MistralConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

@@ -162,6 +162,12 @@ def _keep(messages: list[dict[str, str]], pinned: int, drop: int) -> list[dict[s
     return messages[:pinned] + messages[pinned + drop :]
 
 
+def reply_budget(max_new_tokens: int, context_tokens: int) -> int:
+    """Tokens kept free for the reply: the persona's max_new_tokens, but at most half the context, so a
+    small context still leaves the conversation room. The engine and `hermes-bot prompt` both use it."""
+    return min(max_new_tokens, context_tokens // 2)
+
+
 def encode_messages(
     tokenizer: Any, messages: Sequence[Mapping[str, str]], *, context_tokens: int, max_new_tokens: int
 ) -> EncodedPrompt:

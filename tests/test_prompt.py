@@ -185,10 +185,21 @@ def test_prompt_command_rejects_bad_input_clearly(tiny_model_dir: Path) -> None:
     unknown = [*cmd[:5], "nobody", *cmd[6:]]
     done = subprocess.run(unknown, input="[]", capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and done.stderr.startswith("hermes-bot: unknown persona 'nobody' (known: ")
-    tiny_context = subprocess.run(cmd, input="[]", capture_output=True, text=True, cwd=ROOT,
-                                  env={**os.environ, "HERMES_CONTEXT_TOKENS": "300"})
-    assert tiny_context.returncode == 2 and "leaves no room in a 300-token context" in tiny_context.stderr
+    tiny_context = subprocess.run(cmd, input='[{"author": "Ann", "content": "Hi"}]', capture_output=True, text=True,
+                                  cwd=ROOT, env={**os.environ, "HERMES_CONTEXT_TOKENS": "300"})
+    assert tiny_context.returncode == 2 and "the system prompt alone needs" in tiny_context.stderr
+    assert "the budget is 150" in tiny_context.stderr  # half the context stays free for the reply, as in the engine
     assert "Traceback" not in done.stderr + tiny_context.stderr
+
+
+def test_prompt_command_keeps_the_reply_budget_the_engine_keeps(tiny_model_dir: Path) -> None:
+    """A 600-token context and a persona allowed 512 new tokens: the engine keeps 300 for the reply and
+    serves the prompt, so `hermes-bot prompt` must show it (it refused it, keeping all 512)."""
+    cmd = [sys.executable, "-m", "bot", "prompt", "--persona", "hermes", "--model", str(tiny_model_dir)]
+    done = subprocess.run(cmd, input='[{"author": "Ann", "content": "Hi"}]', capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "HERMES_CONTEXT_TOKENS": "600"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("<|im_start|>system\n")
 
 
 def test_persona_model_is_strict() -> None:

@@ -46,7 +46,7 @@ from bot.engine.kv import (
 )
 from bot.engine.sampling import apply_repetition_penalty, sample_next
 from bot.engine.text import IncrementalDetokenizer, StopMatcher
-from bot.prompt import PromptTooLong, encode_messages
+from bot.prompt import PromptTooLong, encode_messages, reply_budget
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class TransformersEngine(Engine):
 
     def _prepare(self, stream: GenerationStream) -> _Running:
         request = stream.request
-        budget_new = min(request.sampling.max_new_tokens, self.max_len // 2)
+        budget_new = reply_budget(request.sampling.max_new_tokens, self.max_len)
         try:
             prompt = encode_messages(
                 self.tokenizer, request.messages, context_tokens=self.max_len, max_new_tokens=budget_new
