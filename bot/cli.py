@@ -19,6 +19,7 @@ from bot.personas import PersonaError, UnknownPersona
 from bot.prompt import PromptTooLong
 from bot.prompt_cli import ConversationInputError
 from bot.queue.base import QueueUnavailable
+from bot.store.db import StoreUnavailable
 from bot.store.keys import ConversationKey
 
 
@@ -266,6 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except EngineError as exc:  # the model or the OpenAI-compatible server is not usable
         print(f"hermes-bot: {exc}", file=sys.stderr)
+        return 1
+    except StoreUnavailable as exc:
+        first_line = str(exc).splitlines()[0]
+        unmigrated = "no such table" in first_line or "does not exist" in first_line
+        hint = " (a database without the schema: run `hermes-bot db upgrade` first)" if unmigrated else ""
+        print(f"hermes-bot: {first_line}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

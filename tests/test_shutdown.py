@@ -263,6 +263,22 @@ async def test_bot_exits_with_an_error_when_its_model_does_not_load(
     assert "Traceback" not in bot.log, bot.log
 
 
+async def test_bot_that_cannot_reach_discord_says_so_in_one_line(tmp_path: Path) -> None:
+    bot = await Process.start(
+        "run", tmp_path, DISCORD_TOKEN="x" * 59, HERMES_DISCORD_API_BASE=f"http://127.0.0.1:{free_port()}/api/v10",
+        HERMES_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/hermes.db", HERMES_QUEUE_URL="memory://",
+        HERMES_ENGINE="openai", HERMES_OPENAI_BASE_URL="http://127.0.0.1:9/v1", HERMES_MODEL="test-model",
+        HERMES_PERSONAS_DIR=str(ROOT / "personas"),
+    )
+    try:
+        code = await bot.wait_exit()
+    finally:
+        await bot.kill()
+    assert code == 1, bot.log
+    assert "cannot reach Discord: Cannot connect to host 127.0.0.1" in bot.log
+    assert "Traceback" not in bot.log, bot.log
+
+
 async def test_bot_sigterm_finishes_the_reply_in_flight(
     fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
 ) -> None:

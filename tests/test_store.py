@@ -461,3 +461,13 @@ async def test_a_database_that_refuses_connections_is_store_unavailable() -> Non
             await store.get_settings(ConversationKey(1, 2))
     finally:
         await store.close()
+
+
+def test_db_export_of_a_database_without_the_schema_says_to_upgrade(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HERMES_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'new.db'}")
+    assert main(["db", "export", "g1/c2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hermes-bot: the database failed:") and "run `hermes-bot db upgrade` first" in err
+    assert "Traceback" not in err and err.count("\n") == 1

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
+import aiohttp
 import discord
 import yarl
 from discord.ext import commands
@@ -233,5 +234,8 @@ def run_bot(settings: Settings) -> int:
         return 1
     except EngineError as exc:
         log.error("the model cannot serve replies: %s", exc)
+        return 1
+    except (aiohttp.ClientError, OSError) as exc:  # includes TimeoutError: no READY in time
+        log.error("cannot reach Discord: %s", str(exc) or type(exc).__name__)
         return 1
     return 0
