@@ -350,9 +350,23 @@ async def test_resume_continues_after_the_assistant_prefix(engine: TransformersE
     prompt = chat("Say something.")
     full, _ = await engine.generate_text(GenerationRequest("full", prompt, GREEDY))
     cut = len(full) // 2
-    rest, _ = await engine.generate_text(GenerationRequest("resumed", prompt, GREEDY, assistant_prefix=full[:cut]))
+    rest, finish = await engine.generate_text(GenerationRequest("resumed", prompt, GREEDY, assistant_prefix=full[:cut]))
     assert rest  # the continuation is new text after the prefix, not a restart
     assert not (full[:cut] and rest.startswith(full[:cut]))
+    written = len(engine.tokenizer(full[:cut], add_special_tokens=False)["input_ids"])
+    assert 0 < finish.completion_tokens <= GREEDY.max_new_tokens - written  # the limit counts what was written
+
+
+def test_a_resumed_reply_keeps_the_space_before_its_first_new_word() -> None:
+    """SentencePiece decoders drop the space of a text's first token: decoded alone, "▁world" is "world"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"▁Hello": 0, "▁world": 1, "<unk>": 2}, unk_token="<unk>"))
+    words.pre_tokenizer, words.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>")
+    assert IncrementalDetokenizer(tokenizer).push(1) == "world"
+    assert IncrementalDetokenizer(tokenizer, shown=[0]).push(1) == " world"
 
 
 async def test_prompt_too_long_is_a_clear_error(engine: TransformersEngine) -> None:

@@ -21,11 +21,14 @@ class IncrementalDetokenizer:
 
     CONTEXT = 4  # tokens kept before the window's new text
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, shown: Sequence[int] = ()) -> None:
+        """`shown`: the ids of text the reader already has (a resumed reply's start). Its last tokens open
+        the window, so the first new token decodes as a continuation: a SentencePiece decoder drops the
+        space of a text's first token ("▁world" alone is "world")."""
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = list(shown[-self.CONTEXT :])
         self._start = 0  # first token of the decode window
-        self._sent = 0  # characters of decode(ids[_start:]) already returned
+        self._sent = len(self._decode(self.ids)) if self.ids else 0  # characters of decode(ids[_start:]) returned
 
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))

@@ -280,17 +280,20 @@ class TransformersEngine(Engine):
             )
         except PromptTooLong as exc:
             raise EngineError(str(exc)) from None
-        ids = list(prompt.ids)
+        # A resumed reply (another worker wrote its start) continues after that text and within what is
+        # left of the persona's max_new_tokens.
+        written: list[int] = []
         if request.assistant_prefix:
-            ids += self.tokenizer(
+            written = self.tokenizer(
                 request.assistant_prefix, add_special_tokens=False, split_special_tokens=True
             )["input_ids"]
+        ids = [*prompt.ids, *written]
         if len(ids) >= self.max_len:
             raise EngineError(f"prompt of {len(ids)} tokens does not fit the {self.max_len}-token context")
-        max_new = min(request.sampling.max_new_tokens, self.max_len - len(ids))
+        max_new = max(1, min(request.sampling.max_new_tokens - len(written), self.max_len - len(ids)))
         return _Running(
             stream=stream, ids=ids, prompt_len=len(ids), max_new=max_new,
-            detok=IncrementalDetokenizer(self.tokenizer), stops=StopMatcher(request.stop),
+            detok=IncrementalDetokenizer(self.tokenizer, shown=written), stops=StopMatcher(request.stop),
         )
 
     def _drop_cancelled(self) -> None:
