@@ -197,17 +197,21 @@ class _PublicNamesOnly(PydanticBaseSettingsSource):
 
 
 class _YamlSource(PydanticBaseSettingsSource):
-    """Reads `hermes.yaml` (or $HERMES_CONFIG_FILE) when present; keys are setting names."""
+    """Reads `hermes.yaml` when present, or $HERMES_CONFIG_FILE, which must exist (a mistyped path would
+    otherwise run on the defaults without a word); keys are setting names."""
 
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
         super().__init__(settings_cls)
-        self.path = Path(os.environ.get(YAML_FILE_ENV, DEFAULT_YAML_FILE))
+        self.named = os.environ.get(YAML_FILE_ENV)
+        self.path = Path(self.named or DEFAULT_YAML_FILE)
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
         if not self.path.is_file():
+            if self.named:
+                raise SettingsError([f"{YAML_FILE_ENV}: no such file: {self.path}"])
             return {}
         try:
             data = yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}

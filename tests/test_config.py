@@ -120,6 +120,12 @@ def test_a_rejected_url_is_shown_without_its_password(monkeypatch: pytest.Monkey
     ]
 
 
+def test_a_config_file_named_but_missing_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HERMES_CONFIG_FILE", str(tmp_path / "hermes.yml"))
+    with pytest.raises(SettingsError, match=f"HERMES_CONFIG_FILE: no such file: {tmp_path / 'hermes.yml'}"):
+        load_settings()
+
+
 def test_bad_yaml_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "hermes.yaml").write_text("HERMES_MODEL: [unclosed\n")
     with pytest.raises(SettingsError, match="hermes.yaml: not valid YAML"):

@@ -22,7 +22,6 @@ def chat(stdin: str, tmp_path: Path, model: Path, *args: str) -> subprocess.Comp
         "HERMES_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
         "HERMES_PERSONAS_DIR": str(ROOT / "personas"),
         "HERMES_QUEUE_URL": "memory://",
-        "HERMES_CONFIG_FILE": str(tmp_path / "absent.yaml"),
         "HERMES_LOG_LEVEL": "WARNING",
     }
     # Bytes, decoded here: text=True would turn a "\r" in the random model's reply into "\n".
@@ -61,7 +60,7 @@ def test_ctrl_c_at_the_prompt_ends_the_chat(tmp_path: Path, tiny_model_dir: Path
     env = {
         **os.environ, "HERMES_MODEL": str(tiny_model_dir), "HERMES_DEVICE": "cpu",
         "HERMES_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}", "HERMES_PERSONAS_DIR": str(ROOT / "personas"),
-        "HERMES_QUEUE_URL": "memory://", "HERMES_CONFIG_FILE": str(tmp_path / "absent.yaml"), "HERMES_LOG_LEVEL": "WARNING",
+        "HERMES_QUEUE_URL": "memory://", "HERMES_LOG_LEVEL": "WARNING",
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "bot", "chat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
