@@ -242,7 +242,8 @@ _SECRET_SETTINGS = {"DISCORD_TOKEN", "HERMES_OPENAI_API_KEY"}
 
 def _without_password(value: Any) -> Any:
     """A URL's password masked (`postgresql://hermes:***@db/hermes`): error lines end up in logs."""
-    return re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", value) if isinstance(value, str) else value
+    # Greedy up to the last "@": a password may itself hold "/" or "@" (base64 secrets do).
+    return re.sub(r"(://[^/@:]*):.*@", r"\1:***@", value) if isinstance(value, str) else value
 
 
 def load_settings(**overrides: Any) -> Settings:

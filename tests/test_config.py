@@ -111,7 +111,7 @@ def test_a_misspelt_setting_in_hermes_yaml_is_named(tmp_path: Path) -> None:
 
 
 def test_a_rejected_url_is_shown_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HERMES_DATABASE_URL", "postgresql://hermes:s3cretpw@db:5432/hermes")
+    monkeypatch.setenv("HERMES_DATABASE_URL", "postgresql://hermes:s3c/r@tpw@db:5432/hermes")
     monkeypatch.setenv("HERMES_QUEUE_URL", "amqp://guest:hunter2@mq:5672/")
     with pytest.raises(SettingsError) as raised:
         load_settings()
