@@ -116,6 +116,20 @@ class BotApp:
             checks["model"] = worker.started.is_set
         self.bot = HermesBot(settings, ChatService(settings, self.store, self.queue, personas), **self.client_options)
         self._closers.append(self.bot.close)
+        try:
+            await self._connect(settings)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:  # TimeoutError included
+            raise DiscordUnreachable(f"cannot reach Discord: {str(exc) or type(exc).__name__}") from exc
+        from bot.health import serve_ops
+
+        ops = await serve_ops(settings, {"discord": self.bot.is_ready, **checks})
+        if ops is not None:
+            self._closers.append(ops.close)
+        log.info("discord bot ready as %s", self.bot.user)
+
+    async def _connect(self, settings: Settings) -> None:
+        """Log in, open the gateway connection and wait for READY."""
+        assert self.bot is not None and settings.discord_token is not None
         await self.bot.login(settings.discord_token.get_secret_value())
         self.connection = connection = asyncio.create_task(self.bot.connect())
         self._tasks.append(connection)
@@ -126,12 +140,6 @@ class BotApp:
             if connection in done:
                 connection.result()  # raises why the gateway connection ended
             raise TimeoutError(f"no READY from the Discord gateway within {READY_TIMEOUT_S:.0f}s")
-        from bot.health import serve_ops
-
-        ops = await serve_ops(settings, {"discord": self.bot.is_ready, **checks})
-        if ops is not None:
-            self._closers.append(ops.close)
-        log.info("discord bot ready as %s", self.bot.user)
 
     async def close(self) -> None:
         """Finish replies in flight, then stop in reverse order of start; safe to call twice."""
@@ -166,6 +174,10 @@ class BotApp:
 
 class GatewayEnded(RuntimeError):
     """The gateway connection ended without a signal to stop and without an error from Discord."""
+
+
+class DiscordUnreachable(RuntimeError):
+    """Logging in, connecting or waiting for READY failed on the network (or timed out)."""
 
 
 class WorkerEnded(RuntimeError):
@@ -229,13 +241,10 @@ def run_bot(settings: Settings) -> int:
         details = "".join(f"; {part}" for part in (exc.reason, hint) if part)
         log.error("Discord closed the gateway connection with code %s%s", exc.code, details)
         return 1
-    except (GatewayEnded, WorkerEnded) as exc:
+    except (GatewayEnded, WorkerEnded, DiscordUnreachable) as exc:
         log.error("%s", exc)
         return 1
     except EngineError as exc:
         log.error("the model cannot serve replies: %s", exc)
-        return 1
-    except (aiohttp.ClientError, OSError) as exc:  # includes TimeoutError: no READY in time
-        log.error("cannot reach Discord: %s", str(exc) or type(exc).__name__)
         return 1
     return 0
