@@ -18,7 +18,7 @@ from redis.exceptions import ReadOnlyError
 
 from bot.cli import main
 from bot.config import Settings
-from bot.queue import redis_lua
+from bot.queue import redis_lua, redis_streams
 from bot.queue.base import Delivery, JobQueue, QueueBusy, QueueEvent, QueueUnavailable
 from bot.queue.factory import open_queue
 from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
@@ -651,3 +651,20 @@ async def test_a_heartbeat_answered_with_an_error_keeps_beating(
     other = redis_harness.worker()
     for _ in range(12):  # short fetches, each looking for abandoned jobs, well past the claim idle time
         assert await other.fetch(1, CLAIM_IDLE_MS // 3) == []
+
+
+async def test_a_queue_closed_while_waiting_to_resend_sends_nothing_more(
+    redis_harness: Harness, cutting_proxy: CuttingProxy, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() during the pause before a resend: the resend must not open a connection close() has no
+    way to see, nor run the command after the queue was closed."""
+    monkeypatch.setattr(redis_streams, "RETRY_DELAYS_S", (0.5,))
+    bot = redis_harness.start(queue_url=through(cutting_proxy, redis_url))
+    j = job()
+    cutting_proxy.cut_after(j.job_id.encode())
+    submitting = asyncio.create_task(bot.submit(j))
+    await eventually(lambda: cutting_proxy.cuts == 1)
+    await bot.close()
+    with pytest.raises(QueueUnavailable):
+        await submitting
+    assert isinstance(bot, RedisStreamsQueue) and not bot._direct_conns and not bot._idle

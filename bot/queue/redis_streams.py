@@ -108,10 +108,12 @@ class RedisStreamsQueue(JobQueue):
         go straight to a connection, past redis-py's per-command layers (pool lock, retry,
         observability, pipeline bookkeeping, and a task per write for the socket timeout, which
         delays the write to the next loop turn): together they cost more than the Redis work.
-        A broken connection may have lost only the reply, so every script is safe to run twice
-        (redis_lua.py: SUBMIT's nonce, PUBLISH's next seq; the others are fenced or idempotent; a
-        resent TAKE or READ at worst counts a delivery twice). A timeout is not retried: Redis
-        is there but not answering, and waiting again would only double the wait.
+        A broken connection may have lost only the reply, so every script can run twice without harm
+        (redis_lua.py: SUBMIT's nonce, PUBLISH's next seq; the others are fenced or idempotent). Two
+        resends cost something: a resent TAKE counts a delivery twice, and a resent READ reads only
+        newer jobs, so the jobs whose reply was lost stay pending for this worker without its knowing
+        and are taken over after the claim idle time, like a dead worker's. A timeout is not retried:
+        Redis is there but not answering, and waiting again would only double the wait.
         """
         for delay in RETRY_DELAYS_S:
             try:
@@ -120,7 +122,10 @@ class RedisStreamsQueue(JobQueue):
                 if self._closing.is_set():
                     raise
                 log.info("Redis connection broke (%s); sending again in %.2f s", exc, delay)
+                error = exc
             await asyncio.sleep(delay)
+            if self._closing.is_set():  # closed meanwhile: no new connection that close() would not see
+                raise error
         return await self._exchange(commands, block_ms)
 
     async def _exchange(self, commands: tuple[tuple[object, ...], ...], block_ms: int) -> list[Any]:
