@@ -357,6 +357,12 @@ async def test_resume_continues_after_the_assistant_prefix(engine: TransformersE
     assert 0 < finish.completion_tokens <= GREEDY.max_new_tokens - written  # the limit counts what was written
 
 
+async def test_a_resumed_reply_that_has_all_its_tokens_ends_at_once(engine: TransformersEngine) -> None:
+    written = "and so on " * 20  # more tokens than GREEDY's 24
+    text, finish = await engine.generate_text(GenerationRequest("done", chat("Go on."), GREEDY, assistant_prefix=written))
+    assert (text, finish.reason, finish.completion_tokens) == ("", "length", 0)
+
+
 def test_a_resumed_reply_keeps_the_space_before_its_first_new_word() -> None:
     """SentencePiece decoders drop the space of a text's first token: decoded alone, "▁world" is "world"."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -264,7 +264,11 @@ class TransformersEngine(Engine):
         while self._inbox:
             stream = self._inbox.popleft()
             try:
-                self._waiting.append(self._prepare(stream))
+                run = self._prepare(stream)
+                if run.max_new > 0:
+                    self._waiting.append(run)
+                else:  # a resumed reply that already has all its tokens
+                    self._finish(run, "length", keep=False)
             except EngineError as exc:
                 stream.feed_threadsafe([exc])
             except Exception as exc:  # e.g. a model's chat template refusing these messages: out of every list now
@@ -290,7 +294,7 @@ class TransformersEngine(Engine):
         ids = [*prompt.ids, *written]
         if len(ids) >= self.max_len:
             raise EngineError(f"prompt of {len(ids)} tokens does not fit the {self.max_len}-token context")
-        max_new = max(1, min(request.sampling.max_new_tokens - len(written), self.max_len - len(ids)))
+        max_new = min(request.sampling.max_new_tokens - len(written), self.max_len - len(ids))
         return _Running(
             stream=stream, ids=ids, prompt_len=len(ids), max_new=max_new,
             detok=IncrementalDetokenizer(self.tokenizer, shown=written), stops=StopMatcher(request.stop),
