@@ -668,3 +668,19 @@ async def test_a_queue_closed_while_waiting_to_resend_sends_nothing_more(
     with pytest.raises(QueueUnavailable):
         await submitting
     assert isinstance(bot, RedisStreamsQueue) and not bot._direct_conns and not bot._idle
+
+
+async def test_jobs_taken_by_a_read_whose_reply_was_lost_are_still_delivered(
+    redis_harness: Harness, cutting_proxy: CuttingProxy, redis_url: str
+) -> None:
+    """READ ran and took the job, its reply was lost, and the resent READ finds nothing new: the job must
+    still reach this worker now, not after the claim idle time (30 s by default)."""
+    redis_harness.start(queue_url=through(cutting_proxy, redis_url), queue_claim_idle_ms=60_000)
+    bot, worker = redis_harness.bot, redis_harness.worker()
+    assert isinstance(worker, RedisStreamsQueue)
+    j = job()
+    await bot.submit(j)
+    cutting_proxy.cut_after(worker._scripts["READ"].sha.encode())
+    deliveries = await worker.fetch(1, 1000)
+    assert cutting_proxy.cuts == 1
+    assert [d.job.job_id for d in deliveries] == [j.job_id]

@@ -51,6 +51,7 @@ MAX_BLOCK_MS = 2000
 MAX_REMEMBERED_DEADLINES = 10_000
 # Consumers of dead workers are forgotten once they hold nothing and were idle this many claim idle times.
 PRUNE_AFTER_IDLES = 10
+PENDING_SCAN = 1000  # this consumer's pending entries looked at after a lost READ reply (it holds fewer)
 # Pauses before each resend of a direct exchange whose connection broke (see _direct): long enough
 # together to ride out a Redis restart or failover, short enough that a user's reply waits little.
 RETRY_DELAYS_S = (0.05, 0.5, 2.0)
@@ -94,6 +95,7 @@ class RedisStreamsQueue(JobQueue):
         self._last_read = "0-0"  # the group's last delivered id: a waiting XREAD BLOCK starts after it
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
+        self._resends = 0  # exchanges sent again after a broken connection (see _read_new)
         # Connections of the per-job commands (see _direct): idle ones, and all of them for close().
         self._idle: list[AbstractConnection] = []
         self._direct_conns: set[AbstractConnection] = set()
@@ -111,8 +113,8 @@ class RedisStreamsQueue(JobQueue):
         A broken connection may have lost only the reply, so every script can run twice without harm
         (redis_lua.py: SUBMIT's nonce, PUBLISH's next seq; the others are fenced or idempotent). Two
         resends cost something: a resent TAKE counts a delivery twice, and a resent READ reads only
-        newer jobs, so the jobs whose reply was lost stay pending for this worker without its knowing
-        and are taken over after the claim idle time, like a dead worker's. A timeout is not retried:
+        newer jobs (`_read_new` then takes the ones the lost reply carried from this consumer's
+        pending list, counting their delivery twice). A timeout is not retried:
         Redis is there but not answering, and waiting again would only double the wait.
         """
         for delay in RETRY_DELAYS_S:
@@ -123,6 +125,7 @@ class RedisStreamsQueue(JobQueue):
                     raise
                 log.info("Redis connection broke (%s); sending again in %.2f s", exc, delay)
                 error = exc
+                self._resends += 1
             await asyncio.sleep(delay)
             if self._closing.is_set():  # closed meanwhile: no new connection that close() would not see
                 raise error
@@ -284,16 +287,33 @@ class RedisStreamsQueue(JobQueue):
         waits for the next job, so a waiting worker gets it in one round trip."""
         read = self._evalsha("READ", self._max_deliveries, self._ttl, dead_letter_message(self._max_deliveries),
                              self._consumer, count)
+        resends = self._resends
         if wait_ms > 0:
             wait = ("XREAD", "COUNT", 1, "BLOCK", wait_ms, "STREAMS", self._jobs_key, self._last_read)
             reply = (await self._direct_scripts(wait, read, block_ms=wait_ms))[-1]
         else:
             reply = (await self._direct_scripts(read))[-1]
         self._last_read = reply[0] or self._last_read
-        return [
+        delivered = [
             await self._deliver(reply[i], reply[i + 1], reply[i + 2], int(reply[i + 3]))
             for i in range(1, len(reply), 4)
         ]
+        if self._resends != resends:  # a READ whose reply was lost may have taken jobs: they are ours
+            delivered += await self._take(await self._unknown_pending())
+        return delivered
+
+    async def _unknown_pending(self) -> list[tuple[str, dict[str, str]]]:
+        """Entries pending for this consumer that it does not hold: taken by a READ whose reply was
+        lost. Without this they would wait out the claim idle time, like a dead worker's."""
+        held = {entry for entry, _ in self._inflight.values()}
+        pending = await self._redis.xpending_range(
+            self._jobs_key, GROUP, min="-", max="+", count=PENDING_SCAN, consumername=self._consumer
+        )
+        lost = [p["message_id"] for p in pending if p["message_id"] not in held]
+        if not lost:
+            return []
+        claimed = await self._redis.xclaim(self._jobs_key, GROUP, self._consumer, 0, lost)
+        return [(entry_id, fields) for entry_id, fields in claimed if fields]
 
     async def _ensure_group(self) -> None:
         if self._group_ready:
