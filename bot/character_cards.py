@@ -123,7 +123,9 @@ def _book(book: Any, name: str) -> tuple[list[str], list[dict[str, Any]]]:
         if not isinstance(entry, dict) or entry.get("enabled") is False:
             continue
         content = _fill(str(entry.get("content") or "").strip(), name, "the user")
-        keys = [str(key).strip() for key in entry.get("keys") or [] if str(key).strip()]
+        raw = entry.get("keys") or []
+        raw = raw.split(",") if isinstance(raw, str) else raw  # some cards give "forest, glade"
+        keys = [str(key).strip() for key in raw if str(key).strip()] if isinstance(raw, list) else []
         if not content:
             continue
         if entry.get("constant"):

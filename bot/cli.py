@@ -8,6 +8,7 @@ exit with status 2; they never end in a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -91,17 +92,35 @@ def _import_card(card_path: Path, directory: Path, *, persona_id: str | None, fo
     """Write a character card as `directory/<id>.yaml`, only once it validates as a persona. A missing
     default directory starts as a copy of the bundled personas, so the default persona stays there."""
     from bot.character_cards import CardError, card_to_persona, persona_id_for, persona_yaml, read_card
-    from bot.personas import PERSONA_SUFFIXES, parse_persona, personas_directory
+    from bot.personas import (
+        PERSONA_ID_PATTERN,
+        PERSONA_SUFFIXES,
+        PersonaError,
+        load_persona_file,
+        parse_persona,
+        persona_files,
+        personas_directory,
+    )
 
+    if persona_id is not None and not re.fullmatch(PERSONA_ID_PATTERN, persona_id):
+        raise UsageError(f"--id {persona_id!r}: use lowercase letters, digits, '_' and '-' (up to 64)")
     try:
         card = read_card(card_path)
     except CardError as exc:
         raise UsageError(str(exc)) from None
     persona = card_to_persona(card)
-    target = directory / f"{persona_id or persona_id_for(persona['name'])}.yaml"
+    new_id = persona_id or persona_id_for(persona["name"])
+    target = directory / f"{new_id}.yaml"
     bundled = personas_directory(directory)  # the folder the target will be copied from, if it is missing
     if (target.exists() or (bundled / target.name).exists()) and not force:
         raise UsageError(f"{target} exists; pass --force to replace it, or --id to import under another id")
+    for other in persona_files([bundled]) if bundled.is_dir() else []:  # e.g. luna.yml, or a file with `id: luna`
+        try:
+            taken = load_persona_file(other).id == new_id and other.name != target.name
+        except PersonaError:
+            continue
+        if taken:
+            raise UsageError(f"{other} already has the id {new_id!r}; pass --id to import under another id")
     text = persona_yaml(persona, card_path)
     imported = parse_persona(text, target)  # a PersonaError names the field before anything is written
     directory.mkdir(parents=True, exist_ok=True)

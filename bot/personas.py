@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from bot.config import DEFAULT_PERSONAS_DIR
 
 PERSONA_SUFFIXES = (".yaml", ".yml")
+PERSONA_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"  # also a safe file name
 REFRESH_EVERY_S = 2.0  # how often a running bot looks for edited persona files
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class LoreEntry(BaseModel):
 class Persona(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    id: str = Field(pattern=PERSONA_ID_PATTERN)
     name: str = Field(min_length=1, max_length=80)
     description: str = ""
     avatar_url: str | None = None
@@ -216,7 +217,8 @@ def persona_files(paths: Iterable[Path]) -> list[Path]:
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found.extend(sorted(p for p in path.iterdir() if p.suffix in PERSONA_SUFFIXES))
+            # Hidden files are not personas: macOS's ._name.yaml, an editor's .#name.yaml lock.
+            found.extend(sorted(p for p in path.iterdir() if p.suffix in PERSONA_SUFFIXES and not p.name.startswith(".")))
         else:
             found.append(path)
     return found

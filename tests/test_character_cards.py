@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 
 from bot.cli import main
 from bot.personas import PersonaRegistry
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CARD_V2 = {
     "spec": "chara_card_v2",
@@ -128,7 +131,7 @@ def test_bad_cards_and_existing_ids_are_clear_errors(
     assert "exists; pass --force" in capsys.readouterr().err
     assert main(["personas", "import", str(card), "--force"]) == 0
     assert main(["personas", "import", str(card), "--id", "Not An Id"]) == 2
-    assert "field 'id'" in capsys.readouterr().err and not (personas_dir / "Not An Id.yaml").exists()
+    assert "--id 'Not An Id'" in capsys.readouterr().err and not (personas_dir / "Not An Id.yaml").exists()
 
 
 def test_a_cards_lorebook_becomes_lore_and_constant_entries_join_the_prompt(
@@ -191,3 +194,37 @@ def test_a_name_with_backslashes_is_taken_as_text(tmp_path: Path, personas_dir: 
     prompt = PersonaRegistry.load(personas_dir).get("doctor").system_prompt
     assert r"Stay in character as Dr. \1 \n. Stay calm." in prompt
     assert prompt.endswith(r"Dr. \1 \n studies the user.")
+
+
+def test_lore_keys_given_as_one_string_or_a_number(tmp_path: Path, personas_dir: Path) -> None:
+    """Some cards give "forest, glade" instead of a list: it used to become one key per character."""
+    book = {"entries": [
+        {"keys": "forest, glade", "content": "The glade is quiet."},
+        {"keys": 5, "content": "Not a key list at all."},
+    ]}
+    card = tmp_path / "mira.json"
+    card.write_text(json.dumps({**CARD_V2, "data": {**CARD_V2["data"], "character_book": book}}))
+    assert main(["personas", "import", str(card)]) == 0
+    persona = PersonaRegistry.load(personas_dir).get("captain_mira_vance")
+    assert [(entry.keys, entry.content) for entry in persona.lore] == [(["forest", "glade"], "The glade is quiet.")]
+
+
+def test_an_import_never_makes_an_id_twice_or_writes_outside_the_folder(
+    tmp_path: Path, personas_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    card = tmp_path / "mira.json"
+    card.write_text(json.dumps(CARD_V2))
+    assert main(["personas", "import", str(card)]) == 0  # also fills personas_dir with the bundled ones
+    (personas_dir / "captain_mira_vance.yaml").rename(personas_dir / "captain_mira_vance.yml")
+    capsys.readouterr()
+    assert main(["personas", "import", str(card), "--force"]) == 2
+    assert "captain_mira_vance.yml already has the id 'captain_mira_vance'" in capsys.readouterr().err
+    assert main(["personas", "list"]) == 0  # still loads: no second file with that id
+    assert main(["personas", "import", str(card), "--id", "../escaped"]) == 2
+    assert "--id '../escaped'" in capsys.readouterr().err and not (tmp_path / "escaped.yaml").exists()
+
+
+def test_hidden_files_in_the_personas_folder_are_not_personas(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "personas", tmp_path / "p")
+    (tmp_path / "p" / "._hermes.yaml").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    assert "hermes" in PersonaRegistry.load(tmp_path / "p")
