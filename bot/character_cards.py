@@ -180,4 +180,5 @@ _BlockDumper.add_representer(str, _represent_str)
 def persona_yaml(persona: dict[str, Any], source: Path) -> str:
     """The persona file's text, with a comment naming the card it came from."""
     body = yaml.dump(persona, Dumper=_BlockDumper, sort_keys=False, allow_unicode=True, width=100)
-    return f"# Imported from the character card {source.name}; edit freely.\n{body}"
+    name = "".join(c if c.isprintable() else "?" for c in source.name)  # a newline would end the comment
+    return f"# Imported from the character card {name}; edit freely.\n{body}"

@@ -228,3 +228,10 @@ def test_hidden_files_in_the_personas_folder_are_not_personas(tmp_path: Path) ->
     shutil.copytree(ROOT / "personas", tmp_path / "p")
     (tmp_path / "p" / "._hermes.yaml").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
     assert "hermes" in PersonaRegistry.load(tmp_path / "p")
+
+
+def test_a_card_file_name_cannot_write_yaml_keys(tmp_path: Path, personas_dir: Path) -> None:
+    card = tmp_path / "mira\nid: hermes\n#.json"
+    card.write_text(json.dumps(CARD_V2))
+    assert main(["personas", "import", str(card)]) == 0
+    assert PersonaRegistry.load(personas_dir).get("captain_mira_vance").name == "Captain Mira Vance"
