@@ -41,6 +41,13 @@ def _state(connection: Connection) -> tuple[set[str], str | None]:
     return tables, MigrationContext.configure(connection).get_current_revision()
 
 
+def migrate_to(connection: Connection, revision: str) -> None:
+    """Upgrade an open connection's database to `revision` (older tests' starting points)."""
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, revision)
+
+
 async def test_empty_to_head_matches_models(empty_database_url: str) -> None:
     await upgrade_async(empty_database_url)
     await upgrade_async(empty_database_url)  # a second run is a no-op
@@ -88,11 +95,6 @@ async def test_threads_with_settings_keep_them_across_0003(empty_database_url: s
     """Before 0003 a thread's settings were its own; after it, a thread that had none follows its channel."""
     engine = make_engine(empty_database_url)
 
-    def migrate(connection: Connection, revision: str) -> None:
-        config = alembic_config()
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
-
     rows = [
         (1, "g1/c2", 2, None, "narrator"),  # the channel
         (2, "g1/c2/t3", 2, 3, "edward_elric"),  # a thread that chose its own persona
@@ -102,7 +104,7 @@ async def test_threads_with_settings_keep_them_across_0003(empty_database_url: s
     ]
     try:
         async with engine.begin() as connection:
-            await connection.run_sync(migrate, "0002")
+            await connection.run_sync(migrate_to, "0002")
             for row in rows:
                 await connection.execute(
                     text("INSERT INTO conversations (id, key, guild_id, channel_id, thread_id, created_at, "
@@ -135,14 +137,9 @@ async def test_0004_keeps_every_row_and_ids_are_never_reused(empty_database_url:
     nothing is lost, and after /reset and /forget-me a new message still counts as new."""
     engine = make_engine(empty_database_url)
 
-    def migrate(connection: Connection, revision: str) -> None:
-        config = alembic_config()
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
-
     try:
         async with engine.begin() as connection:
-            await connection.run_sync(migrate, "0002")
+            await connection.run_sync(migrate_to, "0002")
             await connection.execute(text(
                 "INSERT INTO conversations (id, key, guild_id, channel_id, created_at) "
                 "VALUES (1, 'g1/c2', 1, 2, CURRENT_TIMESTAMP)"

@@ -242,41 +242,41 @@ async def test_bot_exits_with_an_error_when_discord_ends_the_session(
     assert "Traceback" not in bot.log, bot.log
 
 
+async def run_until_it_exits(tmp_path: Path, **settings: str) -> tuple[int, str]:
+    """`hermes-bot run` on the embedded defaults plus `settings`, expected to stop by itself: (status, log)."""
+    bot = await Process.start(
+        "run", tmp_path, HERMES_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/hermes.db",
+        HERMES_QUEUE_URL="memory://", HERMES_PERSONAS_DIR=str(ROOT / "personas"), **settings,
+    )
+    try:
+        return await bot.wait_exit(), bot.log
+    finally:
+        await bot.kill()
+
+
 async def test_bot_exits_with_an_error_when_its_model_does_not_load(
     fake_discord: FakeDiscord, discord_world: World, tmp_path: Path
 ) -> None:
     """On memory:// the worker runs inside `hermes-bot run`: a model that cannot load must stop the bot
     with the reason, not leave it online (and ready) answering nothing."""
-    bot = await Process.start(
-        "run", tmp_path, DISCORD_TOKEN=fake_discord.token, HERMES_DISCORD_API_BASE=fake_discord.api_base,
-        HERMES_DISCORD_GATEWAY_URL=fake_discord.gateway_url,
-        HERMES_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/hermes.db", HERMES_QUEUE_URL="memory://",
-        HERMES_ENGINE="transformers", HERMES_MODEL=str(tmp_path / "no-such-model"), HF_HUB_OFFLINE="1",
-        HERMES_PERSONAS_DIR=str(ROOT / "personas"),
+    code, log = await run_until_it_exits(
+        tmp_path, DISCORD_TOKEN=fake_discord.token, HERMES_DISCORD_API_BASE=fake_discord.api_base,
+        HERMES_DISCORD_GATEWAY_URL=fake_discord.gateway_url, HERMES_ENGINE="transformers",
+        HERMES_MODEL=str(tmp_path / "no-such-model"), HF_HUB_OFFLINE="1",
     )
-    try:
-        code = await bot.wait_exit()
-    finally:
-        await bot.kill()
-    assert code == 1, bot.log
-    assert "the model cannot serve replies: cannot load HERMES_MODEL=" in bot.log
-    assert "Traceback" not in bot.log, bot.log
+    assert code == 1, log
+    assert "the model cannot serve replies: cannot load HERMES_MODEL=" in log
+    assert "Traceback" not in log, log
 
 
 async def test_bot_that_cannot_reach_discord_says_so_in_one_line(tmp_path: Path) -> None:
-    bot = await Process.start(
-        "run", tmp_path, DISCORD_TOKEN="x" * 59, HERMES_DISCORD_API_BASE=f"http://127.0.0.1:{free_port()}/api/v10",
-        HERMES_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/hermes.db", HERMES_QUEUE_URL="memory://",
+    code, log = await run_until_it_exits(
+        tmp_path, DISCORD_TOKEN="x" * 59, HERMES_DISCORD_API_BASE=f"http://127.0.0.1:{free_port()}/api/v10",
         HERMES_ENGINE="openai", HERMES_OPENAI_BASE_URL="http://127.0.0.1:9/v1", HERMES_MODEL="test-model",
-        HERMES_PERSONAS_DIR=str(ROOT / "personas"),
     )
-    try:
-        code = await bot.wait_exit()
-    finally:
-        await bot.kill()
-    assert code == 1, bot.log
-    assert "cannot reach Discord: Cannot connect to host 127.0.0.1" in bot.log
-    assert "Traceback" not in bot.log, bot.log
+    assert code == 1, log
+    assert "cannot reach Discord: Cannot connect to host 127.0.0.1" in log
+    assert "Traceback" not in log, log
 
 
 async def test_bot_sigterm_finishes_the_reply_in_flight(
