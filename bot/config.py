@@ -8,6 +8,7 @@ the same. Invalid values fail at start with one clear line per problem (`Setting
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 from pathlib import Path
@@ -192,7 +193,7 @@ class _PublicNamesOnly(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        public = {_public_name(name) for name in Settings.model_fields}
+        public = set(_public_names())
         return {key: value for key, value in self.source().items() if key in public}
 
 
@@ -219,7 +220,7 @@ class _YamlSource(PydanticBaseSettingsSource):
             raise SettingsError([f"{self.path}: not valid YAML: {exc}"]) from exc
         if not isinstance(data, dict):
             raise SettingsError([f"{self.path}: must be a mapping of setting names to values"])
-        public = sorted(_public_name(name) for name in Settings.model_fields)
+        public = _public_names()
         unknown = [str(key) for key in data if str(key) not in {*public, *Settings.model_fields}]
         if unknown:
             raise SettingsError([f"{self.path}: unknown setting {key}{_did_you_mean(key, public)}" for key in unknown])
@@ -235,6 +236,12 @@ def _public_name(field_name: str) -> str:
     alias = Settings.model_fields[field_name].validation_alias
     assert isinstance(alias, AliasChoices)
     return str(alias.choices[0])
+
+
+@functools.cache
+def _public_names() -> list[str]:
+    """Every setting's public name, sorted (the environment and hermes.yaml are read by these)."""
+    return sorted(_public_name(name) for name in Settings.model_fields)
 
 
 _SECRET_SETTINGS = {"DISCORD_TOKEN", "HERMES_OPENAI_API_KEY"}
