@@ -169,16 +169,16 @@ def forward_ceiling(model: Any, levels: list[int], context: int = 64, steps: int
     with torch.no_grad():
         for n in sorted({1, *levels}):
             out = model(torch.randint(0, 500, (n, context), device=device), use_cache=True)
-            cache, token = out.past_key_values, torch.randint(0, 500, (n, 1), device=device)
+            cache, token = out.cache, torch.randint(0, 500, (n, 1), device=device)
             for _ in range(3):
-                model(token, past_key_values=cache, use_cache=True)
+                model(token, cache=cache, use_cache=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             timings = []
             for _ in range(3):  # best of three: the ceiling, not the neighbours' noise
                 start = time.perf_counter()
                 for _ in range(steps):
-                    model(token, past_key_values=cache, use_cache=True)
+                    model(token, cache=cache, use_cache=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 timings.append((time.perf_counter() - start) / steps)
