@@ -18,6 +18,8 @@ import yaml
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from bot import strict_yaml
+
 DEFAULT_PERSONAS_DIR = Path("personas")  # relative to where the bot runs; see personas.personas_directory
 
 YAML_FILE_ENV = "HERMES_CONFIG_FILE"
@@ -214,10 +216,13 @@ class _YamlSource(PydanticBaseSettingsSource):
             if self.named:
                 raise SettingsError([f"{YAML_FILE_ENV}: no such file: {self.path}"])
             return {}
+        text = self.path.read_text(encoding="utf-8")
         try:
-            data = yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}
+            data = strict_yaml.load(text) or {}
         except yaml.YAMLError as exc:
-            raise SettingsError([f"{self.path}: not valid YAML: {exc}"]) from exc
+            line, problem = strict_yaml.where_and_what(exc, text)
+            where = f"{self.path}:{line}" if line else str(self.path)
+            raise SettingsError([f"{where}: not valid YAML: {problem}"]) from None
         if not isinstance(data, dict):
             raise SettingsError([f"{self.path}: must be a mapping of setting names to values"])
         public = _public_names()

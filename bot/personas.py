@@ -18,6 +18,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bot.config import DEFAULT_PERSONAS_DIR
+from bot.strict_yaml import StrictLoader, where_and_what
 
 PERSONA_SUFFIXES = (".yaml", ".yml")
 PERSONA_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"  # also a safe file name
@@ -117,7 +118,8 @@ class UnknownPersona(KeyError):
 
 
 def _node_for(root: yaml.Node | None, loc: tuple[Any, ...]) -> yaml.Node | None:
-    """Walk a composed YAML node tree along a pydantic error location; the deepest node found."""
+    """Walk a composed YAML node tree along a pydantic error location; the deepest node found (for a
+    missing key, the mapping that lacks it)."""
     node = root
     for part in loc:
         if isinstance(node, yaml.MappingNode):
@@ -136,18 +138,14 @@ def _node_for(root: yaml.Node | None, loc: tuple[Any, ...]) -> yaml.Node | None:
 def parse_persona(text: str, path: Path) -> Persona:
     """Parse one persona document; the id defaults to the file's stem."""
     try:  # one parse: the node tree gives error lines, the same tree gives the data
-        loader = yaml.SafeLoader(text)
+        loader = StrictLoader(text)
         try:
             root = loader.get_single_node()
             data = loader.construct_document(root) if root is not None else None
         finally:
             loader.dispose()
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None and mark.line >= len(text.splitlines()):  # "end of stream": point at the opener
-            mark = getattr(exc, "context_mark", None) or mark
-        line = mark.line + 1 if mark else None
-        problem = getattr(exc, "problem", None) or str(exc)
+        line, problem = where_and_what(exc, text)
         raise PersonaError(path, line, None, f"not valid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise PersonaError(path, 1, None, "must be a mapping of persona fields (name, system_prompt, ...)")
@@ -160,9 +158,9 @@ def parse_persona(text: str, path: Path) -> Persona:
         node = _node_for(root, loc)
         line = node.start_mark.line + 1 if node is not None else None
         field = ".".join(str(p) for p in loc) or None
-        message = "unknown key (check the spelling)" if error["type"] == "extra_forbidden" else error["msg"]
-        if error["type"] == "missing":
-            message, line = "is required", 1
+        message = {"extra_forbidden": "unknown key (check the spelling)", "missing": "is required"}.get(
+            error["type"], error["msg"]
+        )
         extra = f" ({len(exc.errors()) - 1} more problem(s) in this file)" if len(exc.errors()) > 1 else ""
         raise PersonaError(path, line, field, f"{message}{extra}") from None
 

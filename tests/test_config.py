@@ -128,7 +128,13 @@ def test_a_config_file_named_but_missing_is_an_error(monkeypatch: pytest.MonkeyP
 
 def test_bad_yaml_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "hermes.yaml").write_text("HERMES_MODEL: [unclosed\n")
-    with pytest.raises(SettingsError, match="hermes.yaml: not valid YAML"):
+    with pytest.raises(SettingsError, match="hermes.yaml:1: not valid YAML"):
+        load_settings()
+
+
+def test_a_setting_given_twice_in_hermes_yaml_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "hermes.yaml").write_text("HERMES_MODEL: a\nHERMES_ENGINE: openai\nHERMES_MODEL: b\n")
+    with pytest.raises(SettingsError, match=r"hermes.yaml:3: not valid YAML: duplicate key 'HERMES_MODEL' \(first on line 1\)$"):
         load_settings()
 
 

@@ -61,7 +61,11 @@ def test_id_defaults_to_file_name_and_defaults_apply(tmp_path: Path) -> None:
         ("name: X\nsystem_prompt: hi\ntemprature: 0.3\n", 3, "temprature", "unknown key"),
         ("name: X\nsystem_prompt: hi\nsampling:\n  top_p: 0.9\n  temperatur: 1\n", 5, "sampling.temperatur", "unknown key"),
         ("name: X\nsystem_prompt: hi\nsampling:\n  temperature: hot\n", 4, "sampling.temperature", "valid number"),
-        ("name: X\ndescription: no prompt here\n", 1, "system_prompt", "is required"),
+        ("# Tester\n\nname: X\ndescription: no prompt here\n", 3, "system_prompt", "is required"),
+        ("name: X\nsystem_prompt: hi\nlore:\n  - keys: [tea]\n    content: Tea.\n  - keys: [fox]\n", 6, "lore.1.content",
+         "is required"),
+        ("name: X\nsystem_prompt: hi\nname: Y\n", 3, None, "duplicate key 'name' (first on line 1)"),
+        ("name: X\nsystem_prompt: hi\nsampling:\n  top_k: 5\n  top_k: 7\n", 5, None, "duplicate key 'top_k'"),
         ("name: X\nsystem_prompt: hi\nwake_words: [ok, '']\n", 3, "wake_words", "must not be empty"),
         ("- just\n- a list\n", 1, None, "must be a mapping"),
     ],
@@ -78,6 +82,13 @@ def test_malformed_files_name_file_line_and_field(
     assert str(error).startswith(f"{path}:{line}:")
     if field:
         assert f"'{field}'" in str(error)
+
+
+def test_merge_keys_may_be_overridden_by_the_mapping_own_keys(tmp_path: Path) -> None:
+    """`<<: *base` then an explicit key is YAML's way to override, not a repeated key."""
+    path = write(tmp_path, "name: X\nsystem_prompt: hi\nsampling:\n  <<: {temperature: 0.2, top_k: 5}\n  top_k: 9\n")
+    sampling = load_persona_file(path).sampling
+    assert (sampling.top_k, sampling.temperature) == (9, 0.2)
 
 
 def test_validate_command_reports_each_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
