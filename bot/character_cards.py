@@ -1,8 +1,9 @@
 """Import character cards (SillyTavern / TavernAI, spec V1, V2 and V3; JSON or PNG) as persona YAML.
 
 Role-play communities keep their characters as cards; importing one turns it into a persona file
-that the registry validates like any other. A PNG card carries its JSON base64-encoded in a `tEXt`
-chunk named `chara` (V1/V2) or `ccv3` (V3). The card's macros become plain text: `{{char}}` the
+that the registry validates like any other. A PNG card carries its JSON base64-encoded in a text
+chunk named `chara` (V1/V2) or `ccv3` (V3): `tEXt` as SillyTavern writes it, or the compressed `zTXt`
+and international `iTXt` that other PNG tools may rewrite it as. The card's macros become plain text: `{{char}}` the
 character's name, `{{user}}` "the user" in the prompt and "friend" in dialogue (greeting, examples),
 since a Discord channel has many users and the card knows none of them.
 """
@@ -14,6 +15,8 @@ import binascii
 import json
 import re
 import struct
+import unicodedata
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import yaml
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CARD_CHUNKS = ("ccv3", "chara")  # V3 first: a V3 PNG also keeps a V2 copy under "chara"
+MAX_CARD_TEXT = 16 * 2**20  # a compressed chunk is inflated up to this many bytes, no further
 DIALOGUE_USER = "friend"
 NOT_A_NAME = {"the", "a", "an", "mr", "mrs", "ms", "dr", "sir", "lady", "lord", "miss", "madam", "old", "young", "my"}
 DEFAULT_INSTRUCTION = "Write {name}'s next reply in a fictional chat with the people here. Stay in character as {name}."
@@ -34,12 +38,29 @@ class CardError(ValueError):
 
 
 def read_card(path: Path) -> dict[str, Any]:
-    """The card's fields (V2/V3 `data`, or a V1 card's top level) from a JSON or PNG file."""
+    """The card's fields (V2/V3 `data`, or a V1 card's top level) from a JSON or PNG file.
+
+    A PNG's `ccv3` chunk is read first; when it is not a card we can read, its V2 copy in `chara` is.
+    """
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise CardError(path, f"cannot read: {exc}") from None
-    text = _png_card_text(path, raw) if raw.startswith(PNG_SIGNATURE) else raw.decode("utf-8-sig", errors="replace")
+    if not raw.startswith(PNG_SIGNATURE):
+        return _card_fields(path, raw.decode("utf-8-sig", errors="replace"))
+    chunks = _png_text_chunks(raw)
+    problems: list[CardError] = []
+    for keyword in (k for k in CARD_CHUNKS if k in chunks):
+        try:
+            return _card_fields(path, _base64_text(path, keyword, chunks[keyword]))
+        except CardError as exc:
+            problems.append(exc)
+    if problems:
+        raise problems[0]
+    raise CardError(path, "a PNG without a character card (no 'chara' or 'ccv3' text chunk)")
+
+
+def _card_fields(path: Path, text: str) -> dict[str, Any]:
     try:
         card = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -50,29 +71,55 @@ def read_card(path: Path) -> dict[str, Any]:
     return data
 
 
-def _png_card_text(path: Path, raw: bytes) -> str:
+def _base64_text(path: Path, keyword: str, value: bytes) -> str:
+    try:
+        return base64.b64decode(value, validate=False).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise CardError(path, f"the PNG's {keyword!r} chunk is not base64 JSON ({exc})") from None
+
+
+def _png_text_chunks(raw: bytes) -> dict[str, bytes]:
+    """Each text chunk's value by lowercase keyword (`tEXt`, `zTXt`, `iTXt`); unreadable ones are skipped."""
     found: dict[str, bytes] = {}
     offset = len(PNG_SIGNATURE)
     while offset + 8 <= len(raw):
         length, kind = struct.unpack(">I4s", raw[offset : offset + 8])
         body = raw[offset + 8 : offset + 8 + length]
-        if kind == b"tEXt" and b"\x00" in body:
-            keyword, value = body.split(b"\x00", 1)
-            found[keyword.decode("latin-1").lower()] = value
         offset += 12 + length
-    for keyword in CARD_CHUNKS:
-        if keyword in found:
-            try:
-                return base64.b64decode(found[keyword], validate=False).decode("utf-8")
-            except (binascii.Error, UnicodeDecodeError) as exc:
-                raise CardError(path, f"the PNG's {keyword!r} chunk is not base64 JSON ({exc})") from None
-    raise CardError(path, "a PNG without a character card (no 'chara' or 'ccv3' text chunk)")
+        if kind not in (b"tEXt", b"zTXt", b"iTXt") or b"\x00" not in body:
+            continue
+        keyword, value = body.split(b"\x00", 1)
+        try:
+            if kind == b"zTXt":  # compression method byte, then zlib data
+                value = _inflate(value[1:])
+            elif kind == b"iTXt":  # compressed flag, method, language tag NUL, translated keyword NUL, text
+                compressed, rest = value[:1] == b"\x01", value[2:]
+                text = rest.split(b"\x00", 2)[-1]
+                value = _inflate(text) if compressed else text
+        except (zlib.error, ValueError):
+            continue
+        found[keyword.decode("latin-1").lower()] = value
+    return found
 
 
-def persona_id_for(name: str) -> str:
-    """A persona id from a character name: lowercase letters, digits and underscores."""
-    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:64]
-    return slug or "character"
+def _inflate(data: bytes) -> bytes:
+    """zlib data inflated, refusing more than MAX_CARD_TEXT bytes (a small chunk can inflate to gigabytes)."""
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, MAX_CARD_TEXT)
+    if inflater.unconsumed_tail:
+        raise ValueError("text chunk inflates beyond MAX_CARD_TEXT")
+    return out
+
+
+def persona_id_for(name: str, fallback: str = "") -> str:
+    """A persona id from a character name: lowercase letters, digits and underscores, accents dropped
+    ("Zoë" is `zoe`). A name with no Latin letters at all ("ミラ") takes its id from `fallback` (the card's
+    file name), so two such cards do not both become `character`."""
+    for text in (name, fallback):
+        ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+        if slug := re.sub(r"[^a-z0-9]+", "_", ascii_text.lower()).strip("_")[:64].rstrip("_"):
+            return slug
+    return "character"
 
 
 def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:

@@ -109,7 +109,7 @@ def _import_card(card_path: Path, directory: Path, *, persona_id: str | None, fo
     except CardError as exc:
         raise UsageError(str(exc)) from None
     persona = card_to_persona(card)
-    new_id = persona_id or persona_id_for(persona["name"])
+    new_id = persona_id or persona_id_for(persona["name"], fallback=card_path.stem)
     target = directory / f"{new_id}.yaml"
     bundled = personas_directory(directory)  # the folder the target will be copied from, if it is missing
     if (target.exists() or (bundled / target.name).exists()) and not force:

@@ -36,19 +36,24 @@ CARD_V2 = {
 }
 
 
-def png_card(card: dict, keyword: bytes = b"chara") -> bytes:
-    """A 1x1 PNG with the card in a tEXt chunk, as SillyTavern writes it."""
+def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
+def png_with(*text_chunks: bytes) -> bytes:
+    """A 1x1 PNG holding the given (already framed) text chunks."""
     ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
     pixels = zlib.compress(b"\x00\x00\x00\x00")
-    text = keyword + b"\x00" + base64.b64encode(json.dumps(card).encode())
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"tEXt", text) + chunk(b"IDAT", pixels)
-        + chunk(b"IEND", b"")
-    )
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + b"".join(text_chunks) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def encoded(card: dict) -> bytes:
+    return base64.b64encode(json.dumps(card).encode())
+
+
+def png_card(card: dict, keyword: bytes = b"chara") -> bytes:
+    """A 1x1 PNG with the card in a tEXt chunk, as SillyTavern writes it."""
+    return png_with(chunk(b"tEXt", keyword + b"\x00" + encoded(card)))
 
 
 @pytest.fixture
@@ -111,6 +116,49 @@ def test_a_v3_png_is_read_from_its_ccv3_chunk(tmp_path: Path, personas_dir: Path
     card.write_bytes(png_card(v3, keyword=b"ccv3"))
     assert main(["personas", "import", str(card)]) == 0
     assert PersonaRegistry.load(personas_dir).get("nyx").name == "Nyx"
+
+
+def test_a_v3_chunk_we_cannot_read_falls_back_to_the_v2_copy(tmp_path: Path, personas_dir: Path) -> None:
+    card = tmp_path / "nyx.png"
+    v2 = {**CARD_V2, "data": {**CARD_V2["data"], "name": "Nyx"}}
+    card.write_bytes(png_with(chunk(b"tEXt", b"ccv3\x00" + base64.b64encode(b"{not json")), chunk(b"tEXt", b"chara\x00" + encoded(v2))))
+    assert main(["personas", "import", str(card)]) == 0
+    assert PersonaRegistry.load(personas_dir).get("nyx").name == "Nyx"
+
+
+@pytest.mark.parametrize(
+    "text_chunk",
+    [
+        chunk(b"zTXt", b"chara\x00\x00" + zlib.compress(encoded(CARD_V2))),
+        chunk(b"iTXt", b"chara\x00\x00\x00en\x00Chara\x00" + encoded(CARD_V2)),
+        chunk(b"iTXt", b"chara\x00\x01\x00\x00\x00" + zlib.compress(encoded(CARD_V2))),
+    ],
+    ids=["zTXt", "iTXt", "compressed iTXt"],
+)
+def test_a_card_rewritten_into_a_compressed_or_international_chunk_imports(
+    tmp_path: Path, personas_dir: Path, text_chunk: bytes
+) -> None:
+    card = tmp_path / "mira.png"
+    card.write_bytes(png_with(text_chunk))
+    assert main(["personas", "import", str(card)]) == 0
+    assert PersonaRegistry.load(personas_dir).get("captain_mira_vance").name == "Captain Mira Vance"
+
+
+def test_a_compressed_chunk_that_inflates_without_end_is_not_read(
+    tmp_path: Path, personas_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bomb = tmp_path / "bomb.png"  # 17 KiB on disk, 17 MiB inflated: past the reader's cap
+    bomb.write_bytes(png_with(chunk(b"zTXt", b"chara\x00\x00" + zlib.compress(b"A" * (17 * 2**20)))))
+    assert main(["personas", "import", str(bomb)]) == 2
+    assert "bomb.png: a PNG without a character card" in capsys.readouterr().err
+
+
+def test_ids_from_accented_and_non_latin_names(tmp_path: Path, personas_dir: Path) -> None:
+    for name, file_name, expected in (("Zoë Brontë", "card.json", "zoe_bronte"), ("ミラ", "mira-card.json", "mira_card")):
+        card = tmp_path / file_name
+        card.write_text(json.dumps({"spec": "chara_card_v2", "data": {"name": name, "description": "x"}}))
+        assert main(["personas", "import", str(card)]) == 0
+        assert PersonaRegistry.load(personas_dir).get(expected).name == name
 
 
 def test_bad_cards_and_existing_ids_are_clear_errors(
