@@ -47,14 +47,14 @@ class ChatTurn:
 
 
 def _speaker_names(persona: Persona, turns: Sequence[ChatTurn], names: Mapping[str, str]) -> list[str]:
-    """Everyone but `persona` who speaks in `turns`, first appearance first."""
+    """Everyone but `persona` itself who speaks in `turns`, first appearance first (a user who shares
+    the persona's name is someone else, and counts)."""
     seen: dict[str, None] = {}
     for turn in turns:
         if turn.role == "user" and turn.author:
             seen.setdefault(turn.author, None)
         elif turn.role == "assistant" and turn.persona_id and turn.persona_id != persona.id:
             seen.setdefault(names.get(turn.persona_id, turn.persona_id), None)
-    seen.pop(persona.name, None)
     return list(seen)
 
 
@@ -108,10 +108,12 @@ def build_messages(
 def stop_strings(
     persona: Persona, turns: Sequence[ChatTurn], *, persona_names: Mapping[str, str] | None = None
 ) -> list[str]:
-    """The persona's own stops plus the start of any other participant's line ("\\nAlice:")."""
+    """The persona's own stops plus the start of any other participant's line ("\\nAlice:"); never its
+    own name, which it may well write ("Ed: ..." quoting itself is not impersonation)."""
     stops = list(persona.stop)
     if is_multi_speaker(persona, turns, persona_names):
-        stops += [f"\n{name}:" for name in _speaker_names(persona, turns, persona_names or {})]
+        others = _speaker_names(persona, turns, persona_names or {})
+        stops += [f"\n{name}:" for name in others if name != persona.name]
     return list(dict.fromkeys(stops))
 
 

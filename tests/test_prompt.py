@@ -110,6 +110,15 @@ def test_single_speaker_is_not_prefixed(registry: PersonaRegistry) -> None:
     assert stop_strings(registry.get("hermes"), turns) == []
 
 
+def test_a_user_named_like_the_persona_is_another_speaker(registry: PersonaRegistry) -> None:
+    """Two people, one of them called "Edward Elric": their lines still need names, but the persona's
+    own name is never a stop (it would cut the persona off whenever it names itself at a line start)."""
+    ed = registry.get("edward_elric")
+    turns = [ChatTurn("user", "I am Ed too", author="Edward Elric"), ChatTurn("user", "Hi both", author="Alice")]
+    assert [m["content"] for m in build_messages(ed, turns)[1:]] == ["Edward Elric: I am Ed too", "Alice: Hi both"]
+    assert stop_strings(ed, turns) == ["\nAlice:"]
+
+
 def test_other_personas_speak_as_named_users(registry: PersonaRegistry) -> None:
     names = {p.id: p.name for p in registry}
     turns = [
