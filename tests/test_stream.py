@@ -154,6 +154,42 @@ async def test_a_deleted_webhook_mid_reply_continues_through_a_new_outlet() -> N
     assert reply.ids == list(new.messages)
 
 
+async def test_after_a_new_outlet_the_reply_is_sent_again_whole_and_in_order() -> None:
+    """The webhook goes while a third message is sent, and the second one changes afterwards: every part
+    comes again through the new outlet, in order (re-sending only what changed put part 2 below part 3)."""
+    old, new = MemoryOutlet(), MemoryOutlet()
+
+    async def reopen(gone: MemoryOutlet) -> MemoryOutlet:  # type: ignore[override]
+        return new
+
+    reply = LiveReply(old, reopen=reopen, interval=0.0)  # type: ignore[arg-type]
+    first, second, third = "a" * 1500, "b" * 1500, "c" * 1500
+    await reply.show(f"{first}\n\n{second}")
+    old.gone = True
+    await reply.show(f"{first}\n\n{second}\n\n{third}")
+    await reply.finish(f"{first}\n\n{second}!\n\n{third}")
+    assert list(old.messages.values()) == [first, second]
+    assert list(new.messages.values()) == [first, second + "!", third]
+    assert reply.ids == list(new.messages)
+
+
+async def test_webhooks_deleted_again_and_again_end_in_an_error() -> None:
+    outlets: list[MemoryOutlet] = []
+
+    async def reopen(gone: MemoryOutlet) -> MemoryOutlet:  # type: ignore[override]
+        outlets.append(MemoryOutlet(gone=True))
+        return outlets[-1]
+
+    reply = LiveReply(MemoryOutlet(gone=True), reopen=reopen, interval=0.0)  # type: ignore[arg-type]
+    try:
+        await reply.finish("hello")
+    except discord.NotFound as exc:
+        assert exc.code == 10015
+    else:
+        raise AssertionError("expected NotFound")
+    assert len(outlets) == 3 and reply.ids == []
+
+
 async def test_without_reopen_a_deleted_webhook_is_an_error() -> None:
     outlet = MemoryOutlet(gone=True)
     reply = LiveReply(outlet, interval=0.0)

@@ -3,8 +3,10 @@
 `LiveReply.show` is called as text arrives and only touches Discord when a message is due (at most
 one edit per second per message); `finish` delivers the final text exactly, waiting out the
 throttle and retrying rate limits and server errors, so the last word is never lost. If a moderator
-deletes the webhook mid-reply, `reopen` supplies a new outlet and the text carries on in new messages
-(the old webhook's messages can no longer be edited or removed, so they stay as they were).
+deletes the webhook mid-reply, `reopen` supplies a new outlet and the whole text is sent again through
+it, split for its limit, below what was shown (the old webhook's messages can no longer be edited or
+removed, so they stay as they were): continuing only the messages that still change would put a later
+part above an earlier one.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 EDIT_INTERVAL_S = 1.0
 FINAL_ATTEMPTS = 6
 UNKNOWN_WEBHOOK = 10015  # Discord's error code once a moderator deleted the webhook
+MAX_REOPENS = 3  # new outlets one reply may take; after that a deleted webhook fails the reply
 T = TypeVar("T")
 
 
@@ -82,7 +85,7 @@ class LiveReply:
         self.ids: list[int] = []
         self._shown: list[str] = []
         self._touched: list[float] = []
-        self._orphaned: set[int] = set()  # sent through a webhook that was since deleted
+        self._reopens = 0
         self._sends_paused_until = 0.0  # after a failed send, like an edit, the next try waits an interval
 
     @property
@@ -98,6 +101,13 @@ class LiveReply:
 
         A failed update is left for the next show or finish to catch up, except a first message that
         Discord refuses outright (no permission to post here): that raises, as nothing can be shown."""
+        while True:
+            try:
+                return await self._show(text)
+            except _Reopened:
+                continue
+
+    async def _show(self, text: str) -> None:
         now = time.monotonic()
         if now < self._sends_paused_until or (self.ids and self._due_in(len(self.ids) - 1) > 0):
             return
@@ -118,6 +128,13 @@ class LiveReply:
 
     async def finish(self, text: str) -> None:
         """Make Discord show exactly `text`; extra messages from an earlier, longer text are removed."""
+        while True:
+            try:
+                return await self._finish(text)
+            except _Reopened:
+                continue
+
+    async def _finish(self, text: str) -> None:
         chunks = split_message(text, self.limit) or ["…"]
         for index, chunk in enumerate(chunks):
             if index >= len(self.ids):
@@ -126,8 +143,7 @@ class LiveReply:
                 await asyncio.sleep(max(0.0, self._due_in(index)))
                 await deliver(lambda index=index, chunk=chunk: self._edit(index, chunk))
         for message_id in self.ids[len(chunks) :]:
-            if message_id not in self._orphaned:
-                await deliver(lambda message_id=message_id: self.outlet.delete(message_id))
+            await deliver(lambda message_id=message_id: self._through_live_outlet(lambda: self.outlet.delete(message_id)))
         del self.ids[len(chunks) :], self._shown[len(chunks) :], self._touched[len(chunks) :]
 
     async def _send(self, chunk: str) -> None:
@@ -138,32 +154,26 @@ class LiveReply:
 
     async def _edit(self, index: int, chunk: str) -> None:
         self._touched[index] = time.monotonic()
-        if self.ids[index] in self._orphaned:  # out of reach: its text continues in a new message
-            self.ids[index] = await self._send_through_live_outlet(chunk)
-        else:
-            try:
-                await self.outlet.edit(self.ids[index], chunk)
-            except discord.NotFound as exc:
-                if not self._can_reopen(exc):
-                    raise
-                await self._reopen()
-                self.ids[index] = await self._send_through_live_outlet(chunk)
+        await self._through_live_outlet(lambda: self.outlet.edit(self.ids[index], chunk))
         self._shown[index] = chunk
         self._touched[index] = time.monotonic()
 
     async def _send_through_live_outlet(self, chunk: str) -> int:
+        return await self._through_live_outlet(lambda: self.outlet.send(chunk))
+
+    async def _through_live_outlet(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call`, or, when the outlet's webhook was deleted, a new outlet and `_Reopened`."""
         try:
-            return await self.outlet.send(chunk)
+            return await call()
         except discord.NotFound as exc:
-            if not self._can_reopen(exc):
+            if exc.code != UNKNOWN_WEBHOOK or self.reopen is None or self._reopens == MAX_REOPENS:
                 raise
-            await self._reopen()
-            return await self.outlet.send(chunk)
+            self._reopens += 1
+            self.outlet = await self.reopen(self.outlet)
+            self.ids, self._shown, self._touched = [], [], []  # left as they were, out of reach
+            self._sends_paused_until = 0.0
+            raise _Reopened from None
 
-    def _can_reopen(self, exc: discord.NotFound) -> bool:
-        return exc.code == UNKNOWN_WEBHOOK and self.reopen is not None
 
-    async def _reopen(self) -> None:
-        assert self.reopen is not None
-        self.outlet = await self.reopen(self.outlet)
-        self._orphaned.update(self.ids)
+class _Reopened(Exception):
+    """The reply moved to a new outlet and shows nothing there yet: the update starts over."""
