@@ -12,7 +12,6 @@ import contextlib
 import logging
 import re
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from bot.conversation import ChatService, PendingReply
 from bot.discord.identity import SAFE_MENTIONS, Identities
 from bot.discord.stream import DISCORD_FAILURES, LiveReply, Outlet, Reopen
 from bot.discord.triggers import Signals, active_personas, choose_persona
+from bot.lru import LRU
 from bot.personas import Persona
 from bot.queue.base import QueueBusy, QueueUnavailable
 from bot.queue.jobs import Done, ErrorEvent, TextDelta
@@ -38,6 +38,7 @@ BUSY_NOTICE_EVERY_S = 30.0  # one "busy" line per conversation in this time: a b
 TYPING_REFRESH_S = 8.0
 REMEMBERED_REPLIES = 2048
 REMEMBERED_DELETIONS = 2048  # deleted message ids kept to catch a reply deleted while it streams
+REMEMBERED_CONVERSATIONS = 100_000  # whether the bot takes part, per channel or thread recently seen
 
 WAITING = "⏳ You're number {position} in line, I'll answer as soon as I can."
 UNAVAILABLE = "Sorry, I can't reply right now: the reply service isn't answering. Please try again in a little while."
@@ -69,14 +70,13 @@ class ChatCog(commands.Cog):
     def __init__(self, bot: commands.Bot, settings: Settings, chat: ChatService, identities: Identities) -> None:
         self.bot, self.settings, self.chat, self.identities = bot, settings, chat, identities
         self.running: dict[ConversationKey, list[PendingReply]] = {}  # replies being written, oldest first
-        self.sent: OrderedDict[int, SentReply] = OrderedDict()  # every message id of recent replies
-        # Where the bot has spoken (it keeps their history), and where the store said it never has: a busy
-        # channel the bot is not part of then costs no history lookup per message (its settings come from
-        # the store's cache). Safe to keep in memory because only this process writes a guild's replies (shard
-        # processes split guilds).
-        self._participating: set[ConversationKey] = set()
-        self._silent: set[ConversationKey] = set()
-        self._deleted: OrderedDict[int, None] = OrderedDict()  # recent deletions: see _store_shown
+        self.sent: LRU[int, SentReply] = LRU(REMEMBERED_REPLIES)  # every message id of recent replies
+        # Whether the bot has spoken in a conversation (it keeps their history) or the store said it never
+        # has: a busy channel the bot is not part of then costs no history lookup per message (its settings
+        # come from the store's cache). Safe to keep in memory because only this process writes a guild's
+        # replies (shard processes split guilds).
+        self._takes_part_in: LRU[ConversationKey, bool] = LRU(REMEMBERED_CONVERSATIONS)
+        self._deleted: LRU[int, None] = LRU(REMEMBERED_DELETIONS)  # recent deletions: see _store_shown
         self._arrivals: dict[ConversationKey, tuple[asyncio.Lock, int]] = {}  # lock, handlers using it
         self.background: set[asyncio.Task[None]] = set()  # replies started by commands
         self._busy_noticed: dict[ConversationKey, float] = {}  # when each last got a "busy" line
@@ -169,19 +169,13 @@ class ChatCog(commands.Cog):
                 self._arrivals[key] = (lock, waiting - 1)
 
     async def _takes_part(self, key: ConversationKey) -> bool:
-        if key in self._participating:
-            return True
-        if key in self._silent:
-            return False
-        if await self.chat.store.last_assistant_turn(key) is not None:
-            self._take_part(key)
-            return True
-        self._silent.add(key)
-        return False
+        known = self._takes_part_in.get(key)
+        if known is None:
+            known = self._takes_part_in[key] = await self.chat.store.last_assistant_turn(key) is not None
+        return known
 
     def _take_part(self, key: ConversationKey) -> None:
-        self._participating.add(key)
-        self._silent.discard(key)
+        self._takes_part_in[key] = True
 
     async def _signals(self, message: discord.Message) -> Signals:
         me = self.bot.user
@@ -227,8 +221,6 @@ class ChatCog(commands.Cog):
     def _note_deleted(self, message_ids: Iterable[int]) -> None:
         for message_id in message_ids:
             self._deleted[message_id] = None
-        while len(self._deleted) > REMEMBERED_DELETIONS:
-            self._deleted.popitem(last=False)
 
     async def _store_shown(self, key: ConversationKey, persona: Persona, text: str, message_ids: list[int]) -> None:
         """Store a reply shown in `message_ids`. A moderator may have deleted one of them while it was being
@@ -387,8 +379,6 @@ class ChatCog(commands.Cog):
     def _remember(self, reply: SentReply) -> None:
         for message_id in reply.message_ids:
             self.sent[message_id] = reply
-        while len(self.sent) > REMEMBERED_REPLIES:
-            self.sent.popitem(last=False)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ ON CONFLICT DO NOTHING), so a re-delivered gateway event or a retried write neve
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -17,6 +16,7 @@ from sqlalchemy import ColumnElement, Row, Select, delete, func, select, text, u
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from bot.lru import LRU
 from bot.store.db import Sessions, make_engine
 from bot.store.keys import ConversationKey
 from bot.store.models import ROLES, Conversation, ConversationPersona, Message, MessagePart, utcnow
@@ -113,7 +113,7 @@ class ConversationStore:
         # them (2 queries, 4 in a thread) and only the settings commands change them, through this object:
         # shard processes split guilds, so no other process writes this one's channels. A write bumps
         # the generation, so a read that overlapped it is not cached.
-        self._settings_cache: OrderedDict[ConversationKey, ChannelSettings] = OrderedDict()
+        self._settings_cache: LRU[ConversationKey, ChannelSettings] = LRU(SETTINGS_CACHE_SIZE)
         self._settings_generation = 0
 
     @classmethod
@@ -364,15 +364,12 @@ class ConversationStore:
     async def get_settings(self, key: ConversationKey) -> ChannelSettings:
         cached = self._settings_cache.get(key)
         if cached is not None:
-            self._settings_cache.move_to_end(key)
             return cached
         generation = self._settings_generation
         async with self._sessions() as session:
             settings = await self._applying_settings(session, key, await self._conversation(session, key))
         if generation == self._settings_generation:
             self._settings_cache[key] = settings
-            if len(self._settings_cache) > SETTINGS_CACHE_SIZE:
-                self._settings_cache.popitem(last=False)
         return settings
 
     def _settings_changed(self, key: ConversationKey) -> None:
