@@ -123,8 +123,9 @@ def persona_id_for(name: str, fallback: str = "") -> str:
 
 
 def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:
-    """Persona fields (as a persona YAML file holds them) for a card's fields."""
-    name = str(card["name"]).strip()
+    """Persona fields (as a persona YAML file holds them) for a card's fields. A V3 card's `nickname`,
+    what the character is called in chat, is the persona's name and its `{{char}}` (the spec's rule)."""
+    name = str(card.get("nickname") or "").strip() or str(card["name"]).strip()
 
     def plain(field: str, user: str = "the user") -> str:
         return _fill(str(card.get(field) or "").replace("\r\n", "\n").strip(), name, user)

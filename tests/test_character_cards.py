@@ -118,6 +118,15 @@ def test_a_v3_png_is_read_from_its_ccv3_chunk(tmp_path: Path, personas_dir: Path
     assert PersonaRegistry.load(personas_dir).get("nyx").name == "Nyx"
 
 
+def test_a_v3_nickname_is_the_persona_name_and_its_char(tmp_path: Path, personas_dir: Path) -> None:
+    v3 = {"spec": "chara_card_v3", "data": {**CARD_V2["data"], "name": "Nyx the Night Cat (v3)", "nickname": "Nyx"}}
+    card = tmp_path / "nyx.png"
+    card.write_bytes(png_card(v3, keyword=b"ccv3"))
+    assert main(["personas", "import", str(card)]) == 0
+    persona = PersonaRegistry.load(personas_dir).get("nyx")
+    assert persona.name == "Nyx" and "Nyx commands the salvage ship Gull" in persona.system_prompt
+
+
 def test_a_v3_chunk_we_cannot_read_falls_back_to_the_v2_copy(tmp_path: Path, personas_dir: Path) -> None:
     card = tmp_path / "nyx.png"
     v2 = {**CARD_V2, "data": {**CARD_V2["data"], "name": "Nyx"}}
