@@ -119,13 +119,16 @@ async def test_cancel_while_the_server_stalls(server: OpenAITestServer) -> None:
     assert items == [Finish("deadline")]
 
 
-async def test_resume_sends_the_partial_assistant_turn(server: OpenAITestServer) -> None:
+async def test_resume_sends_the_partial_assistant_turn_and_what_is_left_of_its_budget(server: OpenAITestServer) -> None:
     engine = await started(server.base_url)
     await engine.generate_text(GenerationRequest("r", MESSAGES, assistant_prefix="Once upon"))
+    await engine.generate_text(GenerationRequest("r2", MESSAGES, assistant_prefix="word " * 1000))
     await engine.close()
     body = server.requests[0]
     assert body["messages"][-1] == {"role": "assistant", "content": "Once upon"}
     assert body["continue_final_message"] is True
+    assert body["max_tokens"] == 400 - 3  # 9 characters: about 3 tokens written of the default 400
+    assert server.requests[1]["max_tokens"] == 1  # the whole budget is written: one more token at most
 
 
 async def test_missing_base_url_is_a_clear_error() -> None:

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 MAX_SERVER_STOPS = 4  # OpenAI's own limit; we apply the rest ourselves
+# Tokens a resumed reply already wrote, estimated from its text: the server's tokenizer is not at hand, and
+# about four characters a token is usual for English with Llama/Mistral tokenizers.
+CHARS_PER_TOKEN = 4
 
 
 class _Retryable(Exception):
@@ -93,9 +96,11 @@ class OpenAIEngine(Engine):
         }
         if request.stop:
             body["stop"] = list(request.stop)[:MAX_SERVER_STOPS]
-        if request.assistant_prefix:  # resume: continue the partial assistant turn
+        if request.assistant_prefix:  # resume: continue the partial assistant turn, within what is left of its budget
             messages.append({"role": "assistant", "content": defang_control_tokens(request.assistant_prefix)})
-            body.update(continue_final_message=True, add_generation_prompt=False)
+            written = -(-len(request.assistant_prefix) // CHARS_PER_TOKEN)
+            body.update(continue_final_message=True, add_generation_prompt=False,
+                        max_tokens=max(1, s.max_new_tokens - written))
         return body
 
     async def _serve(self, stream: GenerationStream) -> None:
