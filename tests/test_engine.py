@@ -91,6 +91,38 @@ def test_detokenizer_on_random_byte_soup_matches_a_full_decode(loaded: tuple[Any
         assert streamed == tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
 
+def byte_fallback_tokenizer() -> Any:
+    """A Llama/Mistral-style tokenizer: SentencePiece spaces ("▁"), and every character outside its small
+    vocabulary spelled as UTF-8 byte tokens (`<0xF0><0x9F>...`), decoded run by run as OpenHermes' is."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}}
+    vocab.update({c: len(vocab) + i for i, c in enumerate("▁!.,abcdefghijklmnopqrstuvwxyzG")})
+    model = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    model.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    model.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", eos_token="</s>")
+
+
+def test_detokenizer_with_byte_fallback_tokens_keeps_emoji_whole_also_when_resumed() -> None:
+    """A window that started inside an emoji's byte tokens made the decoder answer U+FFFD for the whole run."""
+    tokenizer = byte_fallback_tokenizer()
+    text = "Great! 😊😊✨😊 ok 日本語 🙂🎉 done"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text and len(ids) > 3 * len(text.split())  # mostly byte tokens
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.push(i) for i in ids]
+    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
+    for cut in range(1, len(ids)):  # a resumed reply: the user saw decode(ids[:cut]), whole characters only
+        shown = tokenizer.decode(ids[:cut])
+        if not shown.endswith("\ufffd"):
+            detok = IncrementalDetokenizer(tokenizer, shown=ids[:cut])
+            assert shown + "".join(detok.push(i) for i in ids[cut:]) == text, cut
+
+
 def test_stop_matcher_trims_and_holds_back() -> None:
     stops = StopMatcher(["\nAlice:", "<END>"])
     assert stops.feed("Hello") == ("Hello", False)

@@ -16,7 +16,9 @@ class IncrementalDetokenizer:
     of one character and the start of the next), so trailing U+FFFD of an incomplete character is held
     back until it completes. Only a short window of recent tokens is decoded; the window restarts at a
     point where the text ends on a complete character, keeping a few tokens of context so tokenizers
-    that encode spaces in the next token (SentencePiece's "▁") still decode spacing right.
+    that encode spaces in the next token (SentencePiece's "▁") still decode spacing right. A window also
+    starts on a whole character: Llama/Mistral tokenizers spell emoji as byte tokens (`<0xF0><0x9F>...`),
+    and their decoder turns a whole run of byte tokens into U+FFFD when the run starts mid-character.
     """
 
     CONTEXT = 4  # tokens kept before the window's new text
@@ -26,9 +28,11 @@ class IncrementalDetokenizer:
         the window, so the first new token decodes as a continuation: a SentencePiece decoder drops the
         space of a text's first token ("▁world" alone is "world")."""
         self.tokenizer = tokenizer
-        self.ids: list[int] = list(shown[-self.CONTEXT :])
+        self.ids: list[int] = list(shown)
         self._start = 0  # first token of the decode window
-        self._sent = len(self._decode(self.ids)) if self.ids else 0  # characters of decode(ids[_start:]) returned
+        self._sent = 0  # characters of decode(ids[_start:]) returned
+        if shown:
+            self._start, self._sent = self._window_start(self._decode(shown)) or (0, len(self._decode(shown)))
 
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
@@ -41,9 +45,17 @@ class IncrementalDetokenizer:
         delta = complete[self._sent :]
         self._sent = max(self._sent, len(complete))
         if complete == full and len(self.ids) - self._start > 2 * self.CONTEXT:
-            self._start = len(self.ids) - self.CONTEXT
-            self._sent = len(self._decode(self.ids[self._start :]))
+            self._start, self._sent = self._window_start(full) or (self._start, self._sent)
         return delta
+
+    def _window_start(self, text: str) -> tuple[int, int] | None:
+        """The latest start at least CONTEXT tokens back whose decoding is `text`'s end (the decoding of the
+        current window) and begins on a whole character, with that decoding's length; None if there is none."""
+        for start in range(len(self.ids) - self.CONTEXT, self._start, -1):
+            piece = self._decode(self.ids[start:])
+            if text.endswith(piece) and not piece.startswith("\ufffd"):
+                return start, len(piece)
+        return None
 
 
 class StopMatcher:
