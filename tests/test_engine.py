@@ -123,6 +123,18 @@ def test_detokenizer_with_byte_fallback_tokens_keeps_emoji_whole_also_when_resum
             assert shown + "".join(detok.push(i) for i in ids[cut:]) == text, cut
 
 
+def test_a_reply_that_opens_as_another_speaker_is_stopped() -> None:
+    """The line break before a reply belongs to the prompt; the impersonation stop "\\nBob:" still sees it."""
+    fresh = GenerationRequest("r", [], stop=["\nBob:", "\nAlice:"]).stop_matcher()
+    assert fresh.feed("Bo") == ("", False)  # may open "\nBob:": held
+    assert fresh.feed("b: I think so") == ("", True)
+    resumed = GenerationRequest("r", [], stop=["\nBob:"], assistant_prefix="Sure.\n").stop_matcher()
+    assert resumed.feed("Bob: me too") == ("", True)
+    plain = GenerationRequest("r", [], stop=["\nBob:"]).stop_matcher()
+    assert plain.feed("Bobby: hi") == ("Bobby: hi", False)
+    assert plain.feed(" and Bob: no") == (" and Bob: no", False)  # not at a line start
+
+
 def test_stop_matcher_trims_and_holds_back() -> None:
     stops = StopMatcher(["\nAlice:", "<END>"])
     assert stops.feed("Hello") == ("Hello", False)

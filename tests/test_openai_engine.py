@@ -57,6 +57,14 @@ async def test_stop_strings_applied_locally_too(server: OpenAITestServer) -> Non
     assert server.requests[0]["stop"] == stops[:4]
 
 
+async def test_a_reply_that_opens_as_another_participant_is_stopped(server: OpenAITestServer) -> None:
+    server.script(Reply("Alice: I agree with myself", chunk_chars=2, finish_reason="length"))
+    engine = await started(server.base_url)
+    text, finish = await engine.generate_text(GenerationRequest("r", MESSAGES, stop=["\nAlice:"]))
+    await engine.close()
+    assert (text, finish.reason) == ("", "stop")
+
+
 async def test_a_local_stop_ends_the_reply_without_waiting_for_the_server(server: OpenAITestServer) -> None:
     """The server keeps generating past a stop it does not honour; the reply must end at the stop, not after."""
     server.script(Reply("Hi.\nAlice: " + "more " * 40, chunk_chars=4, delay_s=0.2))  # ~11 s to the end

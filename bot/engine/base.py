@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from bot.engine.text import StopMatcher
 from bot.personas import Sampling
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "released"]
@@ -32,6 +33,11 @@ class GenerationRequest:
     sampling: Sampling = field(default_factory=Sampling)
     stop: Sequence[str] = ()
     assistant_prefix: str = ""
+
+    def stop_matcher(self) -> StopMatcher:
+        """The stops of this reply, seeing what it continues: its written start, or the line break that
+        opens an assistant turn (so a reply that opens as "Bob: ..." is stopped like a later line)."""
+        return StopMatcher(self.stop, before=self.assistant_prefix or "\n")
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ class OpenAIEngine(Engine):
 
     async def _generate(self, stream: GenerationStream) -> None:
         body = self.payload(stream.request)
-        stops = StopMatcher(stream.request.stop)
+        stops = stream.request.stop_matcher()
         state = {"tokens": 0, "prompt_tokens": 0, "completion_tokens": 0, "reason": "stop"}
         for attempt in range(self.attempts):
             try:

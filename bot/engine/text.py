@@ -63,21 +63,30 @@ class StopMatcher:
 
     `feed(text)` returns (safe_text, stopped). Text that could be the beginning of a stop string stays
     buffered until the next chunk proves it is not; `flush()` releases it when generation ends otherwise.
+    A stop may begin in the text before the reply (`before`): the reply starts a line of its own, so one
+    that opens with "Bob:" matches the impersonation stop "\\nBob:" like any later line does.
     """
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], before: str = "") -> None:
         self.stops = [s for s in stops if s]
+        self._keep = max((len(s) for s in self.stops), default=1) - 1  # context a stop can reach back into
+        self._before = before[len(before) - self._keep :] if self._keep else ""
         self._pending = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
-        buffer = self._pending + text
-        first = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
+        context, buffer = self._before, self._pending + text
+        seen = context + buffer
+        # Only stops that end in the new text: the context itself was checked when it was new.
+        found = (seen.find(s, max(0, len(context) - len(s) + 1)) for s in self.stops)
+        first = min((i for i in found if i >= 0), default=-1)
         if first >= 0:
             self._pending = ""
-            return buffer[:first], True
-        hold = self._partial_suffix(buffer)
+            return buffer[: max(0, first - len(context))], True
+        hold = min(self._partial_suffix(seen), len(buffer))
         self._pending = buffer[len(buffer) - hold :] if hold else ""
-        return buffer[: len(buffer) - hold], False
+        safe = buffer[: len(buffer) - hold]
+        self._before = (context + safe)[len(context + safe) - self._keep :] if self._keep else ""
+        return safe, False
 
     def flush(self) -> str:
         text, self._pending = self._pending, ""

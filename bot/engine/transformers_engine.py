@@ -297,7 +297,7 @@ class TransformersEngine(Engine):
         max_new = min(request.sampling.max_new_tokens - len(written), self.max_len - len(ids))
         return _Running(
             stream=stream, ids=ids, prompt_len=len(ids), max_new=max_new,
-            detok=IncrementalDetokenizer(self.tokenizer, shown=written), stops=StopMatcher(request.stop),
+            detok=IncrementalDetokenizer(self.tokenizer, shown=written), stops=request.stop_matcher(),
         )
 
     def _drop_cancelled(self) -> None:
