@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 import time
@@ -626,6 +627,57 @@ async def test_a_waiting_job_that_expired_no_longer_holds_its_conversation(
     await redis_admin.delete(f"{redis_harness.prefix}:job:{stale.job_id}")  # what its TTL does
     assert await bot.submit(job("chan-9")) == 1
     assert await bot.submit(job("chan-9"), supersede=True) == 1
+
+
+class NewerBotJob(GenerationJob):
+    """A job as a newer bot writes it: a sampling field this worker's schema does not know."""
+
+    def model_dump_json(self, **kwargs: Any) -> str:
+        data = json.loads(super().model_dump_json(**kwargs))
+        data["sampling"]["min_p"] = 0.05
+        return json.dumps(data)
+
+
+async def test_a_job_the_worker_cannot_read_ends_with_an_error_and_does_not_hold_up_the_others(
+    redis_harness: Harness,
+) -> None:
+    """It used to fail the whole fetch: the job read with it stayed taken by nobody, and both were
+    taken again and again until they were dead letters."""
+    bot = redis_harness.start()
+    worker = redis_harness.worker()
+    newer = NewerBotJob(conversation_key="chan-1", persona_id="hermes", messages=[{"role": "user", "content": "hi"}])
+    good = job("chan-2")
+    await bot.submit(newer)
+    await bot.submit(good)
+    deliveries = await worker.fetch(8, 2000)
+    assert [(d.job.job_id, d.attempt) for d in deliveries] == [(good.job_id, 1)]
+    (_, last), = (await collect(bot, newer.job_id))[-1:]
+    assert isinstance(last, ErrorEvent) and last.kind == "invalid_job" and "sampling.min_p" in last.message
+    await worker.publish(Done(job_id=good.job_id, finish_reason="stop"))
+    assert isinstance((await collect(bot, good.job_id))[-1][1], Done)
+
+
+async def test_a_job_whose_resume_point_cannot_be_read_does_not_strand_the_others(
+    redis_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bot = redis_harness.start()
+    worker = redis_harness.worker()
+    unlucky, other = job("chan-1"), job("chan-2")
+    for j in (unlucky, other):
+        await bot.submit(j)
+    for delivery in await worker.fetch(8, 2000):
+        await worker.release(delivery.job.job_id)  # taken again, their resume point is read
+    real_resume_point = worker._resume_point  # type: ignore[attr-defined]
+
+    async def flaky(job_id: str) -> tuple[str, int]:
+        if job_id == unlucky.job_id:
+            raise ConnectionError("Redis went away for a moment")
+        return await real_resume_point(job_id)
+
+    monkeypatch.setattr(worker, "_resume_point", flaky)
+    deliveries = await worker.fetch(8, 2000)
+    assert [(d.job.job_id, d.attempt) for d in deliveries] == [(other.job_id, 2)]
+    assert unlucky.job_id not in worker._inflight  # type: ignore[attr-defined]  # nobody heartbeats it: taken over later
 
 
 async def test_a_heartbeat_answered_with_an_error_keeps_beating(

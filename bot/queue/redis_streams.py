@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
@@ -294,10 +295,9 @@ class RedisStreamsQueue(JobQueue):
         else:
             reply = (await self._direct_scripts(read))[-1]
         self._last_read = reply[0] or self._last_read
-        delivered = [
-            await self._deliver(reply[i], reply[i + 1], reply[i + 2], int(reply[i + 3]))
-            for i in range(1, len(reply), 4)
-        ]
+        delivered = await self._deliver_each(
+            [(reply[i], reply[i + 1], reply[i + 2], int(reply[i + 3])) for i in range(1, len(reply), 4)]
+        )
         if self._resends != resends:  # a READ whose reply was lost may have taken jobs: they are ours
             delivered += await self._take(await self._unknown_pending())
         return delivered
@@ -354,11 +354,46 @@ class RedisStreamsQueue(JobQueue):
         triples = [value for entry_id, fields in entries for value in (fields["id"], entry_id, fields["job"])]
         attempts = await self._run("TAKE", self._max_deliveries, self._ttl,
                                    dead_letter_message(self._max_deliveries), *triples)
-        return [
-            await self._deliver(fields["id"], entry_id, fields["job"], int(attempt))
+        return await self._deliver_each([
+            (fields["id"], entry_id, fields["job"], int(attempt))
             for (entry_id, fields), attempt in zip(entries, attempts, strict=True)
             if attempt
-        ]
+        ])
+
+    async def _deliver_each(self, taken: list[tuple[str, str, str, int]]) -> list[Delivery]:
+        """Deliveries for (job id, entry id, job json, attempt) the scripts took, each on its own: a job that
+        fails must not strand the others (taken, counted, but held by nobody until the claim idle time).
+        A job this worker cannot read (a newer bot's fields) ends at once with an error; one that fails
+        otherwise (Redis trouble reading where it resumes) is left to be taken over. Raises only when
+        nothing could be delivered, so the worker backs off."""
+        delivered: list[Delivery] = []
+        failures: list[Exception] = []
+        for job_id, entry_id, job_json, attempt in taken:
+            try:
+                delivered.append(await self._deliver(job_id, entry_id, job_json, attempt))
+            except ValidationError as exc:
+                await self._reject(job_id, entry_id, attempt, exc)
+            except Exception as exc:
+                log.warning("job %s was taken but could not be delivered: %s", job_id, exc)
+                failures.append(exc)
+        if failures and not delivered:
+            raise failures[0]
+        return delivered
+
+    async def _reject(self, job_id: str, entry_id: str, attempt: int, problem: ValidationError) -> None:
+        """End a job this worker cannot read with an error for the bot (the final event acks it); if even
+        that fails, the job is taken over later and rejected then."""
+        first = problem.errors()[0]
+        why = f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
+        log.error("job %s cannot be read by this worker (%s); is the worker older than the bot?", job_id, why)
+        self._inflight[job_id] = (entry_id, attempt)
+        unreadable = ErrorEvent(job_id=job_id, kind="invalid_job", message=f"a worker cannot read this job ({why})")
+        try:
+            await self.publish(unreadable)
+        except Exception as exc:
+            log.warning("could not end the unreadable job %s: %s", job_id, exc)
+        finally:
+            self._inflight.pop(job_id, None)
 
     async def _deliver(self, job_id: str, entry_id: str, job_json: str, attempt: int) -> Delivery:
         delivery = Delivery(job=GenerationJob.model_validate_json(job_json), attempt=attempt)
