@@ -139,6 +139,22 @@ async def test_resume_sends_the_partial_assistant_turn_and_what_is_left_of_its_b
     assert server.requests[1]["max_tokens"] == 1  # the whole budget is written: one more token at most
 
 
+def test_a_long_history_is_cut_to_the_context_oldest_turns_first() -> None:
+    """Servers refuse (vLLM: 400) or silently cut the front (Ollama: the system prompt) of a prompt
+    longer than their context; the engine leaves out the oldest turns first, as the transformers one does."""
+    engine = OpenAIEngine(Settings(engine="openai", openai_base_url="http://127.0.0.1:9/v1", context_tokens=4096))
+    turns = [{"role": "user" if i % 2 else "assistant", "content": f"turn {i} " + "x" * 2000} for i in range(50)]
+    messages = [{"role": "system", "content": "You are Hermes."}, *turns]
+    body = engine.payload(GenerationRequest("r", messages, Sampling(max_new_tokens=400)))
+    sent = body["messages"]
+    assert sent[0] == messages[0] and sent[-1] == messages[-1] and sent[1:] == messages[-(len(sent) - 1) :]
+    estimate = sum(5 + len(m["content"]) / 4 for m in sent)
+    assert 2 < len(sent) < len(messages) and 4096 - 400 - 600 < estimate <= 4096 - 400
+    assert body["max_tokens"] == 400
+    with pytest.raises(EngineError, match="system prompt alone"):
+        engine.payload(GenerationRequest("r", [{"role": "system", "content": "rule " * 20_000}, turns[-1]]))
+
+
 async def test_missing_base_url_is_a_clear_error() -> None:
     engine = OpenAIEngine(Settings(engine="openai", openai_base_url=None))
     with pytest.raises(EngineError, match="HERMES_OPENAI_BASE_URL"):

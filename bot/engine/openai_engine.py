@@ -1,7 +1,8 @@
 """The remote engine: any OpenAI-compatible `/v1/chat/completions` server, streamed over SSE.
 
 LM Studio, llama.cpp's server, vLLM and Ollama all speak this. We send the persona's messages
-(control-token look-alikes defanged, since the server tokenizes text itself), its sampling (plus the
+(control-token look-alikes defanged, since the server tokenizes text itself; the oldest turns left out
+to fit `HERMES_CONTEXT_TOKENS` with the reply, by an estimate of their length), its sampling (plus the
 `top_k` / `repeat_penalty` extras those servers accept) and its stop strings. Stop strings are also
 applied here, because servers differ in how many they honour.
 
@@ -22,15 +23,39 @@ import aiohttp
 from bot.config import Settings
 from bot.engine.base import Engine, EngineError, Finish, GenerationRequest, GenerationStream, TextChunk
 from bot.engine.text import StopMatcher
-from bot.prompt import defang_control_tokens
+from bot.prompt import PromptTooLong, defang_control_tokens, encode_messages, reply_budget
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 MAX_SERVER_STOPS = 4  # OpenAI's own limit; we apply the rest ourselves
-# Tokens a resumed reply already wrote, estimated from its text: the server's tokenizer is not at hand, and
-# about four characters a token is usual for English with Llama/Mistral tokenizers.
+# Lengths in tokens are estimated from text: the server's tokenizer is not at hand, and about four
+# characters a token is usual for English with Llama/Mistral tokenizers. ChatML spends a few more tokens
+# on each message's markers and role.
 CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 5
+
+
+def estimated_tokens(text: str) -> int:
+    return -(-len(text) // CHARS_PER_TOKEN)
+
+
+class LengthEstimate:
+    """A stand-in tokenizer for `encode_messages`, which then fits a prompt to the context the same way
+    for this engine as for the transformers one (oldest turns dropped first, the newest turn's start cut
+    last), by estimated lengths: its "ids" only count, and its pieces of text are CHARS_PER_TOKEN long."""
+
+    chat_template = "estimated"  # not ChatML's template: nothing is rendered
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **_: Any) -> dict[str, list[int]]:
+        length = sum(TOKENS_PER_MESSAGE + estimated_tokens(m["content"]) for m in messages) + TOKENS_PER_MESSAGE
+        return {"input_ids": [0] * length}
+
+    def encode(self, text: str, **_: Any) -> list[str]:
+        return [text[i : i + CHARS_PER_TOKEN] for i in range(0, len(text), CHARS_PER_TOKEN)]
+
+    def decode(self, pieces: list[str], **_: Any) -> str:
+        return "".join(pieces)
 
 
 class _Retryable(Exception):
@@ -79,9 +104,16 @@ class OpenAIEngine(Engine):
         return stream
 
     def payload(self, request: GenerationRequest) -> dict[str, Any]:
-        """The JSON body for `request`, as sent to the server."""
-        messages = [{"role": m["role"], "content": defang_control_tokens(m["content"])} for m in request.messages]
-        s = request.sampling
+        """The JSON body for `request`, as sent to the server: the messages that fit the context with the
+        reply, and a `max_tokens` within what is left of both (a resumed reply's text counts as written)."""
+        s, context = request.sampling, self.settings.context_tokens
+        try:
+            prompt = encode_messages(LengthEstimate(), request.messages, context_tokens=context,
+                                     max_new_tokens=reply_budget(s.max_new_tokens, context))
+        except PromptTooLong as exc:
+            raise EngineError(str(exc)) from None
+        messages = [{"role": m["role"], "content": defang_control_tokens(m["content"])} for m in prompt.messages]
+        written = estimated_tokens(request.assistant_prefix)
         body: dict[str, Any] = {
             "model": self.settings.model,
             "messages": messages,
@@ -89,18 +121,16 @@ class OpenAIEngine(Engine):
             "stream_options": {"include_usage": True},
             "temperature": s.temperature,
             "top_p": s.top_p,
-            "max_tokens": s.max_new_tokens,
+            "max_tokens": max(1, min(s.max_new_tokens - written, context - len(prompt.ids) - written)),
             "top_k": s.top_k,
             "repeat_penalty": s.repetition_penalty,  # llama.cpp, LM Studio, Ollama
             "repetition_penalty": s.repetition_penalty,  # vLLM
         }
         if request.stop:
             body["stop"] = list(request.stop)[:MAX_SERVER_STOPS]
-        if request.assistant_prefix:  # resume: continue the partial assistant turn, within what is left of its budget
+        if request.assistant_prefix:  # resume: continue the partial assistant turn
             messages.append({"role": "assistant", "content": defang_control_tokens(request.assistant_prefix)})
-            written = -(-len(request.assistant_prefix) // CHARS_PER_TOKEN)
-            body.update(continue_final_message=True, add_generation_prompt=False,
-                        max_tokens=max(1, s.max_new_tokens - written))
+            body.update(continue_final_message=True, add_generation_prompt=False)
         return body
 
     async def _serve(self, stream: GenerationStream) -> None:
