@@ -842,7 +842,12 @@ async def test_a_persona_that_joins_a_channel_greets_it_once(env: Env) -> None:
     assert [(m.role, m.persona_id, m.content) for m in stored] == [("assistant", "narrator", greeting)]
     await slash(env, "persona set", {"persona": "narrator"})  # already the default: no second greeting
     await slash(env, "persona add", {"persona": "narrator"})  # already here
-    assert [m.content for m in env.fake.bot_messages(w.general) if m.webhook_id == posted.webhook_id] == [greeting]
+    sherlock = "You have been in a hurry this morning, I perceive. Pray, sit down and state your case."
+    await slash(env, "persona add", {"persona": "sherlock_holmes"})
+    await persona_reply(env, w.general, sherlock)
+    await slash(env, "persona set", {"persona": "sherlock_holmes"})  # here already: he greeted when he came
+    assert [m.content for m in env.fake.bot_messages(w.general) if m.webhook_id == posted.webhook_id] == [greeting, sherlock]
+    await slash(env, "persona set", {"persona": "narrator"})
     env.llm.script(Reply("You shake the rain off your cloak."))
     await env.fake.send_message(w.general, w.alice, "Mira: I step inside.")  # the greeting made it take part
     await env.fake.send_message(w.general, w.alice, f"{mention(env)} what do I see?")

@@ -50,6 +50,12 @@ def test_reply_to_a_persona_goes_to_that_persona_unless_another_is_named(registr
     assert pick(registry, Signals("Hermes, is he right?", reply_persona="edward_elric"), channel) == "hermes"
 
 
+def test_a_reply_to_a_persona_that_left_the_channel_goes_to_the_default(registry: PersonaRegistry) -> None:
+    """After `/persona remove edward_elric`, a reply to one of his old messages must not bring him back."""
+    assert pick(registry, Signals("and then?", reply_persona="edward_elric"), ChannelSettings()) == "hermes"
+    assert pick(registry, Signals("and then?", reply_persona="gone_persona"), ChannelSettings()) == "hermes"
+
+
 def test_autorespond_answers_everything_with_the_default(registry: PersonaRegistry) -> None:
     channel = ChannelSettings(default_persona="narrator", autorespond=True)
     assert pick(registry, Signals("the door creaks"), channel) == "narrator"

@@ -170,9 +170,9 @@ class CommandsCog(commands.Cog):
     @_with_persona
     async def set_default(self, interaction: discord.Interaction, persona: Persona) -> str:
         key = conversation_key(interaction.channel)
-        was_default = (await self._active_here(key))[:1] == [persona.id]
+        was_here = persona.id in await self._active_here(key)  # added earlier: it greeted then
         await self.store.set_default_persona(key, persona.id)
-        if not was_default:
+        if not was_here:
             await self.chat.introduce(interaction.channel, key, persona)  # type: ignore[arg-type]
         return f"**{persona.name}** now answers here by default."
 

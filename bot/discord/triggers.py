@@ -39,12 +39,14 @@ def choose_persona(
     """The persona that answers, or None when the message is not for the bot."""
     active = active_personas(channel, registry, fallback)
     addressed = registry.find_addressed(signals.text, active) if active else None
-    replied = signals.reply_persona if signals.reply_persona in registry else None
+    # A reply to a persona that has left this channel (`/persona remove`, a new default) is a reply to
+    # the bot: the channel's default answers it, not the persona a moderator sent away.
+    replied = signals.reply_persona if signals.reply_persona in active else None
     triggered = (
         signals.is_dm
         or signals.mentions_bot
         or signals.replies_to_bot
-        or replied is not None
+        or signals.reply_persona is not None
         or addressed is not None
         or channel.autorespond
     )
