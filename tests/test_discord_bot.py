@@ -16,9 +16,9 @@ import pytest
 
 from bot.config import Settings
 from bot.discord.app import BotApp
-from bot.discord.commands import fit_lines
+from bot.discord.commands import fit_lines, persona_choice
 from bot.discord.sync import command_signature
-from bot.personas import UnknownPersona
+from bot.personas import Persona, UnknownPersona
 from bot.store.keys import ConversationKey
 from bot.store.migrate import upgrade_async
 from tests.fakediscord import FakeDiscord, World
@@ -606,6 +606,14 @@ def test_persona_list_is_cut_at_a_line_with_a_count_of_the_rest() -> None:
     assert fit_lines(lines[:3], 1900) == "\n".join(lines[:3])
 
 
+def test_a_long_persona_name_is_cut_in_its_autocomplete_choice() -> None:
+    """Discord refuses the whole autocomplete answer when one choice's name passes 100 characters."""
+    long = Persona(id="the_" + "x" * 40, name="The " + "Very " * 13 + "Long Name", system_prompt="hi")
+    choice = persona_choice(long)
+    assert len(choice.name) == 100 and choice.name.endswith(f"… ({long.id})") and choice.value == long.id
+    assert persona_choice(Persona(id="ed", name="Ed", system_prompt="hi")).name == "Ed (ed)"
+
+
 # -- sharding ------------------------------------------------------------------------------------------
 
 
@@ -771,6 +779,23 @@ async def test_an_edited_persona_file_applies_without_a_restart(
         hermes.write_text(hermes.read_text().replace("name: Hermes 2", "name: Hermes Three"))
         await fake_discord.send_message(w.general, w.alice, f"{mention(env)} again")
         assert (await persona_reply(env, w.general, "Second.")).username == "Hermes Three"
+
+
+async def test_a_persona_named_with_a_word_discord_reserves_still_speaks_through_the_webhook(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
+) -> None:
+    """Discord refuses webhook usernames containing "clyde" or "discord" (the fake does too): such a
+    persona's every reply failed, silently, after the model had written it."""
+    personas = tmp_path / "personas"
+    shutil.copytree(ROOT / "personas", personas)
+    (personas / "clyde.yaml").write_text("name: Clyde Barrow of Discord\nsystem_prompt: You are Clyde.\n")
+    w = discord_world
+    settings = make_settings(fake_discord, llm, tmp_path, personas_dir=personas, default_persona="clyde")
+    async with BotApp(settings, guild_ready_timeout=0.1) as app:
+        env = Env(fake_discord, w, llm, app)
+        llm.script(Reply("Howdy."))
+        await fake_discord.send_message(w.general, w.alice, f"{mention(env)} hello?")
+        assert (await persona_reply(env, w.general, "Howdy.")).username == "Clyd\u0435 Barrow of Disc\u043erd"
 
 
 async def test_an_unknown_default_persona_stops_the_start_with_a_clear_error(

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 LIST_LIMIT = 1900  # under Discord's 2000, with room for the "more" line
 ECHO_LIMIT = 64  # characters of a user's argument repeated in an answer
+CHOICE_NAME_LIMIT = 100  # Discord refuses a whole autocomplete answer if one choice's name is longer
 
 COMMAND_FAILED = "Sorry, that didn't work: Discord or the reply service refused it. Please try again."
 NOT_ALLOWED = "You need the Manage Channels permission{role} to change this channel's settings."
@@ -48,6 +49,12 @@ def fit_lines(lines: list[str], limit: int) -> str:
             return "\n".join([*kept, f"…and {len(lines) - len(kept)} more."])
         kept.append(line)
     return "\n".join(kept)
+
+
+def persona_choice(persona: Persona) -> app_commands.Choice[str]:
+    """An autocomplete choice "Name (id)": a long name is cut, the id always shows whole."""
+    suffix = f" ({persona.id})"
+    return app_commands.Choice(name=clip(persona.name, CHOICE_NAME_LIMIT - len(suffix)) + suffix, value=persona.id)
 
 
 def may_change(interaction: discord.Interaction, admin_role: str | None) -> bool:
@@ -81,7 +88,7 @@ class PersonaGroup(app_commands.Group):
 
     async def _persona_choices(self, _: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         found = [p for p in self.cog.personas if current.lower() in f"{p.id} {p.name}".lower()]
-        return [app_commands.Choice(name=f"{p.name} ({p.id})", value=p.id) for p in found[:25]]
+        return [persona_choice(p) for p in found[:25]]
 
     @app_commands.command(name="list", description="All personas this bot knows")
     async def list_(self, interaction: discord.Interaction) -> None:

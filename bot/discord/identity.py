@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 import discord
@@ -26,6 +27,16 @@ RECHECK_AFTER_S = 600.0
 # Untrusted text (user input echoed by the model) must never ping everyone, here or a role.
 SAFE_MENTIONS = discord.AllowedMentions(everyone=False, roles=False, users=True, replied_user=False)
 
+# Discord refuses a webhook username containing these words, in any case (400, USERNAME_INVALID_CONTAINS);
+# one letter of each is swapped for its Cyrillic look-alike, as other bots do, so "Clyde Barrow" can speak.
+_RESERVED_IN_WEBHOOK_NAMES = re.compile(r"clyde|discord", re.IGNORECASE)
+_LOOK_ALIKES = str.maketrans({"e": "\u0435", "E": "\u0415", "o": "\u043e", "O": "\u041e"})
+
+
+def webhook_username(name: str) -> str:
+    """`name` as a webhook may use it: "Clyde" becomes "Clydе" (Cyrillic е), "Discord" "Discоrd"."""
+    return _RESERVED_IN_WEBHOOK_NAMES.sub(lambda m: m.group(0).translate(_LOOK_ALIKES), name)
+
 
 class WebhookOutlet:
     """A persona speaking through the channel's webhook (name and avatar set per message)."""
@@ -39,7 +50,7 @@ class WebhookOutlet:
     async def send(self, content: str) -> int:
         message = await self.webhook.send(
             content,
-            username=self.persona.name,
+            username=webhook_username(self.persona.name),
             avatar_url=self.persona.avatar_url or MISSING,
             allowed_mentions=SAFE_MENTIONS,
             thread=self.thread,
