@@ -128,6 +128,19 @@ async def test_typing_until_text_and_every_write_has_safe_allowed_mentions(env: 
     assert writes and all(no_mass_pings(r.json) for r in writes)
 
 
+async def test_a_reply_to_a_message_still_being_written_goes_to_its_persona(env: Env) -> None:
+    """A reply was remembered only once it was finished: replying to a long one mid-stream got nothing."""
+    w = env.world
+    await slash(env, "persona add", {"persona": "edward_elric"})
+    await env.fake.wait_for_message(w.general, lambda m: m.webhook_id is not None and "Fullmetal" in m.content)
+    env.llm.script(Reply("slow " * 80, chunk_chars=5, delay_s=0.03), Reply("Dragons? Alchemy can't make those."))
+    await env.fake.send_message(w.general, w.alice, "Edward, tell me a long story")
+    streaming = await env.fake.wait_for_message(w.general, lambda m: m.webhook_id is not None and "slow" in m.content)
+    await env.fake.send_message(w.general, w.bob, "wait, what about dragons?", reply_to=streaming, mention_author=False)
+    answer = await persona_reply(env, w.general, "Dragons? Alchemy can't make those.")
+    assert answer.username == "Edward Elric" and "Edward Elric" in env.llm.requests[-1]["messages"][0]["content"]
+
+
 async def test_reply_dm_and_bots_ignored(env: Env) -> None:
     w = env.world
     env.llm.script(Reply("first answer"), Reply("answer to the reply"), Reply("dm answer"))

@@ -13,7 +13,6 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass
 
 import discord
 from discord.ext import commands
@@ -22,7 +21,7 @@ from bot import metrics
 from bot.config import Settings
 from bot.conversation import ChatService, PendingReply
 from bot.discord.identity import SAFE_MENTIONS, Identities
-from bot.discord.stream import DISCORD_FAILURES, LiveReply, Outlet, Reopen
+from bot.discord.stream import DISCORD_FAILURES, LiveReply, Outlet
 from bot.discord.triggers import Signals, active_personas, choose_persona
 from bot.lru import LRU
 from bot.personas import Persona
@@ -57,20 +56,13 @@ def conversation_key(channel: discord.abc.Messageable | discord.abc.GuildChannel
     return ConversationKey(guild.id if guild else None, channel.id)  # type: ignore[union-attr]
 
 
-@dataclass(frozen=True)
-class SentReply:
-    """A reply the bot wrote: which conversation and persona, and all its Discord messages."""
-
-    key: ConversationKey
-    persona_id: str
-    message_ids: tuple[int, ...]
-
-
 class ChatCog(commands.Cog):
     def __init__(self, bot: commands.Bot, settings: Settings, chat: ChatService, identities: Identities) -> None:
         self.bot, self.settings, self.chat, self.identities = bot, settings, chat, identities
         self.running: dict[ConversationKey, list[PendingReply]] = {}  # replies being written, oldest first
-        self.sent: LRU[int, SentReply] = LRU(REMEMBERED_REPLIES)  # every message id of recent replies
+        # The persona of every message of recent replies, from the moment it is sent: a reply to a part
+        # still being written goes to the persona writing it.
+        self.sent: LRU[int, str] = LRU(REMEMBERED_REPLIES)
         # Whether the bot has spoken in a conversation (it keeps their history) or the store said it never
         # has: a busy channel the bot is not part of then costs no history lookup per message (its settings
         # come from the store's cache). Safe to keep in memory because only this process writes a guild's
@@ -186,7 +178,7 @@ class ChatCog(commands.Cog):
             known = self.sent.get(ref.message_id)
             stored = None if known else await self.chat.store.find_message(ref.message_id)
             if known is not None:
-                reply_persona = known.persona_id
+                reply_persona = known
             elif stored is not None and stored.role == "assistant":
                 reply_persona = stored.persona_id
         is_dm, mentions_bot, replies_to_bot = self._direct_signals(message)
@@ -266,22 +258,25 @@ class ChatCog(commands.Cog):
         the greeting sets the scene the model continues). Discord trouble is logged, not raised."""
         if not persona.greeting:
             return
-        live = LiveReply(await self.identities.outlet(channel, persona), reopen=self._reopener(channel, persona))
+        live = await self._live_reply(channel, persona)
         try:
             await live.finish(persona.greeting)
         except DISCORD_FAILURES as exc:
             log.warning("could not post %s's greeting in %s: %s", persona.id, key, exc)
             return
         self._take_part(key)
-        self._remember(SentReply(key, persona.id, tuple(live.ids)))
         await self._store_shown(key, persona, persona.greeting, live.ids)
 
-    def _reopener(self, channel: discord.abc.Messageable, persona: Persona) -> Reopen:
-        """How a reply of `persona` here gets a new outlet after a moderator deleted its webhook."""
+    async def _live_reply(self, channel: discord.abc.Messageable, persona: Persona) -> LiveReply:
+        """Where a reply of `persona` here is shown; each of its messages is remembered as `persona`'s as
+        soon as it is sent, and a moderator deleting the webhook gets it a new outlet."""
         async def reopen(gone: Outlet) -> Outlet:
             return await self.identities.replace(gone, channel, persona)  # type: ignore[arg-type]
 
-        return reopen
+        def remember(message_id: int) -> None:
+            self.sent[message_id] = persona.id
+
+        return LiveReply(await self.identities.outlet(channel, persona), reopen=reopen, on_send=remember)
 
     async def _addressed_persona(self, key: ConversationKey, speaker: Persona, text: str) -> Persona | None:
         """Another persona active here that `text` addresses at its start, as a person would. Most
@@ -296,7 +291,7 @@ class ChatCog(commands.Cog):
 
     async def _reply(self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona) -> str | None:
         """Stream one reply; its text when it finished normally and was shown, else None."""
-        live = LiveReply(await self.identities.outlet(channel, persona), reopen=self._reopener(channel, persona))
+        live = await self._live_reply(channel, persona)
         try:
             pending = await self.chat.start_reply(key, persona)
         except QueueBusy as exc:
@@ -328,8 +323,6 @@ class ChatCog(commands.Cog):
             self.running[key].remove(pending)
             if not self.running[key]:
                 del self.running[key]
-        if live.ids:
-            self._remember(SentReply(key, persona.id, tuple(live.ids)))
         if text.strip() and live.ids:
             try:
                 await self._store_shown(key, persona, text.strip(), live.ids)
@@ -376,9 +369,6 @@ class ChatCog(commands.Cog):
             ending = "\n\n" + ending
         return text, ending
 
-    def _remember(self, reply: SentReply) -> None:
-        for message_id in reply.message_ids:
-            self.sent[message_id] = reply
 
 
 @contextlib.contextmanager

@@ -76,10 +76,11 @@ class LiveReply:
     """The Discord messages carrying one reply, kept in step with its text."""
 
     def __init__(
-        self, outlet: Outlet, *, reopen: Reopen | None = None, limit: int = DISCORD_LIMIT,
-        interval: float = EDIT_INTERVAL_S,
+        self, outlet: Outlet, *, reopen: Reopen | None = None, on_send: Callable[[int], None] | None = None,
+        limit: int = DISCORD_LIMIT, interval: float = EDIT_INTERVAL_S,
     ) -> None:
-        self.outlet, self.reopen = outlet, reopen
+        """`on_send` hears each new message's id as soon as it exists, long before the reply is finished."""
+        self.outlet, self.reopen, self.on_send = outlet, reopen, on_send
         self._limit = limit
         self.interval = interval
         self.ids: list[int] = []
@@ -148,6 +149,8 @@ class LiveReply:
 
     async def _send(self, chunk: str) -> None:
         message_id = await self._send_through_live_outlet(chunk)
+        if self.on_send is not None:
+            self.on_send(message_id)
         self.ids.append(message_id)
         self._shown.append(chunk)
         self._touched.append(time.monotonic())
