@@ -367,6 +367,38 @@ async def test_a_reply_deleted_while_it_streams_stays_out_of_the_context(env: En
     assert [m.role for m in await env.store.window(key, 10)] == ["user"]
 
 
+async def test_a_message_deleted_or_edited_while_it_waits_its_turn_is_stored_as_it_ends(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A moderation bot deletes a message at once, while its arrival waits behind a reply whose lookup is
+    slow (a loaded database): the deletion found nothing stored, and the text used to stay in the context.
+    An edit in the same place is kept (discord.py edits the cached message the waiting handler reads)."""
+    w = env.world
+    key = ConversationKey(w.guild.id, w.general.id)
+    env.llm.script(Reply("first answer"), Reply("answer to the reply"))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} hello")
+    first = await persona_reply(env, w.general, "first answer")
+    find_message = env.store.find_message
+
+    async def slow_find_message(message_id: int):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.3)
+        return await find_message(message_id)
+
+    monkeypatch.setattr(env.store, "find_message", slow_find_message)
+    await env.fake.send_message(w.general, w.bob, "nice", reply_to=first, mention_author=False)
+    spam = await env.fake.send_message(w.general, w.bob, "SPAM deleted by a moderation bot")
+    await env.fake.delete_message(spam)
+    typo = await env.fake.send_message(w.general, w.bob, "dragnos are real")
+    await env.fake.edit_message(typo, "dragons are real")
+    await env.fake.send_message(w.general, w.bob, "later chatter")
+
+    async def stored_through_later():  # type: ignore[no-untyped-def]
+        window = [m.content for m in await env.store.window(key, 20)]
+        return window if "later chatter" in window else None
+
+    window = await eventually(stored_through_later)
+    assert "SPAM deleted by a moderation bot" not in window
+    assert "dragons are real" in window and "dragnos are real" not in window
+
+
 async def test_a_forwarded_persona_message_is_not_a_reply_to_it(env: Env) -> None:
     """A forward references the original message too, but answers nothing: no persona wakes up for
     it, and its text (the original's, in a snapshot) is what the channel's history gets."""

@@ -36,7 +36,7 @@ WAIT_NOTICE_POSITION = 3  # from this place in line on, say so instead of only t
 BUSY_NOTICE_EVERY_S = 30.0  # one "busy" line per conversation in this time: a burst must not get one each
 TYPING_REFRESH_S = 8.0
 REMEMBERED_REPLIES = 2048
-REMEMBERED_DELETIONS = 2048  # deleted message ids kept to catch a reply deleted while it streams
+REMEMBERED_DELETIONS = 2048  # recent deletions kept for messages not stored yet
 REMEMBERED_CONVERSATIONS = 100_000  # whether the bot takes part, per channel or thread recently seen
 
 WAITING = "⏳ You're number {position} in line, I'll answer as soon as I can."
@@ -68,7 +68,10 @@ class ChatCog(commands.Cog):
         # come from the store's cache). Safe to keep in memory because only this process writes a guild's
         # replies (shard processes split guilds).
         self._takes_part_in: LRU[ConversationKey, bool] = LRU(REMEMBERED_CONVERSATIONS)
-        self._deleted: LRU[int, None] = LRU(REMEMBERED_DELETIONS)  # recent deletions: see _store_shown
+        # Recent deletions, for messages they reached before they were stored: a reply being written (see
+        # _store_shown), or a user's message waiting its turn (see _handle; an edit needs no such record, as
+        # discord.py edits the cached message that the waiting handler reads).
+        self._deleted: LRU[int, None] = LRU(REMEMBERED_DELETIONS)
         self._arrivals: dict[ConversationKey, tuple[asyncio.Lock, int]] = {}  # lock, handlers using it
         self.background: set[asyncio.Task[None]] = set()  # replies started by commands
         self._busy_noticed: dict[ConversationKey, float] = {}  # when each last got a "busy" line
@@ -140,6 +143,9 @@ class ChatCog(commands.Cog):
                 content=signals.text,
                 reply_to_id=ref.message_id if (ref := _replied_to(message)) else None,
             )
+            if recorded and message.id in self._deleted:  # deleted (a moderation bot) while it waited its turn
+                await self.chat.store.delete_message(message.id)
+                return
         if persona is not None and recorded:  # not recorded: Discord sent this message again; it had its answer
             await self.reply(message.channel, key, persona)
 
