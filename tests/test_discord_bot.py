@@ -141,6 +141,22 @@ async def test_a_reply_to_a_message_still_being_written_goes_to_its_persona(env:
     assert answer.username == "Edward Elric" and "Edward Elric" in env.llm.requests[-1]["messages"][0]["content"]
 
 
+async def test_a_mention_of_the_bots_own_role_is_a_mention_of_the_bot(env: Env) -> None:
+    """Typing "@Hermes" offers the bot and the role Discord made for it; people pick either."""
+    w = env.world
+    role = w.guild.roles[w.guild.bot_role_id]
+    env.llm.script(Reply("Hello by role."))
+    await env.fake.send_message(w.general, w.alice, f"<@&{role.id}> are you there?")
+    await persona_reply(env, w.general, "Hello by role.")
+    assert env.llm.requests[-1]["messages"][-1]["content"] == "are you there?"
+    moderators = await env.fake.add_role(w.guild, "moderators")
+    await env.fake.send_message(w.general, w.alice, f"<@&{moderators.id}> please look")  # not the bot's role
+    env.llm.script(Reply("Still here."))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} and now?")
+    await persona_reply(env, w.general, "Still here.")
+    assert len(env.llm.requests) == 2
+
+
 async def test_reply_dm_and_bots_ignored(env: Env) -> None:
     w = env.world
     env.llm.script(Reply("first answer"), Reply("answer to the reply"), Reply("dm answer"))

@@ -114,9 +114,10 @@ class ChatCog(commands.Cog):
         assert me is not None
         ref = _replied_to(message)
         resolved = ref.resolved if ref is not None else None
+        mentioned = any(u.id == me.id for u in message.mentions) or any(_is_role_of(me.id, r) for r in message.role_mentions)
         return (
             isinstance(message.channel, discord.DMChannel),
-            any(user.id == me.id for user in message.mentions),
+            mentioned,
             isinstance(resolved, discord.Message) and resolved.author.id == me.id,
         )
 
@@ -400,13 +401,20 @@ def message_text(message: discord.Message, bot_id: int) -> str:
     attachment or sticker (the model cannot see them, but it should know they are there) and the text
     of a forwarded message."""
     text = message.clean_content
-    for user in message.mentions:
-        if user.id == bot_id:
-            text = re.sub(rf"^\s*@{re.escape(user.display_name)}[\s,:]*", "", text)
+    ours = [u.display_name for u in message.mentions if u.id == bot_id]
+    ours += [r.name for r in message.role_mentions if _is_role_of(bot_id, r)]  # "@Hermes" may pick its role
+    for name in ours:
+        text = re.sub(rf"^\s*@{re.escape(name)}[\s,:]*", "", text)
     notes = [f"[attached {_file_kind(a)}: {a.filename}]" for a in message.attachments]
     notes += [f"[sticker: {sticker.name}]" for sticker in message.stickers]
     notes += [f"[forwarded message] {snapshot.content}".strip() for snapshot in message.message_snapshots]
     return "\n".join([text.strip(), *notes]).strip()
+
+
+def _is_role_of(bot_id: int, role: discord.Role) -> bool:
+    """The role Discord made for this bot when it joined: typing "@Hermes" offers it next to the bot, so
+    people mention it as often as the bot itself."""
+    return role.tags is not None and role.tags.bot_id == bot_id
 
 
 def _replied_to(message: discord.Message) -> discord.MessageReference | None:

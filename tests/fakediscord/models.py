@@ -111,9 +111,12 @@ class Role:
     name: str
     permissions: int
     position: int = 0
+    bot_id: int | None = None  # the role Discord gives a bot when it joins (managed, tagged with the bot)
 
     def payload(self) -> dict[str, Any]:
+        tags = {"tags": {"bot_id": str(self.bot_id)}} if self.bot_id is not None else {}
         return {
+            **tags,
             "id": str(self.id),
             "name": self.name,
             "permissions": str(self.permissions),
@@ -121,7 +124,7 @@ class Role:
             "color": 0,
             "colors": {"primary_color": 0, "secondary_color": None, "tertiary_color": None},
             "hoist": False,
-            "managed": False,
+            "managed": self.bot_id is not None,
             "mentionable": True,
             "flags": 0,
             "icon": None,

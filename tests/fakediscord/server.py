@@ -281,12 +281,12 @@ class FakeDiscord:
         bot_permissions: int = Perm.BOT_DEFAULT,
         everyone_permissions: int = Perm.EVERYONE_DEFAULT,
     ) -> Guild:
-        """A guild the bot is in: @everyone, a managed-looking bot role, an owner, the bot member."""
+        """A guild the bot is in: @everyone, the bot's managed role (tagged with its id), an owner, the bot member."""
         gid = self.ids.next()
         owner = await self.add_user(f"{name}-owner")
         guild = Guild(gid, name, owner.id)
         guild.roles[gid] = Role(gid, gid, "@everyone", everyone_permissions, 0)
-        bot_role = Role(self.ids.next(), gid, self.bot_user.username, bot_permissions, 1)
+        bot_role = Role(self.ids.next(), gid, self.bot_user.username, bot_permissions, 1, bot_id=self.bot_user.id)
         guild.roles[bot_role.id] = bot_role
         guild.bot_role_id = bot_role.id
         guild.members[owner.id] = Member(owner, gid)
@@ -578,7 +578,7 @@ class FakeDiscord:
             "tts": False,
             "mention_everyone": "everyone" in msg.pings(),
             "mentions": [self.users[i].payload() for i in msg.mention_ids if i in self.users],
-            "mention_roles": [],
+            "mention_roles": list(dict.fromkeys(re.findall(r"<@&(\d+)>", msg.content))),
             "attachments": msg.attachments,
             "sticker_items": msg.sticker_items,
             "embeds": msg.embeds,
