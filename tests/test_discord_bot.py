@@ -577,6 +577,26 @@ async def test_stop_and_regenerate(env: Env) -> None:
     assert await eventually(regenerated)
 
 
+async def test_regenerate_removes_a_reply_the_bot_sent_itself_once_it_has_a_webhook(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old reply went out as the bot (no webhook then); deleting it through today's webhook answered
+    404, which was ignored: the old reply stayed in the channel next to the new one."""
+    w = env.world
+    monkeypatch.setattr("bot.discord.identity.RECHECK_AFTER_S", 0.0)  # webhooks are tried again at once
+    env.fake.inject_error("POST", "/channels/{channel_id}/webhooks", status=400, code=30007,
+                          message="Maximum number of webhooks reached (15)")
+    env.llm.script(Reply("old answer"), Reply("new answer"))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} hi")
+    old = await env.fake.wait_for_message(w.general, lambda m: m.content == "**Hermes 2:** old answer")
+    key = ConversationKey(w.guild.id, w.general.id)
+    assert await eventually(lambda: env.store.last_assistant_turn(key))
+    answer = await slash(env, "regenerate", user=w.alice)
+    assert "new reply" in answer and "stays" not in answer
+    assert (await persona_reply(env, w.general, "new answer")).webhook_id is not None
+    assert old.id not in [m.id for m in env.fake.bot_messages(w.general)]
+
+
 async def test_two_quick_regenerates_replace_only_the_last_reply(env: Env) -> None:
     """Both /regenerate arrive before either reply starts: one replaces the last reply, the other is
     told to wait, and the reply before it stays (a second replacement would have erased that one)."""

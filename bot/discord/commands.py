@@ -8,7 +8,6 @@ may look. In a DM the user owns the conversation and may change it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -21,6 +20,7 @@ from discord.ext import commands
 from bot import metrics
 from bot.config import Settings
 from bot.discord.chat import STORE_DOWN, ChatCog, conversation_key
+from bot.discord.identity import BotOutlet, PersonaOutlet
 from bot.discord.split import clip
 from bot.discord.stream import DISCORD_FAILURES
 from bot.discord.triggers import active_personas
@@ -49,6 +49,21 @@ def fit_lines(lines: list[str], limit: int) -> str:
             return "\n".join([*kept, f"…and {len(lines) - len(kept)} more."])
         kept.append(line)
     return "\n".join(kept)
+
+
+async def _remove(outlet: PersonaOutlet, as_bot: BotOutlet, message_id: int) -> bool:
+    """Delete one message of a reply, whichever way it was sent: through today's outlet, else as the bot
+    (a reply the bot sent itself before it had a webhook here, or one sent through a webhook a moderator
+    has since replaced). False when it is still there: the bot may not delete others' messages here."""
+    for deleter in (outlet, as_bot):
+        try:
+            await deleter.delete(message_id)
+            return True
+        except discord.NotFound:  # not sent this way, or already gone: the bot's own delete tells which
+            continue
+        except discord.Forbidden:
+            return False
+    return True
 
 
 def persona_choice(persona: Persona) -> app_commands.Choice[str]:
@@ -279,13 +294,14 @@ class CommandsCog(commands.Cog):
         if last is None or last.discord_message_id is None or last.persona_id not in self.personas:
             return "There is no reply here to regenerate.", None
         persona = self.personas.get(last.persona_id)
-        ids = await self.store.discord_ids(last)
         outlet = await self.chat.identities.outlet(interaction.channel, persona)  # type: ignore[arg-type]
-        for message_id in ids:
-            with contextlib.suppress(discord.NotFound):
-                await outlet.delete(message_id)
+        kept = [
+            message_id for message_id in await self.store.discord_ids(last)
+            if not await _remove(outlet, BotOutlet(interaction.channel, persona), message_id)  # type: ignore[arg-type]
+        ]
         await self.store.delete_message(last.discord_message_id)  # erases the whole turn, every part
         task = asyncio.create_task(self.chat.reply(interaction.channel, key, persona))  # type: ignore[arg-type]
         self.chat.background.add(task)
         task.add_done_callback(self.chat.background.discard)
-        return f"Writing a new reply as **{persona.name}**.", task
+        note = " The old one stays in the channel: removing it needs the Manage Messages permission." if kept else ""
+        return f"Writing a new reply as **{persona.name}**.{note}", task
