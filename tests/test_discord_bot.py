@@ -597,6 +597,29 @@ async def test_regenerate_removes_a_reply_the_bot_sent_itself_once_it_has_a_webh
     assert old.id not in [m.id for m in env.fake.bot_messages(w.general)]
 
 
+async def test_regenerate_after_a_failed_reply_retries_it_and_keeps_the_good_one_before(env: Env) -> None:
+    """The newest attempt showed "no reply" and was never stored: /regenerate used to delete the stored
+    reply before it (the last one it knew) and leave the failed notice."""
+    w = env.world
+    env.llm.script(Reply("good answer to one"), Reply(""), Reply("second answer, at last"))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} question one")
+    good = await persona_reply(env, w.general, "good answer to one")
+    key = ConversationKey(w.guild.id, w.general.id)
+    assert await eventually(lambda: env.store.last_assistant_turn(key))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} question two")
+    failed = await persona_reply(env, w.general, "*(no reply)*")
+    assert "new reply" in await slash(env, "regenerate", user=w.alice)
+    await persona_reply(env, w.general, "second answer, at last")
+    shown = [m.id for m in env.fake.bot_messages(w.general)]
+    assert good.id in shown and failed.id not in shown
+
+    async def both_stored():  # type: ignore[no-untyped-def]
+        stored = [m.content for m in await env.store.window(key, 10) if m.role == "assistant"]
+        return stored if len(stored) == 2 else None
+
+    assert await eventually(both_stored) == ["good answer to one", "second answer, at last"]
+
+
 async def test_two_quick_regenerates_replace_only_the_last_reply(env: Env) -> None:
     """Both /regenerate arrive before either reply starts: one replaces the last reply, the other is
     told to wait, and the reply before it stays (a second replacement would have erased that one)."""

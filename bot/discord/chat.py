@@ -63,6 +63,9 @@ class ChatCog(commands.Cog):
         # The persona of every message of recent replies, from the moment it is sent: a reply to a part
         # still being written goes to the persona writing it.
         self.sent: LRU[int, str] = LRU(REMEMBERED_REPLIES)
+        # The newest reply attempt of a conversation when it was shown but not stored (an error, "no reply",
+        # stopped before any text, a busy notice): its persona and messages, for /regenerate to retry it.
+        self.unstored: LRU[ConversationKey, tuple[str, tuple[int, ...]]] = LRU(REMEMBERED_REPLIES)
         # Whether the bot has spoken in a conversation (it keeps their history) or the store said it never
         # has: a busy channel the bot is not part of then costs no history lookup per message (its settings
         # come from the store's cache). Safe to keep in memory because only this process writes a guild's
@@ -299,6 +302,21 @@ class ChatCog(commands.Cog):
     async def _reply(self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona) -> str | None:
         """Stream one reply; its text when it finished normally and was shown, else None."""
         live = await self._live_reply(channel, persona)
+        text, stored = None, False
+        try:
+            text, stored = await self._write_reply(channel, key, persona, live)
+        finally:
+            if stored:
+                self.unstored.pop(key, None)
+            elif live.ids:
+                self.unstored[key] = (persona.id, tuple(live.ids))
+        return text
+
+    async def _write_reply(
+        self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona, live: LiveReply
+    ) -> tuple[str | None, bool]:
+        """Generate, show and store one reply through `live`: its text when it finished normally and was
+        shown (else None), and whether its text was stored."""
         try:
             pending = await self.chat.start_reply(key, persona)
         except QueueBusy as exc:
@@ -307,16 +325,16 @@ class ChatCog(commands.Cog):
                 await live.finish(str(exc))
             else:
                 log.info("busy again in %s: the last notice still stands", key)
-            return None
+            return None, False
         except QueueUnavailable:
             metrics.count_error("queue_unavailable")
             await live.finish(UNAVAILABLE)
-            return None
+            return None, False
         except StoreUnavailable as exc:
             metrics.count_error("store_unavailable")
             log.warning("database unavailable; no reply in %s: %s", key, exc)
             await live.finish(STORE_DOWN)
-            return None
+            return None, False
         self.running.setdefault(key, []).append(pending)
         text, ending = "", FAILED
         try:
@@ -330,13 +348,15 @@ class ChatCog(commands.Cog):
             self.running[key].remove(pending)
             if not self.running[key]:
                 del self.running[key]
-        if text.strip() and live.ids:
-            try:
-                await self._store_shown(key, persona, text.strip(), live.ids)
-            except StoreUnavailable as exc:  # shown, but the next prompt will not contain it
-                metrics.count_error("store_unavailable")
-                log.warning("reply shown in %s but not stored: %s", key, exc)
-        return text.strip() if text.strip() and live.ids and not ending else None
+        if not (text.strip() and live.ids):
+            return None, False
+        try:
+            await self._store_shown(key, persona, text.strip(), live.ids)
+        except StoreUnavailable as exc:  # shown, but the next prompt will not contain it
+            metrics.count_error("store_unavailable")
+            log.warning("reply shown in %s but not stored: %s", key, exc)
+            return (None if ending else text.strip()), False
+        return (None if ending else text.strip()), True
 
     def _busy_notice_due(self, key: ConversationKey) -> bool:
         """True at most once per BUSY_NOTICE_EVERY_S per conversation (and then counts it as sent)."""

@@ -289,17 +289,25 @@ class CommandsCog(commands.Cog):
         self, interaction: discord.Interaction, key: ConversationKey
     ) -> tuple[str, asyncio.Task[None] | None]:
         """Delete the last reply here (every part) and start writing a new one: the answer, and the
-        task writing it (None when there was nothing to replace)."""
-        last = await self.store.last_assistant_turn(key)
-        if last is None or last.discord_message_id is None or last.persona_id not in self.personas:
-            return "There is no reply here to regenerate.", None
-        persona = self.personas.get(last.persona_id)
+        task writing it (None when there was nothing to replace). When the newest attempt failed (an
+        error, "no reply": shown but never stored), that attempt is the one replaced, and the stored
+        reply before it stays."""
+        failed = self.chat.unstored.pop(key, None)
+        turn = None
+        if failed is not None and failed[0] in self.personas:
+            persona, ids = self.personas.get(failed[0]), list(failed[1])
+        else:
+            turn = await self.store.last_assistant_turn(key)
+            if turn is None or turn.discord_message_id is None or turn.persona_id not in self.personas:
+                return "There is no reply here to regenerate.", None
+            persona, ids = self.personas.get(turn.persona_id), await self.store.discord_ids(turn)
         outlet = await self.chat.identities.outlet(interaction.channel, persona)  # type: ignore[arg-type]
         kept = [
-            message_id for message_id in await self.store.discord_ids(last)
+            message_id for message_id in ids
             if not await _remove(outlet, BotOutlet(interaction.channel, persona), message_id)  # type: ignore[arg-type]
         ]
-        await self.store.delete_message(last.discord_message_id)  # erases the whole turn, every part
+        if turn is not None and turn.discord_message_id is not None:
+            await self.store.delete_message(turn.discord_message_id)  # erases the whole turn, every part
         task = asyncio.create_task(self.chat.reply(interaction.channel, key, persona))  # type: ignore[arg-type]
         self.chat.background.add(task)
         task.add_done_callback(self.chat.background.discard)
