@@ -130,6 +130,8 @@ def test_a_reply_that_opens_as_another_speaker_is_stopped() -> None:
     assert fresh.feed("b: I think so") == ("", True)
     resumed = GenerationRequest("r", [], stop=["\nBob:"], assistant_prefix="Sure.\n").stop_matcher()
     assert resumed.feed("Bob: me too") == ("", True)
+    short = GenerationRequest("r", [], stop=["<END OF SCENE>"], assistant_prefix="ok <END OF").stop_matcher()
+    assert short.feed(" SCENE> more") == ("", True)  # a prefix shorter than the longest stop is context whole
     plain = GenerationRequest("r", [], stop=["\nBob:"]).stop_matcher()
     assert plain.feed("Bobby: hi") == ("Bobby: hi", False)
     assert plain.feed(" and Bob: no") == (" and Bob: no", False)  # not at a line start

@@ -70,7 +70,7 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str], before: str = "") -> None:
         self.stops = [s for s in stops if s]
         self._keep = max((len(s) for s in self.stops), default=1) - 1  # context a stop can reach back into
-        self._before = before[len(before) - self._keep :] if self._keep else ""
+        self._before = self._tail(before)
         self._pending = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
@@ -85,12 +85,16 @@ class StopMatcher:
         hold = min(self._partial_suffix(seen), len(buffer))
         self._pending = buffer[len(buffer) - hold :] if hold else ""
         safe = buffer[: len(buffer) - hold]
-        self._before = (context + safe)[len(context + safe) - self._keep :] if self._keep else ""
+        self._before = self._tail(context + safe)
         return safe, False
 
     def flush(self) -> str:
         text, self._pending = self._pending, ""
         return text
+
+    def _tail(self, text: str) -> str:
+        """The end of `text` a stop could still reach back into."""
+        return text[max(0, len(text) - self._keep) :]
 
     def _partial_suffix(self, buffer: str) -> int:
         """Length of the longest suffix of `buffer` that is a proper prefix of some stop string."""
