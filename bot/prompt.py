@@ -166,22 +166,21 @@ def _keep(messages: list[dict[str, str]], pinned: int, drop: int) -> list[dict[s
 
 def reply_budget(max_new_tokens: int, context_tokens: int) -> int:
     """Tokens kept free for the reply: the persona's max_new_tokens, but at most half the context, so a
-    small context still leaves the conversation room. The engine and `hermes-bot prompt` both use it."""
+    small context still leaves the conversation room."""
     return min(max_new_tokens, context_tokens // 2)
 
 
 def encode_messages(
     tokenizer: Any, messages: Sequence[Mapping[str, str]], *, context_tokens: int, max_new_tokens: int
 ) -> EncodedPrompt:
-    """Encode `messages` so that prompt + reply fit `context_tokens`, dropping the oldest turns first.
+    """Encode `messages` so that prompt + reply fit `context_tokens`, dropping the oldest turns first;
+    the reply keeps `reply_budget` of the context. Both engines and `hermes-bot prompt` fit prompts here.
 
     The leading system message and the newest message are always kept; a binary search over how many
     of the turns between them to drop keeps this at O(log n) template renders.
     """
     msgs = [dict(m) for m in messages]
-    budget = context_tokens - max_new_tokens
-    if budget <= 0:
-        raise PromptTooLong(f"max_new_tokens {max_new_tokens} leaves no room in a {context_tokens}-token context")
+    budget = context_tokens - reply_budget(max_new_tokens, context_tokens)
     pinned = 1 if msgs and msgs[0]["role"] == "system" else 0
     droppable = max(len(msgs) - pinned - 1, 0)
     ids = encode(tokenizer, msgs)

@@ -8,7 +8,7 @@ from typing import Any, TextIO
 
 from bot.config import Settings
 from bot.personas import PersonaRegistry
-from bot.prompt import ChatTurn, build_messages, encode_messages, render_text, reply_budget, stop_strings
+from bot.prompt import ChatTurn, build_messages, encode_messages, render_text, stop_strings
 
 _MAX_SANE_CONTEXT = 10_000_000  # tokenizers without a limit report ~1e30
 
@@ -71,10 +71,9 @@ def render_prompt_from_stdin(
     tokenizer = load_tokenizer(model)
     names = {p.id: p.name for p in registry}
     messages = build_messages(persona, turns, persona_names=names)
-    context = context_window(tokenizer, settings)
     encoded = encode_messages(
-        tokenizer, messages, context_tokens=context,
-        max_new_tokens=reply_budget(persona.sampling.max_new_tokens, context),
+        tokenizer, messages, context_tokens=context_window(tokenizer, settings),
+        max_new_tokens=persona.sampling.max_new_tokens,
     )
     if as_tokens:
         print(json.dumps(encoded.ids))

@@ -175,6 +175,8 @@ def test_budget_truncates_a_huge_newest_turn(tokenizer, registry: PersonaRegistr
     assert result.messages[-1]["content"].endswith("THE END")
     with pytest.raises(PromptTooLong):
         encode_messages(tokenizer, messages, context_tokens=120, max_new_tokens=100)
+    capped = encode_messages(tokenizer, messages, context_tokens=600, max_new_tokens=10_000)  # reply keeps half
+    assert 250 < len(capped.ids) <= 300 and capped.messages[-1]["content"].endswith("THE END")
 
 
 def test_prompt_command_prints_exact_text_and_tokens(tiny_model_dir: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]

@@ -23,7 +23,7 @@ import aiohttp
 from bot.config import Settings
 from bot.engine.base import Engine, EngineError, Finish, GenerationRequest, GenerationStream, TextChunk
 from bot.engine.text import StopMatcher
-from bot.prompt import PromptTooLong, defang_control_tokens, encode_messages, reply_budget
+from bot.prompt import PromptTooLong, defang_control_tokens, encode_messages
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class OpenAIEngine(Engine):
         s, context = request.sampling, self.settings.context_tokens
         try:
             prompt = encode_messages(LengthEstimate(), request.messages, context_tokens=context,
-                                     max_new_tokens=reply_budget(s.max_new_tokens, context))
+                                     max_new_tokens=s.max_new_tokens)
         except PromptTooLong as exc:
             raise EngineError(str(exc)) from None
         messages = [{"role": m["role"], "content": defang_control_tokens(m["content"])} for m in prompt.messages]

@@ -46,7 +46,7 @@ from bot.engine.kv import (
 )
 from bot.engine.sampling import apply_repetition_penalty, sample_next
 from bot.engine.text import IncrementalDetokenizer, StopMatcher
-from bot.prompt import PromptTooLong, encode_messages, reply_budget
+from bot.prompt import PromptTooLong, encode_messages
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +277,10 @@ class TransformersEngine(Engine):
 
     def _prepare(self, stream: GenerationStream) -> _Running:
         request = stream.request
-        budget_new = reply_budget(request.sampling.max_new_tokens, self.max_len)
         try:
             prompt = encode_messages(
-                self.tokenizer, request.messages, context_tokens=self.max_len, max_new_tokens=budget_new
+                self.tokenizer, request.messages, context_tokens=self.max_len,
+                max_new_tokens=request.sampling.max_new_tokens,
             )
         except PromptTooLong as exc:
             raise EngineError(str(exc)) from None
