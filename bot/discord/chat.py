@@ -158,7 +158,7 @@ class ChatCog(commands.Cog):
         """One message of a conversation at a time until it is stored, in the order Discord delivered
         them (asyncio.Lock is fair, and each handler reaches it without awaiting first): a message
         needing a lookup (a reply) must not be stored after the plain one sent just after it."""
-        lock, waiting = self._arrivals.get(key, (asyncio.Lock(), 0))
+        lock, waiting = self._arrivals.get(key) or (asyncio.Lock(), 0)
         self._arrivals[key] = (lock, waiting + 1)
         try:
             async with lock:
@@ -395,7 +395,6 @@ class ChatCog(commands.Cog):
         if ending and ending != STOPPED and text.strip():
             ending = "\n\n" + ending
         return text, ending
-
 
 
 @contextlib.contextmanager

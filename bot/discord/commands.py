@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal
 
 import discord
@@ -51,11 +51,11 @@ def fit_lines(lines: list[str], limit: int) -> str:
     return "\n".join(kept)
 
 
-async def _remove(outlet: PersonaOutlet, as_bot: BotOutlet, message_id: int) -> bool:
+async def _remove(deleters: Sequence[PersonaOutlet], message_id: int) -> bool:
     """Delete one message of a reply, whichever way it was sent: through today's outlet, else as the bot
     (a reply the bot sent itself before it had a webhook here, or one sent through a webhook a moderator
     has since replaced). False when it is still there: the bot may not delete others' messages here."""
-    for deleter in (outlet, as_bot):
+    for deleter in deleters:
         try:
             await deleter.delete(message_id)
             return True
@@ -302,10 +302,8 @@ class CommandsCog(commands.Cog):
                 return "There is no reply here to regenerate.", None
             persona, ids = self.personas.get(turn.persona_id), await self.store.discord_ids(turn)
         outlet = await self.chat.identities.outlet(interaction.channel, persona)  # type: ignore[arg-type]
-        kept = [
-            message_id for message_id in ids
-            if not await _remove(outlet, BotOutlet(interaction.channel, persona), message_id)  # type: ignore[arg-type]
-        ]
+        deleters = [outlet] if isinstance(outlet, BotOutlet) else [outlet, BotOutlet(interaction.channel, persona)]  # type: ignore[arg-type]
+        kept = [message_id for message_id in ids if not await _remove(deleters, message_id)]
         if turn is not None and turn.discord_message_id is not None:
             await self.store.delete_message(turn.discord_message_id)  # erases the whole turn, every part
         task = asyncio.create_task(self.chat.reply(interaction.channel, key, persona))  # type: ignore[arg-type]

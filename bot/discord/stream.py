@@ -102,11 +102,7 @@ class LiveReply:
 
         A failed update is left for the next show or finish to catch up, except a first message that
         Discord refuses outright (no permission to post here): that raises, as nothing can be shown."""
-        while True:
-            try:
-                return await self._show(text)
-            except _Reopened:
-                continue
+        await self._starting_over_if_reopened(self._show, text)
 
     async def _show(self, text: str) -> None:
         now = time.monotonic()
@@ -129,9 +125,15 @@ class LiveReply:
 
     async def finish(self, text: str) -> None:
         """Make Discord show exactly `text`; extra messages from an earlier, longer text are removed."""
+        await self._starting_over_if_reopened(self._finish, text)
+
+    @staticmethod
+    async def _starting_over_if_reopened(update: Callable[[str], Awaitable[None]], text: str) -> None:
+        """`update(text)`, again from the start each time the reply moved to a new outlet (bounded: a reply
+        takes at most MAX_REOPENS of them, then the deleted webhook's error is raised)."""
         while True:
             try:
-                return await self._finish(text)
+                return await update(text)
             except _Reopened:
                 continue
 
@@ -148,7 +150,7 @@ class LiveReply:
         del self.ids[len(chunks) :], self._shown[len(chunks) :], self._touched[len(chunks) :]
 
     async def _send(self, chunk: str) -> None:
-        message_id = await self._send_through_live_outlet(chunk)
+        message_id = await self._through_live_outlet(lambda: self.outlet.send(chunk))
         if self.on_send is not None:
             self.on_send(message_id)
         self.ids.append(message_id)
@@ -160,9 +162,6 @@ class LiveReply:
         await self._through_live_outlet(lambda: self.outlet.edit(self.ids[index], chunk))
         self._shown[index] = chunk
         self._touched[index] = time.monotonic()
-
-    async def _send_through_live_outlet(self, chunk: str) -> int:
-        return await self._through_live_outlet(lambda: self.outlet.send(chunk))
 
     async def _through_live_outlet(self, call: Callable[[], Awaitable[T]]) -> T:
         """`call`, or, when the outlet's webhook was deleted, a new outlet and `_Reopened`."""

@@ -32,7 +32,8 @@ class IncrementalDetokenizer:
         self._start = 0  # first token of the decode window
         self._sent = 0  # characters of decode(ids[_start:]) returned
         if shown:
-            self._start, self._sent = self._window_start(self._decode(shown)) or (0, len(self._decode(shown)))
+            text = self._decode(shown)
+            self._start, self._sent = self._window_start(text) or (0, len(text))
 
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
