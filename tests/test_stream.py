@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import discord
+import pytest
 
 from bot.discord.stream import LiveReply
 
@@ -110,12 +111,9 @@ async def test_a_refused_first_message_raises_and_a_failing_continuation_is_thro
     being retried on every token. A continuation message that keeps failing is tried once per interval."""
     outlet = MemoryOutlet(fail_next=[403])
     reply = LiveReply(outlet, limit=40, interval=0.2)
-    try:
+    with pytest.raises(discord.HTTPException) as raised:
         await reply.show("hello")
-    except discord.HTTPException as exc:
-        assert exc.status == 403
-    else:
-        raise AssertionError("a refused first message must raise")
+    assert raised.value.status == 403
     await reply.show("hello")  # Discord lets it through now
     outlet.fail_next = [500] * 50
     await asyncio.sleep(0.25)
@@ -181,21 +179,15 @@ async def test_webhooks_deleted_again_and_again_end_in_an_error() -> None:
         return outlets[-1]
 
     reply = LiveReply(MemoryOutlet(gone=True), reopen=reopen, interval=0.0)  # type: ignore[arg-type]
-    try:
+    with pytest.raises(discord.NotFound) as raised:
         await reply.finish("hello")
-    except discord.NotFound as exc:
-        assert exc.code == 10015
-    else:
-        raise AssertionError("expected NotFound")
+    assert raised.value.code == 10015
     assert len(outlets) == 3 and reply.ids == []
 
 
 async def test_without_reopen_a_deleted_webhook_is_an_error() -> None:
     outlet = MemoryOutlet(gone=True)
     reply = LiveReply(outlet, interval=0.0)
-    try:
+    with pytest.raises(discord.NotFound) as raised:
         await reply.finish("hello")
-    except discord.NotFound as exc:
-        assert exc.code == 10015
-    else:
-        raise AssertionError("expected NotFound")
+    assert raised.value.code == 10015
