@@ -155,6 +155,18 @@ def test_a_long_history_is_cut_to_the_context_oldest_turns_first() -> None:
         engine.payload(GenerationRequest("r", [{"role": "system", "content": "rule " * 20_000}, turns[-1]]))
 
 
+@pytest.mark.parametrize(("text", "chars_per_token"), [("漢字かな" * 250, 1), ("Приветствую" * 100, 2)])
+def test_the_length_estimate_counts_scripts_that_take_more_tokens_a_character(text: str, chars_per_token: int) -> None:
+    """A Mistral tokenizer spends a token or more on each CJK character and about one on two Cyrillic
+    letters: counted at four characters a token, such a history overflows the server's context."""
+    engine = OpenAIEngine(Settings(engine="openai", openai_base_url="http://127.0.0.1:9/v1", context_tokens=4096))
+    turns = [{"role": "user" if i % 2 else "assistant", "content": text} for i in range(50)]
+    body = engine.payload(GenerationRequest("r", [{"role": "system", "content": "You are Hermes."}, *turns],
+                                            Sampling(max_new_tokens=400)))
+    sent = body["messages"][1:]
+    assert 1 < len(sent) and sum(5 + len(m["content"]) / chars_per_token for m in sent) <= 4096 - 400
+
+
 async def test_missing_base_url_is_a_clear_error() -> None:
     engine = OpenAIEngine(Settings(engine="openai", openai_base_url=None))
     with pytest.raises(EngineError, match="HERMES_OPENAI_BASE_URL"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,21 +30,30 @@ log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 MAX_SERVER_STOPS = 4  # OpenAI's own limit; we apply the rest ourselves
-# Lengths in tokens are estimated from text: the server's tokenizer is not at hand, and about four
-# characters a token is usual for English with Llama/Mistral tokenizers. ChatML spends a few more tokens
-# on each message's markers and role.
-CHARS_PER_TOKEN = 4
+# Lengths in tokens are estimated from text: the server's tokenizer is not at hand. Llama/Mistral
+# tokenizers spend about a token on four characters of English, on two of Cyrillic, Greek or Arabic
+# (two-byte UTF-8), and on every CJK character or emoji (three or more bytes, often byte tokens). The
+# estimate weighs each character so (in quarters of a token): it overcounts a little rather than sending a
+# server more than its context. ChatML spends a few more tokens on each message's markers and role.
+TWO_BYTE_CHARS = re.compile("[\u0080-\u07ff]")  # half a token each
+WIDE_CHARS = re.compile("[\u0800-\U0010ffff]")  # a whole token each
 TOKENS_PER_MESSAGE = 5
 
 
+def _quarters(text: str) -> int:
+    if text.isascii():
+        return len(text)
+    return len(text) + len(TWO_BYTE_CHARS.findall(text)) + 3 * len(WIDE_CHARS.findall(text))
+
+
 def estimated_tokens(text: str) -> int:
-    return -(-len(text) // CHARS_PER_TOKEN)
+    return -(-_quarters(text) // 4)
 
 
 class LengthEstimate:
     """A stand-in tokenizer for `encode_messages`, which then fits a prompt to the context the same way
     for this engine as for the transformers one (oldest turns dropped first, the newest turn's start cut
-    last), by estimated lengths: its "ids" only count, and its pieces of text are CHARS_PER_TOKEN long."""
+    last), by estimated lengths: its "ids" are pieces of text of about one token each."""
 
     chat_template = "estimated"  # not ChatML's template: nothing is rendered
 
@@ -52,7 +62,14 @@ class LengthEstimate:
         return {"input_ids": [0] * length}
 
     def encode(self, text: str, **_: Any) -> list[str]:
-        return [text[i : i + CHARS_PER_TOKEN] for i in range(0, len(text), CHARS_PER_TOKEN)]
+        pieces, piece, quarters = [], "", 0
+        for char in text:
+            weight = _quarters(char)
+            if quarters + weight > 4:
+                pieces.append(piece)
+                piece, quarters = "", 0
+            piece, quarters = piece + char, quarters + weight
+        return [*pieces, piece] if piece else pieces
 
     def decode(self, pieces: list[str], **_: Any) -> str:
         return "".join(pieces)
