@@ -358,6 +358,25 @@ async def test_a_burst_of_requests_is_prefilled_together(
         assert text == reference(engine, prompt, 24)
 
 
+async def test_a_new_request_gets_its_first_text_before_the_next_decode_step(
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With others decoding, a newcomer's first token must not wait a whole batch step to be shown."""
+    held_back: list[str] = []
+    decode_step = engine._decode_step
+
+    def checking_decode_step() -> None:
+        held_back.extend(r.stream.request.request_id for r in engine._running if r.generated == 1 and r.out)
+        decode_step()
+
+    monkeypatch.setattr(engine, "_decode_step", checking_decode_step)
+    first = asyncio.create_task(engine.generate_text(GenerationRequest("early", chat("Tell a long story."), GREEDY)))
+    await asyncio.sleep(0.05)  # decoding by now
+    late, _ = await engine.generate_text(GenerationRequest("late", chat("Hello there, dragon."), GREEDY))
+    await first
+    assert late and held_back == []
+
+
 async def test_prefix_reuse_gives_the_same_reply(engine: TransformersEngine) -> None:
     long_history = chat("Once upon a time, in a land far away, there lived a dragon. " * 12)
     first, _ = await engine.generate_text(GenerationRequest("a", long_history, GREEDY))

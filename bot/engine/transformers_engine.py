@@ -255,6 +255,7 @@ class TransformersEngine(Engine):
             self._fill_prefill_group()
         if self._prefilling:
             self._prefill_chunk()
+            self._flush()  # new requests' first text goes out now, not a whole decode step later
         if self._running:
             self._decode_step()
         self._flush()
