@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -175,6 +177,57 @@ async def test_0004_keeps_every_row_and_ids_are_never_reused(empty_database_url:
                 ))
     finally:
         await store.close()
+
+
+async def test_a_failed_sqlite_upgrade_changes_nothing_and_can_run_again(tmp_path: Path) -> None:
+    """SQLite's driver began its transaction only at the first INSERT, after 0004's copy table was
+    created: a run that failed or was killed mid-copy left that table, and every later upgrade failed."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'hermes.db'}"
+    engine = make_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(migrate_to, "0003")
+            await connection.exec_driver_sql("PRAGMA foreign_keys=OFF")  # an orphan part: fails the upgrade
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("INSERT INTO message_parts (discord_message_id, message_id) VALUES (5, 77)")
+        with pytest.raises(RuntimeError, match=r"already has rows pointing at missing ones: message_parts row 1"):
+            await upgrade_async(url)
+        async with engine.begin() as connection:
+            assert await connection.run_sync(_state) == (TABLES, "0003")  # no copy table left behind
+            await connection.exec_driver_sql("DELETE FROM message_parts")
+        await upgrade_async(url)
+        async with engine.connect() as connection:
+            assert await connection.run_sync(_state) == (TABLES, head_revision())
+    finally:
+        await engine.dispose()
+
+
+def test_an_upgrade_waits_for_one_already_running_then_finds_the_schema_at_head(tmp_path: Path) -> None:
+    """`hermes-bot run` and `hermes-bot chat` upgrade the embedded database when they start: two starting
+    at once used to race (\"table alembic_version already exists\")."""
+    head = tmp_path / "head.db"
+    upgrade(f"sqlite+aiosqlite:///{head}")
+    schema = [line for line in sqlite3.connect(head).iterdump() if line not in ("BEGIN TRANSACTION;", "COMMIT;")]
+    other = sqlite3.connect(tmp_path / "hermes.db", isolation_level=None)  # "another process", mid-upgrade
+    other.execute("PRAGMA journal_mode=WAL")
+    other.execute("BEGIN IMMEDIATE")
+    for statement in schema:
+        other.execute(statement)
+    errors: list[BaseException] = []
+
+    def upgrade_now() -> None:
+        try:
+            upgrade(f"sqlite+aiosqlite:///{tmp_path / 'hermes.db'}")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    second = threading.Thread(target=upgrade_now)
+    second.start()
+    second.join(1.0)  # it has read the schema by now and waits for the write lock
+    other.execute("COMMIT")
+    second.join(60)
+    other.close()
+    assert not second.is_alive() and errors == []
 
 
 async def test_open_with_migrate_logs_the_upgrade(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -20,8 +20,13 @@ def _configure_and_run(connection: Connection) -> None:
     if sqlite:
         # SQLite alters a table by copying it and dropping the old one, and with foreign keys on that
         # drop deletes the rows referring to it (ON DELETE CASCADE): off for the run, checked after.
-        # (The pragma must come before the run's first write opens the transaction.)
+        # (The pragma must come before the transaction.) The driver would begin a transaction only at
+        # the first INSERT, after the copy's CREATE TABLE: one begun here, holding the write lock,
+        # makes the whole run one transaction (a killed run leaves nothing half done) and makes a
+        # second process that upgrades at the same time wait, then find the schema at head.
         connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        _refuse_broken_references(connection, "the database already has")
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
@@ -31,9 +36,14 @@ def _configure_and_run(connection: Connection) -> None:
     with context.begin_transaction():
         context.run_migrations()
     if sqlite:
-        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-        if broken:
-            raise RuntimeError(f"migration left rows pointing at missing ones: {broken[:5]}")
+        _refuse_broken_references(connection, "the upgrade would leave")
+
+
+def _refuse_broken_references(connection: Connection, who: str) -> None:
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        rows = ", ".join(f"{table} row {rowid} (-> {parent})" for table, rowid, parent, _ in broken[:5])
+        raise RuntimeError(f"{who} rows pointing at missing ones: {rows}; nothing was changed")
 
 
 def _database_url() -> str:
