@@ -2,7 +2,8 @@
 
 That is the failure a client cannot see through: the server ran the command, the reply was lost.
 `cut_after(marker)` arms it: the next request containing `marker` is forwarded, and when the server
-answers, both sides of that connection are closed instead of passing the answer on.
+answers, both sides of that connection are closed instead of passing the answer on. `go_down()` plays
+a server restart: every connection breaks and new ones are closed at once, until `come_back()`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class CuttingProxy:
         self.port = 0
         self.cuts = 0  # answers dropped so far
         self._marker: bytes | None = None
+        self._down = False
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -27,6 +29,15 @@ class CuttingProxy:
     def cut_after(self, marker: bytes) -> None:
         self._marker = marker
 
+    async def go_down(self) -> None:
+        self._down = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def come_back(self) -> None:
+        self._down = False
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -35,6 +46,9 @@ class CuttingProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self._down:
+            client_w.close()
+            return
         server_r, server_w = await asyncio.open_connection(*self.target)
         doomed = asyncio.Event()  # set once this connection forwarded the marked request
         pumps = [

@@ -51,15 +51,17 @@ class Harness:
         self.bot = self._open()
         return self.bot
 
-    def worker(self) -> JobQueue:
-        return self.bot if self.kind == "memory" else self._open()
+    def worker(self, **overrides: Any) -> JobQueue:
+        """A worker-side queue (with Redis, its own object: `overrides` change its settings)."""
+        return self.bot if self.kind == "memory" else self._open(self.settings.model_copy(update=overrides))
 
-    def _open(self) -> JobQueue:
+    def _open(self, settings: Settings | None = None) -> JobQueue:
+        settings = settings or self.settings
         queue: JobQueue
         if self.kind == "memory":
-            queue = MemoryQueue(self.settings, deadline_grace_s=GRACE_S)
+            queue = MemoryQueue(settings, deadline_grace_s=GRACE_S)
         else:
-            queue = RedisStreamsQueue(self.settings, prefix=self.prefix, deadline_grace_s=GRACE_S)
+            queue = RedisStreamsQueue(settings, prefix=self.prefix, deadline_grace_s=GRACE_S)
         self._opened.append(queue)
         return queue
 
@@ -614,6 +616,73 @@ async def test_a_reply_stream_rides_out_a_broken_connection(
     events = [event for _, event in await reader]
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["Hello", " there"]
     assert isinstance(events[-1], Done)
+
+
+async def test_a_reply_stream_rides_out_redis_being_unreachable_for_seconds(
+    redis_harness: Harness, cutting_proxy: CuttingProxy, redis_url: str
+) -> None:
+    """A Redis restart longer than one command's resends: the job and its worker go on, so the bot must
+    keep reading, not end the user's reply with "can't reply right now" and drop the rest."""
+    bot = redis_harness.start(queue_url=through(cutting_proxy, redis_url))
+    worker = redis_harness.worker(queue_url=redis_url)  # Redis stays reachable for the worker
+    j = job()
+    await bot.submit(j)
+    await fetch_one(worker)
+    await worker.publish(TextDelta(job_id=j.job_id, seq=0, text="Hello"))
+    reader = asyncio.create_task(collect(bot, j.job_id))
+    await asyncio.sleep(0.2)
+    await cutting_proxy.go_down()
+    await worker.publish(TextDelta(job_id=j.job_id, seq=1, text=" there"))
+    await asyncio.sleep(sum(redis_streams.RETRY_DELAYS_S) + 1.5)
+    cutting_proxy.come_back()
+    await worker.publish(Done(job_id=j.job_id, finish_reason="stop"))
+    events = [event for _, event in await reader]
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["Hello", " there"]
+    assert isinstance(events[-1], Done)
+
+
+async def test_a_worker_whose_heartbeats_stalled_does_not_take_its_own_job_again(redis_harness: Harness) -> None:
+    """A worker paused past the claim idle time, with nobody else around, finds its own job idle: taking
+    it as a new delivery would run it twice at once, both runs unfenced."""
+    bot = redis_harness.start()
+    worker = redis_harness.worker()
+    j = job()
+    await bot.submit(j)
+    assert (await fetch_one(worker)).attempt == 1
+    time.sleep(2 * CLAIM_IDLE_MS / 1000)  # noqa: ASYNC251 - the event loop stalls: no heartbeat
+    assert await worker.fetch(1, 0) == []
+    assert not await worker.is_cancelled(j.job_id)  # still its job, still attempt 1
+    await worker.publish_many([TextDelta(job_id=j.job_id, seq=0, text="one run"), Done(job_id=j.job_id, finish_reason="stop")])
+    events = [event for _, event in await collect(bot, j.job_id)]
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["one run"] and isinstance(events[-1], Done)
+
+
+async def test_an_answer_about_an_older_attempt_does_not_drop_the_newer_one(
+    redis_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A heartbeat built while attempt 1 was held is answered (resent across a Redis restart) after this
+    worker got attempt 2 of the job: its "lost" is about attempt 1 and must leave attempt 2 held."""
+    bot = redis_harness.start()
+    worker = redis_harness.worker()
+    assert isinstance(worker, RedisStreamsQueue)
+    j = job()
+    await bot.submit(j)
+    await fetch_one(worker)
+    run = worker._run
+    redelivered: list[Delivery] = []
+
+    async def redelivered_meanwhile(name: str, *args: Any) -> Any:
+        if name == "HEARTBEAT" and not redelivered:
+            await worker.release(j.job_id)
+            redelivered.append(await fetch_one(worker))
+        return await run(name, *args)
+
+    monkeypatch.setattr(worker, "_run", redelivered_meanwhile)
+    await eventually(lambda: redelivered)
+    await asyncio.sleep(CLAIM_IDLE_MS / 1000)  # the late answer and a beat or two more
+    assert redelivered[0].attempt == 2 and not await worker.is_cancelled(j.job_id)
+    await worker.publish(Done(job_id=j.job_id, finish_reason="stop"))
+    assert isinstance((await collect(bot, j.job_id))[-1][1], Done)
 
 
 async def test_a_waiting_job_that_expired_no_longer_holds_its_conversation(

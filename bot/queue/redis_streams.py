@@ -56,6 +56,10 @@ PENDING_SCAN = 1000  # this consumer's pending entries looked at after a lost RE
 # Pauses before each resend of a direct exchange whose connection broke (see _direct): long enough
 # together to ride out a Redis restart or failover, short enough that a user's reply waits little.
 RETRY_DELAYS_S = (0.05, 0.5, 2.0)
+# A reply being read keeps trying this long while Redis is unreachable (a restart, a slow failover):
+# the job stays queued and its worker goes on, so giving up at once would lose a reply in progress.
+STREAM_OUTAGE_S = 30.0
+STREAM_RETRY_S = 1.0
 
 
 @contextlib.contextmanager
@@ -220,15 +224,25 @@ class RedisStreamsQueue(JobQueue):
                 return
         give_up = float(deadline or time.time()) + self._grace_s
         last = after or "0-0"
+        outage_began: float | None = None
         while True:
             block_ms = int((give_up - time.time()) * 1000)
             if block_ms <= 0:
                 yield "", ErrorEvent(job_id=job_id, kind="timeout", message="no reply arrived in time")
                 return
-            with _available():
-                block_ms = min(block_ms, MAX_BLOCK_MS)
-                reply, = await self._direct(("XREAD", "COUNT", 256, "BLOCK", block_ms, "STREAMS", key, last),
-                                            block_ms=block_ms)
+            block_ms = min(block_ms, MAX_BLOCK_MS)
+            try:
+                with _available():
+                    reply, = await self._direct(("XREAD", "COUNT", 256, "BLOCK", block_ms, "STREAMS", key, last),
+                                                block_ms=block_ms)
+            except QueueUnavailable as exc:
+                outage_began = outage_began or time.monotonic()
+                if time.monotonic() - outage_began >= STREAM_OUTAGE_S:
+                    raise
+                log.warning("reading reply %s: %s; trying again", job_id, exc)
+                await asyncio.sleep(STREAM_RETRY_S)
+                continue
+            outage_began = None
             if not reply:
                 continue
             # RESP3 (redis-py's default) answers {key: entries}, RESP2 [[key, entries]].
@@ -339,10 +353,14 @@ class RedisStreamsQueue(JobQueue):
         claimed: list[tuple[str, dict[str, str]]] = []
         cursor = "0-0"
         while len(claimed) < max_jobs:
+            held = {entry for entry, _ in self._inflight.values()}
             cursor, entries, *_ = await self._redis.xautoclaim(
                 self._jobs_key, GROUP, self._consumer, self._claim_idle_ms, cursor, count=max_jobs - len(claimed)
             )
-            claimed += [(entry_id, fields) for entry_id, fields in entries if fields]
+            # An entry this worker still holds went idle because its heartbeats stalled (a paused process,
+            # Redis unreachable): claiming it back counts as a heartbeat, not as a new delivery, which
+            # would run the job twice at once, unfenced.
+            claimed += [(entry_id, fields) for entry_id, fields in entries if fields and entry_id not in held]
             if cursor == "0-0":
                 break
         return claimed
@@ -393,7 +411,7 @@ class RedisStreamsQueue(JobQueue):
         except Exception as exc:
             log.warning("could not end the unreadable job %s: %s", job_id, exc)
         finally:
-            self._inflight.pop(job_id, None)
+            self._forget(job_id, attempt)
 
     async def _deliver(self, job_id: str, entry_id: str, job_json: str, attempt: int) -> Delivery:
         delivery = Delivery(job=GenerationJob.model_validate_json(job_json), attempt=attempt)
@@ -420,8 +438,15 @@ class RedisStreamsQueue(JobQueue):
             except Exception as exc:  # unreachable, or answering errors (READONLY in a failover): next beat
                 log.warning("queue heartbeat failed: %s", exc)
                 continue
+            sent = {job_id: attempt for job_id, attempt in zip(triples[::3], triples[1::3], strict=True)}
             for job_id in lost:
-                self._inflight.pop(job_id, None)
+                self._forget(job_id, sent[job_id])
+
+    def _forget(self, job_id: str, attempt: int) -> None:
+        """Stop holding `attempt` of `job_id`, unless the job was delivered here again meanwhile: an answer
+        about an older attempt (a heartbeat resent across a Redis restart) must not drop the newer one."""
+        if self._inflight.get(job_id, ("", 0))[1] == attempt:
+            del self._inflight[job_id]
 
     async def publish(self, event: QueueEvent) -> None:
         await self.publish_many([event])
@@ -437,10 +462,10 @@ class RedisStreamsQueue(JobQueue):
         ]
         with _available():
             published = await self._run("PUBLISH", self._ttl, *sextuples)
-        for (event, _), ok in zip(held, published, strict=True):
+        for (event, (_, attempt)), ok in zip(held, published, strict=True):
             # Fenced (another worker owns the job now), or final: the script acked it, complete() has nothing left to do.
             if not ok or is_final(event):
-                self._inflight.pop(event.job_id, None)
+                self._forget(event.job_id, attempt)
 
     async def complete(self, job_id: str) -> None:
         held = self._inflight.get(job_id)
@@ -451,7 +476,7 @@ class RedisStreamsQueue(JobQueue):
             with _available():
                 await self._run("COMPLETE", job_id, held[1], held[0], self._ttl, event_to_json(incomplete))
         finally:  # even unheard: the heartbeat must stop claiming it, so it goes idle and is taken over
-            self._inflight.pop(job_id, None)
+            self._forget(job_id, held[1])
 
     async def release(self, job_id: str) -> None:
         held = self._inflight.get(job_id)
@@ -461,7 +486,7 @@ class RedisStreamsQueue(JobQueue):
             with _available():
                 await self._run("RELEASE", job_id, held[1], held[0], self._consumer)
         finally:  # as in complete: a release Redis did not hear still lets the job go idle
-            self._inflight.pop(job_id, None)
+            self._forget(job_id, held[1])
             self._next_reclaim = 0.0
 
     async def is_cancelled(self, job_id: str) -> bool:
