@@ -159,7 +159,8 @@ class Worker:
     async def _generate(self, delivery: Delivery) -> None:
         job, seq = delivery.job, delivery.next_seq
         started = time.time()
-        metrics.observe_job_wait(started - job.created_at)
+        if delivery.attempt == 1:  # a resumed job waited once; its later deliveries include its first run
+            metrics.observe_job_wait(started - job.created_at)
         if job.expired(started):
             await self._finish(job, Done(job_id=job.job_id, finish_reason="deadline"))
             return

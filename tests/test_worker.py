@@ -16,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from bot.config import Settings
 from bot.engine.base import GenerationRequest, GenerationStream
 from bot.engine.transformers_engine import TransformersEngine, load_model
+from bot.metrics import REGISTRY
 from bot.personas import Sampling
 from bot.queue import redis_streams
 from bot.queue.base import JobQueue, QueueEvent
@@ -154,15 +155,17 @@ async def test_deadline_ends_the_reply(rig: Rig) -> None:
 
 
 async def test_shutdown_releases_held_job_and_another_worker_resumes(rig: Rig) -> None:
+    waits_before = REGISTRY.get_sample_value("hermes_job_wait_seconds_count") or 0
     first = await rig.start_worker(shutdown_grace_s=0.0)
     medium = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=400)
-    j = job("A long story, please.", medium)
+    j = job("Once upon a time", medium)  # the tiny model's greedy reply to it runs all 400 tokens
     await rig.bot.submit(j)
     stream = rig.bot.stream(j.job_id)
     seen: list[QueueEvent] = []
     async with asyncio.timeout(30):
         while len(seen) < 3:
             seen.append((await anext(stream))[1])
+        assert first.held == 1
         await first.shutdown()  # grace 0: the job goes back to the queue mid-reply
         assert first.held == 0
         await rig.start_worker()
@@ -170,6 +173,7 @@ async def test_shutdown_releases_held_job_and_another_worker_resumes(rig: Rig) -
             seen.append(event)
     reply_of(seen)  # one seamless stream: seq continues where the first worker stopped
     assert isinstance(seen[-1], Done) and seen[-1].finish_reason in ("stop", "length")
+    assert REGISTRY.get_sample_value("hermes_job_wait_seconds_count") == waits_before + 1  # one job waited once
 
 
 async def test_engine_error_becomes_an_error_event(rig: Rig) -> None:
