@@ -247,9 +247,14 @@ class PersonaRegistry:
     persona files without a restart.
     """
 
-    def __init__(self, personas: Iterable[Persona], *, directory: Path | None = None) -> None:
+    def __init__(
+        self, personas: Iterable[Persona], *, directory: Path | None = None, configured: Path | None = None
+    ) -> None:
         self._by_id = _by_id(personas)
         self._directory = directory
+        # The HERMES_PERSONAS_DIR setting the directory came from: a bot that started on the bundled
+        # personas moves to ./personas/ once it appears (`personas import` makes it).
+        self._configured = configured or directory
         self._files = _file_state(directory) if directory is not None else ()
         self._checked = time.monotonic()
         self.refresh_every_s = REFRESH_EVERY_S
@@ -261,29 +266,30 @@ class PersonaRegistry:
             raise PersonaError(directory, None, None, "personas directory not found (set HERMES_PERSONAS_DIR)")
         if source != directory:
             log.info("no %s/ folder here: using the bundled personas in %s", directory, source)
-        return cls(load_persona_files(persona_files([source])), directory=source)
+        return cls(load_persona_files(persona_files([source])), directory=source, configured=directory)
 
     def refresh(self, required: str | None = None) -> bool:
         """Reload when the directory's files changed (looked at most every `refresh_every_s`); True
         when it did. An edit that does not load, or that drops the `required` persona, is logged once
         and the personas loaded before stay, so a typo never takes the bot down."""
         now = time.monotonic()
-        if self._directory is None or now - self._checked < self.refresh_every_s:
+        if self._configured is None or now - self._checked < self.refresh_every_s:
             return False
         self._checked = now
-        files = _file_state(self._directory)
-        if files == self._files:
+        directory = personas_directory(self._configured)
+        files = _file_state(directory)
+        if directory == self._directory and files == self._files:
             return False
-        self._files = files
+        self._directory, self._files = directory, files
         try:
-            fresh = _by_id(load_persona_files(persona_files([self._directory])))
+            fresh = _by_id(load_persona_files(persona_files([directory])))
             if required is not None and required not in fresh:
                 raise UnknownPersona(f"the default persona {required!r} is gone")
         except (PersonaError, UnknownPersona, ValueError, OSError) as exc:
             log.warning("persona files changed but do not load; keeping the personas loaded before: %s", exc)
             return False
         self._by_id = fresh
-        log.info("personas reloaded: %s", ", ".join(sorted(fresh)))
+        log.info("personas reloaded from %s: %s", directory, ", ".join(sorted(fresh)))
         return True
 
     def get(self, persona_id: str) -> Persona:

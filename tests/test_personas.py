@@ -139,6 +139,24 @@ def test_a_running_registry_picks_up_edits_and_keeps_working_personas(
     assert registry.refresh("tester") is True and registry.get("second").name == "Fixed"
 
 
+def test_a_bot_on_the_bundled_personas_moves_to_the_personas_folder_once_it_appears(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started where there is no personas/ folder, the bot runs the bundled personas; `personas import`
+    then makes ./personas/ (the bundled ones and the card), and the running bot must follow it there."""
+    monkeypatch.chdir(tmp_path)
+    registry = PersonaRegistry.load(Path("personas"))
+    registry.refresh_every_s = 0.0
+    assert "hermes" in registry and "tester" not in registry
+    Path("personas").mkdir()
+    write(tmp_path / "personas", (ROOT / "personas" / "hermes.yaml").read_text(), name="hermes.yaml")
+    write(tmp_path / "personas", GOOD)
+    assert registry.refresh("hermes") is True
+    assert {p.id for p in registry} == {"hermes", "tester"}
+    write(tmp_path / "personas", GOOD.replace("Tester", "Edited"))
+    assert registry.refresh("hermes") is True and registry.get("tester").name == "Edited"
+
+
 def test_refresh_looks_at_the_files_at_most_every_interval(tmp_path: Path) -> None:
     write(tmp_path, GOOD)
     registry = PersonaRegistry.load(tmp_path)
