@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import sys
 import zlib
 
@@ -75,8 +76,13 @@ async def _chat(settings: Settings, personas: PersonaRegistry, persona: Persona)
 async def _converse(service: ChatService, queue: JobQueue, persona: Persona) -> None:
     key = console_key(persona.id)
     _note(f"Chatting with {persona.name} ({persona.id}). /reset clears the history, /quit leaves.")
-    if persona.greeting:
+    if await service.store.window(key, 1):
+        _note("(continuing the conversation from last time)")
+    elif persona.greeting:  # kept as the persona's first turn, as in a Discord channel: the model sees it
         print(f"{persona.name}: {persona.greeting}", flush=True)
+        await service.store_reply(key, persona, persona.greeting)
+    if isinstance(sys.stdin, io.TextIOWrapper):  # a mistyped byte must not end the chat with a traceback
+        sys.stdin.reconfigure(errors="replace")
     while True:
         line = await in_daemon_thread(sys.stdin.readline, name="hermes-stdin")
         if not line:

@@ -14,7 +14,7 @@ from bot.store.repository import ConversationStore
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def chat(stdin: str, tmp_path: Path, model: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def chat(stdin: str | bytes, tmp_path: Path, model: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "HERMES_MODEL": str(model),
@@ -26,7 +26,8 @@ def chat(stdin: str, tmp_path: Path, model: Path, *args: str) -> subprocess.Comp
     }
     # Bytes, decoded here: text=True would turn a "\r" in the random model's reply into "\n".
     done = subprocess.run(
-        [sys.executable, "-m", "bot", "chat", *args], input=stdin.encode(), capture_output=True,
+        [sys.executable, "-m", "bot", "chat", *args], input=stdin if isinstance(stdin, bytes) else stdin.encode(),
+        capture_output=True,
         env=env, cwd=tmp_path, timeout=120,
     )
     return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
@@ -47,6 +48,25 @@ async def test_chat_through_stdin(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert [m.role for m in history] == ["user", "assistant"]  # /reset dropped the first exchange
     assert history[0].content == "hi again" and history[1].persona_id == "hermes"
     assert history[1].content and history[1].content in result.stdout
+
+
+async def test_the_greeting_is_the_first_turn_and_a_later_session_continues(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The model must see the greeting it answers after (Sherlock asks you to state your case), and a
+    second session goes on from the stored history instead of greeting again. A byte that is not UTF-8
+    is read as a replacement character, not a crash."""
+    first = chat("It is about my brother.\n", tmp_path, tiny_model_dir, "--persona", "sherlock_holmes")
+    assert first.returncode == 0, first.stderr
+    again = chat(b"caf\xe9?\n", tmp_path, tiny_model_dir, "--persona", "sherlock_holmes")
+    assert again.returncode == 0, again.stderr
+    assert first.stdout.startswith("Sherlock Holmes: You have been in a hurry")
+    assert "You have been in a hurry" not in again.stdout and "continuing the conversation" in again.stderr
+    store = await ConversationStore.open(f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}")
+    try:
+        history = await store.window(console_key("sherlock_holmes"), 10)
+    finally:
+        await store.close()
+    assert [m.role for m in history] == ["assistant", "user", "assistant", "user", "assistant"]
+    assert history[0].content.startswith("You have been in a hurry") and history[3].content == "caf\ufffd?"
 
 
 def test_unknown_persona_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:
