@@ -58,6 +58,10 @@ class Worker:
     def held(self) -> int:
         return len(self._held)
 
+    async def ready(self) -> bool:
+        """The "model" readiness check: the engine started, and (the openai engine) its server answers."""
+        return self.started.is_set() and await self.engine.ready()
+
     async def run(self) -> None:
         await self.engine.start()
         self.started.set()
@@ -225,7 +229,7 @@ async def _serve_forever(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
-    ops = await serve_ops(settings, {"queue": queue.ping, "model": worker.started.is_set})
+    ops = await serve_ops(settings, {"queue": queue.ping, "model": worker.ready})
     try:
         log.info("worker started engine=%s queue=%s", worker.engine.name, settings.queue_url.split("@")[-1])
         await worker.run()

@@ -12,6 +12,7 @@ Usage (any test, e.g. the Discord tests can point HERMES_OPENAI_BASE_URL at it):
 With nothing scripted, a request is answered with `default_reply` (by default: "echo: " + the last
 user message). Streams end with `[DONE]`; a `usage` chunk is sent when the client asked for it.
 The server honours `stop` like real servers do (the text ends before the first stop string).
+`OpenAITestServer(unknown_paths_200=True)` answers other paths as LM Studio does: 200, with an error in JSON.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import contextlib
 import json
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -33,6 +34,8 @@ class Reply:
 
     `multiline`: each event's JSON spread over several `data:` lines (valid SSE, rarely sent).
     `clean_end_early`: end the response properly right after the text, without finish_reason or [DONE].
+    `extra`: added to every chunk (some servers send `"error": null` in each).
+    `usage`: the usage chunk's counts instead of the real ones (some servers send nulls).
     """
 
     text: str
@@ -41,6 +44,8 @@ class Reply:
     finish_reason: str = "stop"
     multiline: bool = False
     clean_end_early: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    usage: dict[str, Any] | None = None
 
 
 @dataclass
@@ -59,13 +64,32 @@ class Drop:
 
 
 @dataclass
+class StreamError:
+    """Stream `text_before`, then report `error` in the stream, in one of the shapes servers use:
+    "error-line" (some llama.cpp builds: an `error: {...}` line), "event" (`event: error` and a data line)
+    or "data" (`data: {"error": {...}}`, OpenAI style); then `[DONE]` if `done`, else the end."""
+
+    error: dict[str, Any]
+    shape: Literal["error-line", "event", "data"] = "data"
+    text_before: str = ""
+    done: bool = True
+
+
+@dataclass
+class NotStreamed:
+    """Answer 200 with the whole completion as JSON although the client asked for a stream (some proxies)."""
+
+    text: str
+
+
+@dataclass
 class Stall:
     """Accept the request, then send nothing for `seconds` (for cancellation and timeout tests)."""
 
     seconds: float = 30.0
 
 
-Behaviour = Reply | Fail | Drop | Stall
+Behaviour = Reply | Fail | Drop | StreamError | NotStreamed | Stall
 
 
 def _echo(body: dict[str, Any]) -> Reply:
@@ -76,10 +100,14 @@ def _echo(body: dict[str, Any]) -> Reply:
 class OpenAITestServer:
     """Serves POST /v1/chat/completions (streaming and not) and GET /v1/models on 127.0.0.1."""
 
-    def __init__(self, default_reply: Callable[[dict[str, Any]], Behaviour] = _echo) -> None:
+    def __init__(
+        self, default_reply: Callable[[dict[str, Any]], Behaviour] = _echo, *, unknown_paths_200: bool = False
+    ) -> None:
         self.default_reply = default_reply
+        self.unknown_paths_200 = unknown_paths_200
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.unknown: list[str] = []  # "METHOD /path" of each request to another path
         self._script: deque[Behaviour] = deque()
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
@@ -97,6 +125,8 @@ class OpenAITestServer:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
+        if self.unknown_paths_200:
+            app.router.add_route("*", "/{path:.*}", self._unknown_path)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -120,6 +150,10 @@ class OpenAITestServer:
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "test-model", "object": "model"}]})
 
+    async def _unknown_path(self, request: web.Request) -> web.Response:
+        self.unknown.append(f"{request.method} {request.path}")
+        return web.json_response({"error": f"Unexpected endpoint or method. ({request.method} {request.path})"})
+
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
@@ -133,43 +167,64 @@ class OpenAITestServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), behaviour.seconds)
             return web.json_response({"error": {"message": "stalled"}}, status=504)
-        text = behaviour.text if isinstance(behaviour, Reply) else behaviour.text_before
+        text = behaviour.text if isinstance(behaviour, Reply | NotStreamed) else behaviour.text_before
         for stop in body.get("stop") or []:
             if stop in text:
                 text = text[: text.index(stop)]
-        if not body.get("stream"):
+        if not body.get("stream") or isinstance(behaviour, NotStreamed):
             return web.json_response(self._completion(body, text))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         size = behaviour.chunk_chars if isinstance(behaviour, Reply) else 3
         pieces = [text[i : i + size] for i in range(0, len(text), size)]
         multiline = isinstance(behaviour, Reply) and behaviour.multiline
+        extra = behaviour.extra if isinstance(behaviour, Reply) else {}
         for piece in pieces:
-            await response.write(self._event(body, {"content": piece}, None, multiline=multiline))
+            await response.write(self._event(body, {"content": piece}, None, multiline=multiline, extra=extra))
             if isinstance(behaviour, Reply) and behaviour.delay_s:
                 await asyncio.sleep(behaviour.delay_s)
         if isinstance(behaviour, Drop):
             assert request.transport is not None
             request.transport.close()
             return response
+        if isinstance(behaviour, StreamError):
+            await response.write(self._error_event(behaviour))
+            if behaviour.done:
+                await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
         if behaviour.clean_end_early:
             await response.write_eof()
             return response
-        await response.write(self._event(body, {}, behaviour.finish_reason, multiline=multiline))
+        await response.write(self._event(body, {}, behaviour.finish_reason, multiline=multiline, extra=extra))
         if (body.get("stream_options") or {}).get("include_usage"):
-            usage = {"prompt_tokens": 11, "completion_tokens": len(pieces), "total_tokens": 11 + len(pieces)}
+            counted = {"prompt_tokens": 11, "completion_tokens": len(pieces), "total_tokens": 11 + len(pieces)}
+            usage = counted if behaviour.usage is None else behaviour.usage
             await response.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
     @staticmethod
-    def _event(body: dict[str, Any], delta: dict[str, str], finish: str | None, *, multiline: bool = False) -> bytes:
+    def _error_event(behaviour: StreamError) -> bytes:
+        error = json.dumps(behaviour.error).encode()
+        if behaviour.shape == "error-line":
+            return b"error: " + error + b"\n\n"
+        if behaviour.shape == "event":
+            return b"event: error\ndata: " + error + b"\n\n"
+        return b"data: " + json.dumps({"error": behaviour.error}).encode() + b"\n\n"
+
+    @staticmethod
+    def _event(
+        body: dict[str, Any], delta: dict[str, str], finish: str | None, *, multiline: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> bytes:
         chunk = {
             "id": "chatcmpl-test",
             "object": "chat.completion.chunk",
             "model": body.get("model", "test-model"),
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **(extra or {}),
         }
         lines = json.dumps(chunk, indent=1 if multiline else None).splitlines()
         return b"".join(b"data: " + line.encode() + b"\n" for line in lines) + b"\n"

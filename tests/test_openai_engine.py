@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator
 
@@ -12,7 +13,7 @@ from bot.config import Settings
 from bot.engine.base import EngineError, Finish, GenerationRequest, TextChunk
 from bot.engine.openai_engine import OpenAIEngine
 from bot.personas import Sampling
-from tests.openai_test_server import Drop, Fail, OpenAITestServer, Reply, Stall
+from tests.openai_test_server import Drop, Fail, NotStreamed, OpenAITestServer, Reply, Stall, StreamError
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi <|im_start|>system"}]
 
@@ -105,10 +106,15 @@ async def test_connection_lost_mid_reply_is_an_error_not_a_retry(server: OpenAIT
     assert "".join(seen) == "partial te" and len(server.requests) == 1
 
 
-async def test_server_down_gives_a_clear_error() -> None:
-    with socket.socket() as sock:  # a port nobody listens on
+def unused_port() -> int:
+    """A port nobody listens on."""
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return int(sock.getsockname()[1])
+
+
+async def test_server_down_gives_a_clear_error() -> None:
+    port = unused_port()
     engine = await started(f"http://127.0.0.1:{port}/v1", attempts=2)
     with pytest.raises(EngineError, match=f"cannot reach the OpenAI-compatible server at http://127.0.0.1:{port}"):
         await engine.generate_text(GenerationRequest("r", MESSAGES))
@@ -192,3 +198,104 @@ async def test_a_stream_that_ends_without_saying_it_is_complete_is_an_error(serv
             pass
     await engine.close()
     assert len(server.requests) == 1
+
+
+CONTEXT_FULL = {"code": 400, "message": "the request exceeds the available context size, try increasing it",
+                "type": "exceed_context_size_error"}
+
+
+@pytest.mark.parametrize(("shape", "done"), [("error-line", True), ("error-line", False), ("event", True)])
+async def test_an_error_the_server_reports_in_the_stream_is_its_error_and_a_400_is_not_retried(
+    server: OpenAITestServer, shape: str, done: bool
+) -> None:
+    """llama.cpp reports a full context as an `error:` line (then [DONE], or not), other servers as an
+    `event: error`: before, the reply ended empty as if complete, or was retried with the cause hidden."""
+    server.script(StreamError(CONTEXT_FULL, shape=shape, done=done), Reply("should not be used"))  # type: ignore[arg-type]
+    engine = await started(server.base_url)
+    with pytest.raises(EngineError, match="reported an error: the request exceeds the available context size"):
+        await engine.generate_text(GenerationRequest("r", MESSAGES))
+    await engine.close()
+    assert len(server.requests) == 1
+
+
+async def test_a_passing_error_in_the_stream_before_any_text_is_retried(server: OpenAITestServer) -> None:
+    server.script(StreamError({"code": 503, "message": "Loading model"}, shape="error-line"), Reply("ok now"))
+    engine = await started(server.base_url)
+    text, _ = await engine.generate_text(GenerationRequest("r", MESSAGES))
+    await engine.close()
+    assert text == "ok now" and len(server.requests) == 2
+
+
+async def test_an_error_event_without_a_message_is_still_the_servers_error(server: OpenAITestServer) -> None:
+    server.script(StreamError({"code": 400, "type": "invalid_request_error"}, shape="event", text_before="Hi"))
+    engine = await started(server.base_url)
+    with pytest.raises(EngineError, match='reported an error: {"code": 400, "type": "invalid_request_error"}'):
+        await engine.generate_text(GenerationRequest("r", MESSAGES))
+    await engine.close()
+
+
+async def test_null_error_and_null_usage_counts_are_a_normal_reply(server: OpenAITestServer) -> None:
+    """Some servers send `"error": null` in every chunk and null counts in the usage: neither is an error."""
+    usage = {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None}
+    server.script(Reply("Hello there", chunk_chars=4, extra={"error": None}, usage=usage))
+    engine = await started(server.base_url)
+    text, finish = await engine.generate_text(GenerationRequest("r", MESSAGES))
+    await engine.close()
+    assert (text, finish) == ("Hello there", Finish("stop", prompt_tokens=0, completion_tokens=3))
+
+
+async def test_a_base_url_without_v1_is_named_when_lm_studio_answers_200_with_an_error() -> None:
+    """LM Studio answers an unknown path 200 with {"error": ...}: before, that was retried as a stream
+    closed before any text, and the wrong base URL never named."""
+    async with OpenAITestServer(unknown_paths_200=True) as srv:
+        engine = await started(srv.base_url.removesuffix("/v1"))
+        with pytest.raises(EngineError, match=r"answered an error: Unexpected endpoint or method\. "
+                           r"\(POST /chat/completions\) instead of an event stream \(check that "
+                           r"HERMES_OPENAI_BASE_URL ends in /v1"):
+            await engine.generate_text(GenerationRequest("r", MESSAGES))
+        assert not await engine.ready()
+        await engine.close()
+        assert [r for r in srv.unknown if r.startswith("POST")] == ["POST /chat/completions"]
+
+
+async def test_a_json_answer_to_a_stream_request_is_reported_not_retried(server: OpenAITestServer) -> None:
+    server.script(NotStreamed("Hello"), Reply("should not be used"))
+    engine = await started(server.base_url)
+    with pytest.raises(EngineError, match="answered JSON instead of an event stream$"):
+        await engine.generate_text(GenerationRequest("r", MESSAGES))
+    await engine.close()
+    assert len(server.requests) == 1
+
+
+async def test_ready_only_while_the_server_answers(server: OpenAITestServer) -> None:
+    engine = await started(server.base_url)
+    assert await engine.ready()
+    await server.close()
+    assert not await engine.ready()
+    await engine.close()
+
+
+async def test_start_warns_naming_the_server_that_does_not_answer(caplog: pytest.LogCaptureFixture) -> None:
+    """A compose stack may start the worker before LM Studio: start() goes on, but says so."""
+    url = f"http://127.0.0.1:{unused_port()}/v1"
+    with caplog.at_level(logging.WARNING, logger="bot.engine.openai_engine"):
+        engine = await started(url)
+    await engine.close()
+    assert f"the server at {url}/models does not answer" in caplog.text
+
+
+async def test_close_ends_every_open_stream(server: OpenAITestServer) -> None:
+    """One stream mid-reply, one submitted just now: both must end when the engine closes (before, their
+    readers waited forever)."""
+    server.script(Reply("a b c d e f g h i j k", chunk_chars=2, delay_s=0.5))
+    engine = await started(server.base_url)
+    streaming = engine.submit(GenerationRequest("r1", MESSAGES))
+    first = await anext(aiter(streaming))
+    just_submitted = engine.submit(GenerationRequest("r2", MESSAGES))
+    await engine.close()
+    assert first == TextChunk("a ")
+    for stream in (streaming, just_submitted):
+        with pytest.raises(EngineError, match="shutting down"):
+            async with asyncio.timeout(2):
+                async for _ in stream:
+                    pass

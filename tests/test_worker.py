@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -23,7 +25,8 @@ from bot.queue.base import JobQueue, QueueEvent
 from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
 from bot.queue.memory import MemoryQueue
 from bot.queue.redis_streams import RedisStreamsQueue
-from bot.worker import Worker
+from bot.worker import Worker, _serve_forever
+from tests.openai_test_server import OpenAITestServer
 from tests.waiting import eventually
 
 GREEDY = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=20)
@@ -289,3 +292,30 @@ async def test_a_job_whose_worker_lost_redis_is_finished_once_redis_is_back(
         assert isinstance(evs[-1], Done) and reply_of(evs)
     finally:
         await rig.close()
+
+
+async def model_check(port: int) -> bool | None:
+    """The "model" check of the worker's /readyz; None while the ops server is not up yet."""
+    try:
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+            return (await resp.json())["checks"].get("model")
+    except aiohttp.ClientConnectionError:
+        return None
+
+
+async def test_a_worker_on_the_openai_engine_is_not_ready_while_its_server_is_down(unused_tcp_port: int) -> None:
+    """`hermes-bot worker` with HERMES_ENGINE=openai: its /readyz said ready while LM Studio was down."""
+    async with OpenAITestServer() as server:
+        settings = Settings(engine="openai", openai_base_url=server.base_url, queue_url="memory://",
+                            metrics_port=unused_tcp_port)
+        serving = asyncio.create_task(_serve_forever(settings))
+        try:
+            assert await eventually(lambda: model_check(unused_tcp_port))
+            await server.close()
+            assert await model_check(unused_tcp_port) is False
+        finally:
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+            for sig in (signal.SIGTERM, signal.SIGINT):  # _serve_forever's: this loop outlives it
+                asyncio.get_running_loop().remove_signal_handler(sig)

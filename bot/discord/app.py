@@ -113,7 +113,7 @@ class BotApp:
             self.worker_task = asyncio.create_task(worker.run())
             self._tasks.append(self.worker_task)
             self._closers.append(worker.shutdown)
-            checks["model"] = worker.started.is_set
+            checks["model"] = worker.ready
         self.bot = HermesBot(settings, ChatService(settings, self.store, self.queue, personas), **self.client_options)
         self._closers.append(self.bot.close)
         try:

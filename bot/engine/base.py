@@ -136,6 +136,11 @@ class Engine(ABC):
     def submit(self, request: GenerationRequest) -> GenerationStream:
         """Start generating `request` now (the engine batches it with the others in flight)."""
 
+    async def ready(self) -> bool:
+        """Whether the engine can generate now, for a worker's readiness check (asked once started): an
+        engine holding its model can; one that talks to a model server asks that server. Never raises."""
+        return True
+
     async def generate_text(self, request: GenerationRequest) -> tuple[str, Finish]:
         """Convenience for tests and tools: the whole reply and its Finish."""
         parts: list[str] = []

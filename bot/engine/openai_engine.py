@@ -6,13 +6,18 @@ to fit `HERMES_CONTEXT_TOKENS` with the reply, by an estimate of their length), 
 `top_k` / `repeat_penalty` extras those servers accept) and its stop strings. Stop strings are also
 applied here, because servers differ in how many they honour.
 
-Retries: a refused connection, a timeout or a 429/5xx is retried with exponential backoff, but only
-before the first token; after that a retry would repeat text the user has already seen.
+Retries: a refused connection, a timeout or a 429/5xx (an HTTP status, or the code of an error the server
+reports in the stream) is retried with exponential backoff, but only before the first token; after that a
+retry would repeat text the user has already seen.
+
+Readiness: `ready()` asks the server for `GET {base}/models`, so a worker's /readyz says when the server
+(LM Studio, say) is down; `start()` only warns then, since a compose stack may start the worker first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 MAX_SERVER_STOPS = 4  # OpenAI's own limit; we apply the rest ourselves
+READY_TIMEOUT_S = 1.5  # within the ops server's 2 s for a readiness check
 # Lengths in tokens are estimated from text: the server's tokenizer is not at hand. Llama/Mistral
 # tokenizers spend about a token on four characters of English, on two of Cyrillic, Greek or Arabic
 # (two-byte UTF-8), and on every CJK character or emoji (three or more bytes, often byte tokens). The
@@ -91,8 +97,24 @@ class OpenAIEngine(Engine):
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
+    def base_url(self) -> str:
+        return (self.settings.openai_base_url or "").rstrip("/")
+
+    @property
     def url(self) -> str:
-        return f"{(self.settings.openai_base_url or '').rstrip('/')}/chat/completions"
+        return f"{self.base_url}/chat/completions"
+
+    @property
+    def models_url(self) -> str:
+        return f"{self.base_url}/models"
+
+    @property
+    def base_url_hint(self) -> str:
+        """Added to answers that suggest a wrong path: these servers serve the API under /v1, and a base URL
+        without it reaches an unknown path (LM Studio even answers that 200, with an error in JSON)."""
+        if self.base_url.endswith("/v1"):
+            return ""
+        return f" (check that HERMES_OPENAI_BASE_URL ends in /v1: it is {self.base_url})"
 
     async def start(self) -> None:
         if not self.settings.openai_base_url:
@@ -102,6 +124,31 @@ class OpenAIEngine(Engine):
             headers["Authorization"] = f"Bearer {self.settings.openai_api_key.get_secret_value()}"
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=self.timeout_s)
         self._session = aiohttp.ClientSession(headers=headers, timeout=timeout)
+        if problem := await self._probe():
+            log.warning("openai engine: the server at %s does not answer: %s; replies fail until it does",
+                        self.models_url, problem)
+
+    async def ready(self) -> bool:
+        """Whether the server answers: the engine itself holds no model that could be missing."""
+        return await self._probe() is None
+
+    async def _probe(self) -> str | None:
+        """Why `GET {base}/models` shows the server unusable (unreachable, slow, an error answer), or None
+        when it answers 2xx within READY_TIMEOUT_S; never raises, as readiness checks must not."""
+        if self._session is None:
+            return "the openai engine is not started"
+        try:
+            timeout = aiohttp.ClientTimeout(total=READY_TIMEOUT_S)
+            async with self._session.get(self.models_url, headers={"Accept": "application/json"},
+                                         timeout=timeout) as resp:
+                body = (await resp.read()).decode("utf-8", errors="replace")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return str(exc) or type(exc).__name__
+        if not 200 <= resp.status < 300:
+            return f"answered {resp.status}: {_error_detail(body)}{self.base_url_hint}"
+        if _error_field(_json(body)) is not None:
+            return f"answered an error: {_error_detail(body)}{self.base_url_hint}"
+        return None
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -117,8 +164,15 @@ class OpenAIEngine(Engine):
         stream = GenerationStream(request)
         task = asyncio.create_task(self._serve(stream))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(functools.partial(self._served, stream))
         return stream
+
+    def _served(self, stream: GenerationStream, task: asyncio.Task[None]) -> None:
+        """Ends the stream of a serve task that `close()` cancelled (started or not): the Finish or error
+        it would have fed never comes, and the stream's reader would wait forever."""
+        self._tasks.discard(task)
+        if task.cancelled():
+            stream.fail(EngineError(f"the openai engine is shutting down: the reply from {self.url} was cut off"))
 
     def payload(self, request: GenerationRequest) -> dict[str, Any]:
         """The JSON body for `request`, as sent to the server: the messages that fit the context with the
@@ -190,10 +244,17 @@ class OpenAIEngine(Engine):
             async with self._session.post(self.url, json=body) as resp:
                 if resp.status != 200:
                     detail = _error_detail(await resp.text())
-                    message = f"the OpenAI-compatible server at {self.url} answered {resp.status}: {detail}"
+                    hint = self.base_url_hint if resp.status in (404, 405) else ""
+                    message = f"the OpenAI-compatible server at {self.url} answered {resp.status}: {detail}{hint}"
                     if resp.status in RETRYABLE_STATUS:
                         raise _Retryable(message)
                     raise EngineError(message)
+                if resp.content_type.endswith("json"):  # not an event stream: retrying would not change it
+                    text = await resp.text()
+                    what = "JSON" if _error_field(_json(text)) is None else f"an error: {_error_detail(text)}"
+                    raise EngineError(
+                        f"the server at {self.url} answered {what} instead of an event stream{self.base_url_hint}"
+                    )
                 await self._read_events(resp, stream, stops, state)
         except (TimeoutError, aiohttp.ClientError) as exc:
             reason = str(exc) or type(exc).__name__
@@ -205,20 +266,19 @@ class OpenAIEngine(Engine):
         self, resp: aiohttp.ClientResponse, stream: GenerationStream, stops: StopMatcher, state: dict[str, Any]
     ) -> None:
         finished = False
-        async for data in _event_data(resp):
+        async for kind, data in _events(resp):
+            if kind == "error":
+                raise self._reported_error(data)
             if data == "[DONE]":
                 break
-            try:
-                chunk = json.loads(data)
-            except json.JSONDecodeError:
-                chunk = None
+            chunk = _json(data)
             if not isinstance(chunk, dict):
                 raise EngineError(f"the server at {self.url} sent a malformed event: {data[:200]!r}")
-            if "error" in chunk:
-                raise EngineError(f"the server at {self.url} reported an error: {_error_detail(data)}")
-            usage = chunk.get("usage") or {}
-            state["prompt_tokens"] = usage.get("prompt_tokens", state["prompt_tokens"])
-            state["completion_tokens"] = usage.get("completion_tokens", state["completion_tokens"])
+            if _error_field(chunk) is not None:
+                raise self._reported_error(data)
+            usage = chunk.get("usage") or {}  # a null count is unknown: keep what we have (0 at first)
+            state["prompt_tokens"] = usage.get("prompt_tokens") or state["prompt_tokens"]
+            state["completion_tokens"] = usage.get("completion_tokens") or state["completion_tokens"]
             for choice in chunk.get("choices") or []:
                 text = (choice.get("delta") or {}).get("content") or ""
                 if text and not finished:
@@ -240,29 +300,76 @@ class OpenAIEngine(Engine):
         if rest := stops.flush():  # the text held back in case it began a stop string
             stream.feed([TextChunk(rest)])
 
+    def _reported_error(self, data: str) -> Exception:
+        """The error the server reported in the stream, with its message; worth another try (before any
+        text) only when its code says the trouble passes (429, 5xx), not for a 400 such as a full context."""
+        message = f"the server at {self.url} reported an error: {_error_detail(data)}"
+        return _Retryable(message) if _error_code(data) in RETRYABLE_STATUS else EngineError(message)
 
-async def _event_data(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    """The data of each server-sent event: its `data:` lines joined by newlines, as the SSE standard
-    says (comments, keep-alives and `event:` lines carry none)."""
-    lines: list[str] = []
+
+async def _events(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, str]]:
+    """Each server-sent event as (type, data): its `data:` lines joined by newlines, as the SSE standard
+    says, and the type its `event:` line names ("message" without one; comments and keep-alives carry
+    nothing). Some llama.cpp server builds send an error as an `error:` line instead: an "error" event."""
+    kind, lines = "message", []
+    async for line in _lines(resp):
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "data":
+            lines.append(value)
+        elif field == "event":
+            kind = value.strip()
+        elif field == "error":
+            kind = "error"
+            lines.append(value)
+        elif not line:  # a blank line ends the event
+            if lines or kind == "error":
+                yield kind, "\n".join(lines).strip()
+            kind, lines = "message", []
+
+
+async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
+    """The body's lines, then a blank one: the end of the stream ends its last event too."""
     async for raw in resp.content:
-        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-        if line.startswith("data:"):
-            lines.append(line[5:].removeprefix(" "))
-        elif not line and lines:  # a blank line ends the event
-            yield "\n".join(lines).strip()
-            lines = []
-    if lines:
-        yield "\n".join(lines).strip()
+        yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
+    yield ""
+
+
+def _json(text: str) -> Any:
+    """`text` parsed as JSON, or None when it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _error_field(data: Any) -> Any:
+    """The `error` of an OpenAI-style JSON object ({"error": {"message": ...}}, LM Studio's {"error": "..."}),
+    or None (also when it is null, as some servers send in every chunk)."""
+    return data.get("error") if isinstance(data, dict) else None
+
+
+def _error_object(body: str) -> Any:
+    """The error an error body describes: its `error`, else the body itself (llama.cpp's error events
+    are {"code": ..., "message": ...})."""
+    data = _json(body)
+    return _error_field(data) or data
 
 
 def _error_detail(body: str) -> str:
-    """The human part of an OpenAI-style error body ({"error": {"message": ...}}), else the body's start."""
-    try:
-        data = json.loads(body)
-    except json.JSONDecodeError:
-        return body.strip()[:300] or "(empty body)"
-    error = data.get("error", data) if isinstance(data, dict) else data
-    if isinstance(error, dict):
-        return str(error.get("message") or error)[:300]
-    return str(error)[:300]
+    """The human part of an error body: its error's message, else the body's start, so that an error
+    without a usable message is still reported with what the server sent."""
+    error = _error_object(body)
+    message = error.get("message") if isinstance(error, dict) else error
+    if isinstance(message, str) and message.strip():
+        return message.strip()[:300]
+    return body.strip()[:300] or "(empty body)"
+
+
+def _error_code(body: str) -> int | None:
+    """The HTTP-like status code an error body carries (llama.cpp: "code": 400; vLLM: "code": 500)."""
+    error = _error_object(body)
+    code = error.get("code") if isinstance(error, dict) else None
+    if isinstance(code, str) and code.isdigit():
+        return int(code)
+    return code if isinstance(code, int) else None
