@@ -26,7 +26,14 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CARD_CHUNKS = ("ccv3", "chara")  # V3 first: a V3 PNG also keeps a V2 copy under "chara"
 MAX_CARD_TEXT = 16 * 2**20  # a compressed chunk is inflated up to this many bytes, no further
 DIALOGUE_USER = "friend"
-NOT_A_NAME = {"the", "a", "an", "mr", "mrs", "ms", "dr", "sir", "lady", "lord", "miss", "madam", "old", "young", "my"}
+NOT_A_NAME = {"the", "a", "an", "old", "young", "my"}  # a name starting with one of these gets no wake word
+# Titles, ranks and honorifics before a name: "Captain Mira Vance" answers to "mira", not to "captain".
+TITLES = frozenset("""
+    mr mrs ms miss madam madame sir dame lady lord master mistress dr doctor prof professor detective agent
+    officer captain capt lieutenant lt sergeant sgt general commander cmdr admiral major colonel col private
+    king queen prince princess emperor empress duke duchess baron baroness count countess earl
+    father mother sister brother aunt auntie uncle saint st
+""".split())
 DEFAULT_INSTRUCTION = "Write {name}'s next reply in a fictional chat with the people here. Stay in character as {name}."
 
 
@@ -150,13 +157,20 @@ def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:
         persona["greeting"] = greeting
     if examples := _examples(str(card.get("mes_example") or ""), name):
         persona["examples"] = examples
-    first_word = re.split(r"\W+", name.lower())[0]
-    # "Mira Vance" answers to "mira"; "The Narrator" must not answer every sentence that starts with "the".
-    meaningful = len(first_word) >= 3 and first_word not in NOT_A_NAME and first_word != name.lower()
-    persona["wake_words"] = [first_word] if meaningful else []
+    persona["wake_words"] = _wake_words(name)
     if lore:
         persona["lore"] = lore
     return persona
+
+
+def _wake_words(name: str) -> list[str]:
+    """The first word of the name after any titles ("Professor Layton" answers to "layton"); none for a name
+    that is one word (the name itself already wakes the persona), only titles, or starts with an article:
+    "The Narrator" must not answer every sentence that starts with "the"."""
+    words = [word for word in re.split(r"\W+", name.lower()) if word]
+    first = next((word for word in words if word not in TITLES), "")
+    meaningful = len(first) >= 3 and first not in NOT_A_NAME and [first] != words
+    return [first] if meaningful else []
 
 
 def _book(book: Any, name: str) -> tuple[list[str], list[dict[str, Any]]]:

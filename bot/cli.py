@@ -20,7 +20,7 @@ from bot.personas import PersonaError, UnknownPersona
 from bot.prompt import PromptTooLong
 from bot.prompt_cli import ConversationInputError
 from bot.queue.base import QueueUnavailable
-from bot.store.db import StoreUnavailable
+from bot.store.db import StoreUnavailable, sqlite_file, unavailable_on_failure
 from bot.store.keys import ConversationKey
 
 
@@ -145,7 +145,8 @@ def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "upgrade":
         from bot.store.migrate import upgrade
 
-        upgrade(settings.database_url)
+        with unavailable_on_failure():
+            upgrade(settings.database_url)
         print(f"database at head: {settings.database_url.split('@')[-1]}")
         return 0
     import asyncio
@@ -159,10 +160,22 @@ async def _db_records(args: argparse.Namespace, settings: Settings) -> int:
 
     from bot.store.repository import ConversationStore
 
+    path = sqlite_file(settings.database_url)
+    if path is not None and not path.is_file():  # opening it would create an empty file there
+        raise UsageError(
+            f"the database file {path} (HERMES_DATABASE_URL) does not exist; check the path (a relative one "
+            f"starts at the working directory, {Path.cwd()})"
+        )
     store = await ConversationStore.open(settings.database_url)
     try:
         if args.action == "export":
-            print(json.dumps(await store.export(args.key), indent=2, ensure_ascii=False))
+            record = await store.export(args.key)
+            if record is None:
+                raise UsageError(
+                    f"no conversation is stored under {args.key}; keys are g<guild>/c<channel>, "
+                    "g<guild>/c<parent channel>/t<thread> for a thread, or dm/c<channel>"
+                )
+            print(json.dumps(record, indent=2, ensure_ascii=False))
         else:
             erased = await store.forget_user(args.user_id)
             print(f"erased {erased} message{'' if erased == 1 else 's'} of user {args.user_id}")
@@ -289,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except StoreUnavailable as exc:
         first_line = str(exc).splitlines()[0]
-        unmigrated = "no such table" in first_line or "does not exist" in first_line
+        # SQLite's words for a missing table, then PostgreSQL's ('database "x" does not exist' is another story).
+        unmigrated = re.search(r"no such table|relation \S+ does not exist", first_line) is not None
         hint = " (a database without the schema: run `hermes-bot db upgrade` first)" if unmigrated else ""
         print(f"hermes-bot: {first_line}{hint}", file=sys.stderr)
         return 1

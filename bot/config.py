@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 from bot import strict_yaml
 
@@ -126,13 +127,36 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _async_database_driver(cls, value: str) -> str:
+    def _usable_database_url(cls, value: str) -> str:
+        """Checked here, so every command rejects a URL the drivers cannot use with the same line, not with
+        a traceback from the first connection."""
         if "://" not in value:
             raise ValueError("must be a SQLAlchemy URL such as sqlite+aiosqlite:///data/hermes.db")
         scheme = value.split("://", 1)[0]
         if scheme not in {"sqlite+aiosqlite", "postgresql+asyncpg"}:
             raise ValueError(
                 f"driver {scheme!r} is not async; use sqlite+aiosqlite:// or postgresql+asyncpg://"
+            )
+        try:
+            url = make_url(value)
+        except ValueError:  # SQLAlchemy's int() of the port
+            raise ValueError(
+                "the port after host: must be a number, as in postgresql+asyncpg://user:pw@host:5432/db"
+            ) from None
+        if url.port is not None and not 1 <= url.port <= 65535:
+            raise ValueError(f"port {url.port} is not a TCP port (1-65535)")
+        if url.get_backend_name() != "sqlite":
+            return value
+        if url.host or url.port or url.username or url.password:
+            raise ValueError(
+                "a SQLite URL names a file after three slashes: sqlite+aiosqlite:///data/hermes.db (relative to "
+                "the working directory) or sqlite+aiosqlite:////var/lib/hermes/hermes.db (absolute)"
+            )
+        database = url.database or ""
+        if database in ("", ":memory:") or database.startswith("file::memory:") or url.query.get("mode") == "memory":
+            raise ValueError(
+                "names no file, so SQLite would keep an in-memory database: empty for every connection, lost on "
+                "exit, never shared by the bot and a worker; name a file, such as sqlite+aiosqlite:///data/hermes.db"
             )
         return value
 
@@ -216,7 +240,10 @@ class _YamlSource(PydanticBaseSettingsSource):
             if self.named:
                 raise SettingsError([f"{YAML_FILE_ENV}: no such file: {self.path}"])
             return {}
-        text = self.path.read_text(encoding="utf-8")
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(self.path, exc) from None
         try:
             data = strict_yaml.load(text) or {}
         except yaml.YAMLError as exc:
@@ -230,6 +257,15 @@ class _YamlSource(PydanticBaseSettingsSource):
         if unknown:
             raise SettingsError([f"{self.path}: unknown setting {key}{_did_you_mean(key, public)}" for key in unknown])
         return {str(key): value for key, value in data.items()}
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> SettingsError:
+    """The file and where its first undecodable byte is: a file saved as Latin-1 or UTF-16 by an editor."""
+    line = exc.object.count(b"\n", 0, exc.start) + 1
+    return SettingsError(
+        [f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}, line {line}); "
+         "save it as UTF-8"]
+    )
 
 
 def _did_you_mean(name: str, known: list[str]) -> str:
@@ -262,6 +298,8 @@ def load_settings(**overrides: Any) -> Settings:
     """Build Settings or raise SettingsError with one line per invalid setting."""
     try:
         return Settings(**overrides)
+    except UnicodeDecodeError as exc:  # only .env is decoded outside _YamlSource (the environment is text)
+        raise _not_utf8(Path(str(Settings.model_config["env_file"])), exc) from None
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
@@ -273,5 +311,5 @@ def load_settings(**overrides: Any) -> Settings:
             value = error.get("input")
             hidden = isinstance(value, dict) or name in _SECRET_SETTINGS
             shown = "" if hidden else f" (got {_without_password(value)!r})"
-            lines.append(f"invalid setting {name}: {error['msg']}{shown}")
+            lines.append(f"invalid setting {name}: {error['msg'].removeprefix('Value error, ')}{shown}")
         raise SettingsError(lines) from None

@@ -90,7 +90,7 @@ def test_a_png_card_becomes_a_persona_the_registry_loads(
         ("assistant", "No, friend."),
     ]
     assert persona.description == "A salvage captain for sci-fi scenes."
-    assert persona.wake_words == ["captain"]
+    assert persona.wake_words == ["mira"]  # not the title "captain"
     assert "{{" not in (personas_dir / "captain_mira_vance.yaml").read_text()
 
 
@@ -212,12 +212,17 @@ def test_a_cards_lorebook_becomes_lore_and_constant_entries_join_the_prompt(
 
 
 def test_an_article_or_title_is_not_made_a_wake_word(tmp_path: Path, personas_dir: Path) -> None:
-    for name, expected in (("The Narrator", []), ("Dr. Watson", []), ("Mira Vance", ["mira"])):
+    """A title before the name is skipped: "Professor Layton" answers to "layton", not to every "professor"."""
+    for name, expected in (
+        ("The Narrator", []), ("Dr. Watson", ["watson"]), ("Mira Vance", ["mira"]), ("Professor Layton", ["layton"]),
+        ("Detective Pikachu", ["pikachu"]), ("Queen Elara", ["elara"]), ("Lt. Sgt. Kowalski", ["kowalski"]),
+        ("Captain", []), ("Lady Macbeth", ["macbeth"]),
+    ):
         card = tmp_path / "card.json"
         card.write_text(json.dumps({"name": name, "description": "x"}))
         assert main(["personas", "import", str(card), "--force"]) == 0
         persona = PersonaRegistry.load(personas_dir).get(name.lower().replace(". ", "_").replace(" ", "_"))
-        assert persona.wake_words == expected
+        assert persona.wake_words == expected, name
 
 
 def test_without_a_personas_folder_the_bundled_ones_load_and_an_import_starts_from_them(

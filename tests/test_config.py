@@ -151,3 +151,29 @@ def test_run_without_token_explains_and_points_to_chat(capsys: pytest.CaptureFix
     assert main(["run"]) == 2
     err = capsys.readouterr().err
     assert "DISCORD_TOKEN is not set" in err and "hermes-bot chat" in err
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("sqlite+aiosqlite://data/hermes.db", "a SQLite URL names a file after three slashes"),
+    ("sqlite+aiosqlite:///:memory:", "names no file"),
+    ("sqlite+aiosqlite:///", "names no file"),
+    ("sqlite+aiosqlite:///file::memory:?cache=shared&uri=true", "names no file"),
+    ("postgresql+asyncpg://hermes:pw@db:notaport/hermes", "the port after host: must be a number"),
+    ("postgresql+asyncpg://hermes:pw@db:99999/hermes", "port 99999 is not a TCP port (1-65535)"),
+])
+def test_a_database_url_no_driver_can_use_is_refused_at_load(
+    monkeypatch: pytest.MonkeyPatch, url: str, problem: str
+) -> None:
+    monkeypatch.setenv("HERMES_DATABASE_URL", url)
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    [line] = raised.value.lines
+    assert line.startswith(f"invalid setting HERMES_DATABASE_URL: {problem}"), line
+
+
+@pytest.mark.parametrize("name", ["hermes.yaml", ".env"])
+def test_a_settings_file_that_is_not_utf8_is_named_with_the_offset(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_bytes(b"HERMES_MODEL: a\n# caf\xe9\n")  # Latin-1, from an editor
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert raised.value.lines == [f"{name}: not UTF-8 text (byte 0xe9 at offset 21, line 2); save it as UTF-8"]

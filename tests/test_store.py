@@ -272,8 +272,18 @@ async def test_export_is_json_with_everything(store: ConversationStore) -> None:
         "discord_message_id": 2, "role": "assistant", "persona_id": "hermes", "reply_to_id": 1, "content": "hi",
     }
     assert datetime.fromisoformat(second["created_at"]).tzinfo is not None
-    empty = await store.export(DM)
-    assert empty["messages"] == [] and empty["guild_id"] is None
+
+
+async def test_export_of_a_key_with_nothing_stored_is_none(store: ConversationStore) -> None:
+    """A mistyped key (a thread's id given as a channel, say) must not pass for an empty conversation; a
+    conversation with settings and no messages is still a record."""
+    await add(store, THREAD, 1, "in the thread")
+    await store.set_autorespond(DM, True)
+    assert await store.export(ConversationKey(guild_id=1, channel_id=3)) is None
+    assert await store.export(GUILD) is None  # the thread's parent channel has stored nothing itself
+    settings_only = await store.export(DM)
+    assert settings_only is not None and settings_only["messages"] == [] and settings_only["guild_id"] is None
+    assert settings_only["settings"]["autorespond"] is True
 
 
 # -- channel settings --------------------------------------------------------------------------------
@@ -466,6 +476,7 @@ async def test_a_database_that_refuses_connections_is_store_unavailable() -> Non
 def test_db_export_of_a_database_without_the_schema_says_to_upgrade(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    (tmp_path / "new.db").touch()  # an empty file is an empty SQLite database
     monkeypatch.setenv("HERMES_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'new.db'}")
     assert main(["db", "export", "g1/c2"]) == 1
     err = capsys.readouterr().err

@@ -7,14 +7,14 @@ upgrade at start, done on SQLite alone, looks at the URL.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -46,13 +46,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def sqlite_file(database_url: str | URL) -> Path | None:
+    """The file a SQLite URL names, `~` expanded (SQLite itself would read `~` as a folder name); None for
+    PostgreSQL, memory and `file:` URIs, which SQLite resolves itself."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return None if url.database.startswith("file:") else Path(url.database).expanduser()
+
+
 def make_engine(database_url: str) -> AsyncEngine:
     """An AsyncEngine for `database_url`; for a SQLite file, creates its directory first."""
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite":
         return create_async_engine(url, pool_pre_ping=True)
-    if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
-        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if path := sqlite_file(url):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        url = url.set(database=str(path))
     engine = create_async_engine(url)
     event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
@@ -73,10 +83,18 @@ class Sessions:
         return _unavailable_on_failure(self._maker.begin())
 
 
-@asynccontextmanager
-async def _unavailable_on_failure(context: AbstractAsyncContextManager[AsyncSession]) -> AsyncIterator[AsyncSession]:
+@contextmanager
+def unavailable_on_failure() -> Iterator[None]:
+    """A database failure inside leaves as StoreUnavailable: one line for the CLI, not the driver's traceback
+    (`hermes-bot db upgrade` runs Alembic on the engine directly, outside any store session)."""
     try:
-        async with context as session:
-            yield session
+        yield
     except _DATABASE_ERRORS as exc:
         raise StoreUnavailable(f"the database failed: {exc}") from exc
+
+
+@asynccontextmanager
+async def _unavailable_on_failure(context: AbstractAsyncContextManager[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    with unavailable_on_failure():
+        async with context as session:
+            yield session

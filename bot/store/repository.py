@@ -305,27 +305,25 @@ class ConversationStore:
         async with self._sessions() as session:
             return int(await session.scalar(select(func.count()).select_from(Message)) or 0)
 
-    async def export(self, key: ConversationKey) -> dict[str, Any]:
-        """The whole record of a conversation as JSON-ready data, history before resets included."""
+    async def export(self, key: ConversationKey) -> dict[str, Any] | None:
+        """The whole record of a conversation as JSON-ready data, history before resets included; None when
+        nothing is stored under `key` (a mistyped key must not pass for an empty conversation)."""
         async with self._sessions() as session:
             conversation = await self._conversation(session, key)
+            if conversation is None:
+                return None
             messages = (
-                []
-                if conversation is None
-                else (
-                    await session.scalars(
-                        select(Message).where(Message.conversation_id == conversation.id).order_by(Message.id)
-                    )
-                ).all()
-            )
+                await session.scalars(
+                    select(Message).where(Message.conversation_id == conversation.id).order_by(Message.id)
+                )
+            ).all()
             settings = await self._applying_settings(session, key, conversation)
-        reset_after = 0 if conversation is None else conversation.reset_after_id
         return {
             "conversation": key.as_str(),
             "guild_id": key.guild_id,
             "channel_id": key.channel_id,
             "thread_id": key.thread_id,
-            "reset_at": None if conversation is None else _iso(conversation.reset_at),
+            "reset_at": _iso(conversation.reset_at),
             "settings": asdict(settings),
             "messages": [
                 {
@@ -339,7 +337,7 @@ class ConversationStore:
                     "created_at": _iso(m.created_at),
                     "edited_at": _iso(m.edited_at),
                     "deleted_at": _iso(m.deleted_at),
-                    "in_context": m.id > reset_after and m.deleted_at is None,
+                    "in_context": m.id > conversation.reset_after_id and m.deleted_at is None,
                 }
                 for m in messages
             ],

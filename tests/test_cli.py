@@ -1,0 +1,116 @@
+"""`python -m bot` run as a process on bad input: one line that names the problem, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.store.keys import ConversationKey
+from bot.store.repository import ConversationStore
+from tests.services import free_port
+
+
+def hermes(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`hermes-bot ARGS` in `cwd`, with no HERMES_* setting but `env` (and none from the caller's shell)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_") and k != "DISCORD_TOKEN"}
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args], cwd=cwd, env=clean | env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("hermes-bot: ")
+    return result.stderr
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("sqlite+aiosqlite://data/h.db", "a SQLite URL names a file after three slashes"),
+    ("postgresql+asyncpg://hermes:s3cret@db:notaport/hermes", "the port after host: must be a number"),
+    ("sqlite+aiosqlite:///:memory:", "names no file, so SQLite would keep an in-memory database"),
+])
+def test_a_database_url_no_driver_can_use_is_refused_the_same_way_by_every_command(
+    tmp_path: Path, url: str, problem: str
+) -> None:
+    """The settings check used to pass these, and each command then failed its own way: a traceback, or
+    (`:memory:`) an upgrade that "worked" on a database gone at exit."""
+    for command in (["db", "upgrade"], ["db", "export", "g1/c2"], ["run"]):
+        result = hermes(tmp_path, *command, HERMES_DATABASE_URL=url, DISCORD_TOKEN="token")
+        assert result.returncode == 2, (command, result.stderr)
+        err = one_line_error(result)
+        assert err.startswith(f"hermes-bot: invalid setting HERMES_DATABASE_URL: {problem}"), err
+        assert "s3cret" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_db_upgrade_of_an_unreachable_postgresql_is_one_line(tmp_path: Path) -> None:
+    url = f"postgresql+asyncpg://hermes:s3cret@127.0.0.1:{free_port()}/hermes"
+    result = hermes(tmp_path, "db", "upgrade", HERMES_DATABASE_URL=url)
+    assert result.returncode == 1
+    err = one_line_error(result)
+    assert err.startswith("hermes-bot: the database failed: ") and "Connect call failed" in err
+    assert "s3cret" not in err
+
+
+def test_db_upgrade_of_a_missing_postgresql_database_does_not_say_to_run_db_upgrade(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """The missing-schema hint is for a missing table; `db upgrade` cannot create the database itself."""
+    result = hermes(tmp_path, "db", "upgrade", HERMES_DATABASE_URL=postgres_url.rsplit("/", 1)[0] + "/no_such_db")
+    assert result.returncode == 1
+    err = one_line_error(result)
+    assert 'database "no_such_db" does not exist' in err and "db upgrade" not in err
+
+
+def test_a_tilde_in_a_sqlite_path_is_the_home_folder(tmp_path: Path) -> None:
+    """As in a shell: `~` is the home folder, for the folder make_engine creates and the file SQLite opens."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    url = "sqlite+aiosqlite:///~/x/hermes.db"
+    result = hermes(tmp_path / "work", "db", "upgrade", HERMES_DATABASE_URL=url, HOME=str(tmp_path / "home"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "home" / "x" / "hermes.db").is_file()
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_db_export_of_a_key_with_nothing_stored_says_so_and_fails(tmp_path: Path) -> None:
+    """A thread's key names its parent channel; exporting the thread id as a channel must not print an
+    empty record as if the conversation were merely empty."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'hermes.db'}"
+
+    async def fill() -> None:
+        store = await ConversationStore.open(url, migrate=True)
+        await store.append(ConversationKey(1, 2, 3), discord_message_id=1, author_id=7, author_name="ann",
+                           role="user", content="in the thread")
+        await store.close()
+
+    asyncio.run(fill())
+    result = hermes(tmp_path, "db", "export", "g1/c3", HERMES_DATABASE_URL=url)
+    assert result.returncode == 2 and result.stdout == ""
+    err = one_line_error(result)
+    assert "no conversation is stored under g1/c3" in err and "g<guild>/c<parent channel>/t<thread>" in err
+    found = hermes(tmp_path, "db", "export", "g1/c2/t3", HERMES_DATABASE_URL=url)
+    assert found.returncode == 0 and '"content": "in the thread"' in found.stdout
+
+
+def test_db_export_of_a_missing_sqlite_file_does_not_create_it(tmp_path: Path) -> None:
+    result = hermes(tmp_path, "db", "export", "g1/c2", HERMES_DATABASE_URL="sqlite+aiosqlite:///data/hermes.db")
+    assert result.returncode == 2
+    err = one_line_error(result)
+    assert err.startswith("hermes-bot: the database file data/hermes.db (HERMES_DATABASE_URL) does not exist")
+    assert str(tmp_path) in err  # where a relative path starts
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hermes_yaml_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    (tmp_path / "hermes.yaml").write_bytes(b"\xff\xfe bad")
+    result = hermes(tmp_path, "personas", "list")
+    assert result.returncode == 2
+    assert one_line_error(result) == (
+        "hermes-bot: hermes.yaml: not UTF-8 text (byte 0xff at offset 0, line 1); save it as UTF-8\n"
+    )
