@@ -20,7 +20,7 @@ from bot.personas import PersonaError, UnknownPersona
 from bot.prompt import PromptTooLong
 from bot.prompt_cli import ConversationInputError
 from bot.queue.base import QueueUnavailable
-from bot.store.db import StoreUnavailable, sqlite_file, unavailable_on_failure
+from bot.store.db import StoreUnavailable, UnknownSchema, sqlite_file, unavailable_on_failure
 from bot.store.keys import ConversationKey
 
 
@@ -29,7 +29,9 @@ class UsageError(Exception):
 
 
 # Errors whose message is the whole story: printed as one line, exit status 2.
-USER_ERRORS = (UsageError, PersonaError, UnknownPersona, ConversationInputError, PromptTooLong, QueueUnavailable)
+USER_ERRORS = (
+    UsageError, PersonaError, UnknownPersona, ConversationInputError, PromptTooLong, QueueUnavailable, UnknownSchema,
+)
 
 
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,15 @@ def test_a_hermes_yaml_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     assert one_line_error(result) == (
         "hermes-bot: hermes.yaml: not UTF-8 text (byte 0xff at offset 0, line 1); save it as UTF-8\n"
     )
+
+
+def test_a_database_a_newer_hermes_bot_upgraded_is_named_as_such(tmp_path: Path) -> None:
+    """Rolling back to an older version after an upgrade: Alembic's "Can't locate revision" traceback
+    said nothing about versions, from `db upgrade` and from every command that upgrades at start."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'hermes.db'}"
+    assert hermes(tmp_path, "db", "upgrade", HERMES_DATABASE_URL=url).returncode == 0
+    with sqlite3.connect(tmp_path / "hermes.db") as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '0999'")
+    result = hermes(tmp_path, "db", "upgrade", HERMES_DATABASE_URL=url)
+    assert result.returncode == 2
+    assert "schema is at revision 0999, which this hermes-bot does not know: a newer" in one_line_error(result)

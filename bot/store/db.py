@@ -27,6 +27,10 @@ _DATABASE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+class UnknownSchema(Exception):
+    """The database's schema revision is none of this hermes-bot's: a newer version upgraded it."""
+
+
 class StoreUnavailable(Exception):
     """The database failed under a store call. Callers that talk to users catch this one type to answer
     instead of going quiet; a network error elsewhere (Discord's) is never mistaken for it."""

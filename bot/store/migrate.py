@@ -12,9 +12,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.engine import Connection, make_url
 
-from bot.store.db import make_engine
+from bot.store.db import UnknownSchema, make_engine
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,16 @@ def _upgrade_connection(connection: Connection) -> tuple[str | None, str | None]
     before = MigrationContext.configure(connection).get_current_revision()
     config = alembic_config()
     config.attributes["connection"] = connection
-    command.upgrade(config, "head")
+    try:
+        command.upgrade(config, "head")
+    except CommandError:
+        known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
+        if before is not None and before not in known:
+            raise UnknownSchema(
+                f"the database's schema is at revision {before}, which this hermes-bot does not know: a newer "
+                f"hermes-bot upgraded it (this one reaches {head_revision()}); run that version or a newer one"
+            ) from None
+        raise
     return before, MigrationContext.configure(connection).get_current_revision()
 
 
