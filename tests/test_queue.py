@@ -641,6 +641,22 @@ async def test_a_reply_stream_rides_out_redis_being_unreachable_for_seconds(
     assert isinstance(events[-1], Done)
 
 
+async def test_a_reply_stream_ends_when_its_queue_closes(redis_harness: Harness) -> None:
+    """Riding out an outage must not outlive close(): the bot's shutdown would leave readers going on
+    new connections close() never sees."""
+    bot = redis_harness.start()
+    worker = redis_harness.worker()
+    j = job()
+    await bot.submit(j)
+    await fetch_one(worker)
+    reader = asyncio.create_task(collect(bot, j.job_id))
+    await asyncio.sleep(0.2)
+    await bot.close()
+    with pytest.raises(QueueUnavailable):
+        async with asyncio.timeout(2):
+            await reader
+
+
 async def test_a_worker_whose_heartbeats_stalled_does_not_take_its_own_job_again(redis_harness: Harness) -> None:
     """A worker paused past the claim idle time, with nobody else around, finds its own job idle: taking
     it as a new delivery would run it twice at once, both runs unfenced."""

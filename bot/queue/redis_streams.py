@@ -237,7 +237,7 @@ class RedisStreamsQueue(JobQueue):
                                                 block_ms=block_ms)
             except QueueUnavailable as exc:
                 outage_began = outage_began or time.monotonic()
-                if time.monotonic() - outage_began >= STREAM_OUTAGE_S:
+                if self._closing.is_set() or time.monotonic() - outage_began >= STREAM_OUTAGE_S:
                     raise
                 log.warning("reading reply %s: %s; trying again", job_id, exc)
                 await asyncio.sleep(STREAM_RETRY_S)
