@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import re
 import struct
@@ -164,13 +165,17 @@ def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:
 
 
 def _wake_words(name: str) -> list[str]:
-    """The first word of the name after any titles ("Professor Layton" answers to "layton"); none for a name
-    that is one word (the name itself already wakes the persona), only titles, or starts with an article:
-    "The Narrator" must not answer every sentence that starts with "the"."""
+    """A short form of the name that addresses the persona: its first word ("Mira Vance" answers to "mira",
+    "Captain Mira Vance" too, past the title). None when that word would catch ordinary sentences: an
+    article ("The Narrator" must not answer every "the ..."), or the one word after a title ("Dr. Who",
+    "Doctor Strange": "who", "strange"). A one-word name needs none (the name wakes the persona), unless
+    symbols dress it ("🦊 Kitsune" answers to "kitsune")."""
     words = [word for word in re.split(r"\W+", name.lower()) if word]
-    first = next((word for word in words if word not in TITLES), "")
-    meaningful = len(first) >= 3 and first not in NOT_A_NAME and [first] != words
-    return [first] if meaningful else []
+    rest = list(itertools.dropwhile(lambda word: word in TITLES, words))
+    if not rest or (len(rest) == 1 and (rest != words or rest[0] == name.strip().lower())):
+        return []
+    first = rest[0]
+    return [first] if len(first) >= 3 and first not in NOT_A_NAME else []
 
 
 def _book(book: Any, name: str) -> tuple[list[str], list[dict[str, Any]]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.character_cards import card_to_persona
 from bot.cli import main
 from bot.personas import PersonaRegistry
 
@@ -212,17 +213,23 @@ def test_a_cards_lorebook_becomes_lore_and_constant_entries_join_the_prompt(
 
 
 def test_an_article_or_title_is_not_made_a_wake_word(tmp_path: Path, personas_dir: Path) -> None:
-    """A title before the name is skipped: "Professor Layton" answers to "layton", not to every "professor"."""
+    """A title before the name is skipped ("Captain Mira Vance" answers to "mira", not to every "captain"),
+    but the one word after a title is no wake word: "Dr. Who" must not answer every "Who ...?"."""
     for name, expected in (
-        ("The Narrator", []), ("Dr. Watson", ["watson"]), ("Mira Vance", ["mira"]), ("Professor Layton", ["layton"]),
-        ("Detective Pikachu", ["pikachu"]), ("Queen Elara", ["elara"]), ("Lt. Sgt. Kowalski", ["kowalski"]),
-        ("Captain", []), ("Lady Macbeth", ["macbeth"]),
+        ("The Narrator", []), ("Mira Vance", ["mira"]), ("Dr. John Watson", ["john"]), ("Lt. Sgt. Kowalski", []),
+        ("Dr. Who", []), ("Doctor Strange", []), ("Lady Luck", []), ("Captain", []), ("Professor Layton", []),
     ):
         card = tmp_path / "card.json"
         card.write_text(json.dumps({"name": name, "description": "x"}))
         assert main(["personas", "import", str(card), "--force"]) == 0
         persona = PersonaRegistry.load(personas_dir).get(name.lower().replace(". ", "_").replace(" ", "_"))
         assert persona.wake_words == expected, name
+
+
+@pytest.mark.parametrize(("name", "expected"), [("🦊 Kitsune", ["kitsune"]), ("Sakura ✿", ["sakura"]), ("Kitsune", [])])
+def test_a_name_dressed_in_symbols_answers_to_its_word(name: str, expected: list[str]) -> None:
+    """Nobody types the fox emoji to talk to "🦊 Kitsune"; a plain one-word name already wakes its persona."""
+    assert card_to_persona({"name": name, "description": "x"})["wake_words"] == expected
 
 
 def test_without_a_personas_folder_the_bundled_ones_load_and_an_import_starts_from_them(
