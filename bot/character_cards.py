@@ -27,6 +27,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CARD_CHUNKS = ("ccv3", "chara")  # V3 first: a V3 PNG also keeps a V2 copy under "chara"
 MAX_CARD_TEXT = 16 * 2**20  # a compressed chunk is inflated up to this many bytes, no further
 DIALOGUE_USER = "friend"
+CHAR_MACRO = re.compile(r"\{\{char\}\}|<BOT>", re.IGNORECASE)
+USER_MACRO = re.compile(r"\{\{user\}\}|<USER>", re.IGNORECASE)
 NOT_A_NAME = {"the", "a", "an", "old", "young", "my"}  # a name starting with one of these gets no wake word
 # Titles, ranks and honorifics before a name: "Captain Mira Vance" answers to "mira", not to "captain".
 TITLES = frozenset("""
@@ -192,7 +194,10 @@ def _book(book: Any, name: str) -> tuple[list[str], list[dict[str, Any]]]:
         content = _fill(str(entry.get("content") or "").strip(), name, "the user")
         raw = entry.get("keys") or []
         raw = raw.split(",") if isinstance(raw, str) else raw  # some cards give "forest, glade"
-        keys = [str(key).strip() for key in raw if str(key).strip()] if isinstance(raw, list) else []
+        # A key naming the user can match no one's real name: left out; "{{char}}'s ship" is the name's.
+        keys = [
+            _fill(str(key).strip(), name, "") for key in raw if str(key).strip() and not USER_MACRO.search(str(key))
+        ] if isinstance(raw, list) else []
         if not content:
             continue
         if entry.get("constant"):
@@ -205,8 +210,7 @@ def _book(book: Any, name: str) -> tuple[list[str], list[dict[str, Any]]]:
 def _fill(text: str, name: str, user: str) -> str:
     """The card's macros as plain text: `{{char}}`/`<BOT>` the name, `{{user}}`/`<USER>` `user`."""
     # Functions as replacements: a name is text, never a template (`Dr. \1` must not read as a group).
-    named = re.sub(r"\{\{char\}\}|<BOT>", lambda _: name, text, flags=re.I)
-    return re.sub(r"\{\{user\}\}|<USER>", lambda _: user, named, flags=re.I)
+    return USER_MACRO.sub(lambda _: user, CHAR_MACRO.sub(lambda _: name, text))
 
 
 def _first_line(text: str, limit: int = 200) -> str:

@@ -196,8 +196,9 @@ def test_a_cards_lorebook_becomes_lore_and_constant_entries_join_the_prompt(
     tmp_path: Path, personas_dir: Path
 ) -> None:
     book = {"entries": [
-        {"keys": ["Gull"], "content": "{{char}}'s ship, the Gull, leaks.", "enabled": True},
+        {"keys": ["Gull", "{{char}}'s ship"], "content": "{{char}}'s ship, the Gull, leaks.", "enabled": True},
         {"keys": [], "content": "{{char}} never lies to {{user}}.", "constant": True},
+        {"keys": ["{{user}}"], "content": "Only the user's name would trigger this."},
         {"keys": ["station"], "content": "A disabled note.", "enabled": False},
         {"keys": [], "content": "Keyless and not constant: nothing to trigger it."},
     ]}
@@ -205,8 +206,8 @@ def test_a_cards_lorebook_becomes_lore_and_constant_entries_join_the_prompt(
     card.write_text(json.dumps({**CARD_V2, "data": {**CARD_V2["data"], "character_book": book}}))
     assert main(["personas", "import", str(card)]) == 0
     persona = PersonaRegistry.load(personas_dir).get("captain_mira_vance")
-    assert [(entry.keys, entry.content) for entry in persona.lore] == [
-        (["Gull"], "Captain Mira Vance's ship, the Gull, leaks.")
+    assert [(entry.keys, entry.content) for entry in persona.lore] == [  # macros in keys: names, or left out
+        (["Gull", "Captain Mira Vance's ship"], "Captain Mira Vance's ship, the Gull, leaks.")
     ]
     assert persona.system_prompt.endswith("Captain Mira Vance never lies to the user.")
     assert "disabled note" not in (personas_dir / "captain_mira_vance.yaml").read_text()
