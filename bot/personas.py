@@ -56,6 +56,14 @@ def _without_blank_entries(value: list[str]) -> list[str]:
 
 NonBlankStrings = Annotated[list[str], AfterValidator(_without_blank_entries)]
 
+# Scripts that run words together (Chinese, Japanese, Thai) or attach particles to them (Korean): a name or
+# key written in them has no word boundary after it in a sentence.
+UNSPACED_SCRIPTS = re.compile("[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+
+
+def _unspaced(char: str) -> bool:
+    return UNSPACED_SCRIPTS.match(char) is not None
+
 
 class LoreEntry(BaseModel):
     """Background the persona is told only while the conversation mentions it (SillyTavern's world
@@ -68,9 +76,14 @@ class LoreEntry(BaseModel):
 
     @cached_property
     def pattern(self) -> re.Pattern[str]:
-        """Any key as a whole word, in any case; compiled once per entry, not on every reply."""
-        words = "|".join(re.escape(key.strip()) for key in self.keys)
-        return re.compile(rf"(?<!\w)(?:{words})(?!\w)", re.IGNORECASE)
+        """Any key as a whole word, in any case; compiled once per entry, not on every reply. Where a key
+        ends in a script written without spaces (東京に行きたい), that end needs no word boundary."""
+        words = []
+        for key in (key.strip() for key in self.keys):
+            before = "" if _unspaced(key[0]) else r"(?<!\w)"
+            after = "" if _unspaced(key[-1]) else r"(?!\w)"
+            words.append(f"{before}{re.escape(key)}{after}")
+        return re.compile("|".join(words), re.IGNORECASE)
 
 
 class Persona(BaseModel):
@@ -316,7 +329,17 @@ class PersonaRegistry:
         for persona in pool:
             for word in persona.addressed_by():
                 w = word.lower()
-                if lowered.startswith(w) and (len(lowered) == len(w) or not lowered[len(w)].isalnum()):
+                if lowered.startswith(w) and _ends_address(lowered, len(w)):
                     if best is None or len(w) > best[0]:
                         best = (len(w), persona)
         return best[1] if best else None
+
+
+def _ends_address(text: str, end: int) -> bool:
+    """Whether a name that starts `text` and ends at `end` is said to someone ("Ed, ...", "Ed!"), not part
+    of a longer word ("Edwardian") or a possessive ("Ed's album"). Japanese and the like attach an
+    honorific or particle to the name itself (ミラさん、...)."""
+    if end == len(text) or _unspaced(text[end - 1]):
+        return True
+    following = text[end]
+    return not following.isalnum() and following not in "'\u2019"

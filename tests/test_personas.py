@@ -115,6 +115,19 @@ def test_addressing_by_name_or_wake_word() -> None:
     assert registry.find_addressed("Hermes 2 help").id == "hermes"  # type: ignore[union-attr]
     assert registry.find_addressed("Edwardian houses are nice") is None
     assert registry.find_addressed("Edward hi", candidates=["hermes"]) is None
+    # A possessive talks about someone, and everyday openers must not summon the shipped personas.
+    assert registry.find_addressed("Ed's new album is out") is None
+    assert registry.find_addressed("Sherlock’s hat is silly") is None
+    for opener in ("gm everyone!", "DM me the rules please", "helper functions in python?"):
+        assert registry.find_addressed(opener) is None, opener
+    assert registry.find_addressed("Game master, what do I see?").id == "narrator"  # type: ignore[union-attr]
+
+
+def test_a_japanese_name_with_an_honorific_attached_addresses_its_persona(tmp_path: Path) -> None:
+    write(tmp_path, "name: ミラ\nsystem_prompt: You are Mira.\n", name="mira.yaml")
+    registry = PersonaRegistry.load(tmp_path)
+    for text in ("ミラさん、こんにちは", "ミラちゃんおはよう", "ミラ、こんにちは"):
+        assert registry.find_addressed(text).id == "mira", text  # type: ignore[union-attr]
 
 
 def test_a_running_registry_picks_up_edits_and_keeps_working_personas(

@@ -245,6 +245,14 @@ def test_lore_comes_before_the_newest_turn_only_while_the_conversation_mentions_
     assert background(long_ago) is None  # out of the last six turns: out of the prompt
 
 
+def test_a_lore_key_in_a_script_without_spaces_fires_inside_a_sentence() -> None:
+    """Japanese and Chinese run words together: 東京 in 東京に行きたい is no "whole word" for a regex."""
+    entry = Persona(id="guide", name="Guide", system_prompt="You guide.",
+                    lore=[{"keys": ["東京", "Gull"], "content": "x"}]).lore[0]
+    assert entry.pattern.search("東京に行きたい") and entry.pattern.search("私は東京が好き")
+    assert entry.pattern.search("the Gull leaks") and not entry.pattern.search("Gullible folk")
+
+
 def test_a_lore_entry_needs_keys_and_content(tmp_path: Path) -> None:
     path = tmp_path / "keeper.yaml"
     path.write_text("name: Keeper\nsystem_prompt: You keep the inn.\nlore:\n  - keys: []\n    content: x\n")
