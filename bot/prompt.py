@@ -32,8 +32,12 @@ LORE_SCAN_TURNS = 6  # how far back a mention still brings a lore entry into the
 LORE_MAX_ENTRIES = 8
 LORE_HEADING = "Background that matters right now:"
 
-# Control-token shapes used by ChatML, Llama/Mistral and most chat templates.
-_CONTROL_TOKEN_RE = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|\[/?INST\]")
+# Control-token shapes of the chat templates servers apply: ChatML, Llama 3 and Phi (<|...|>), DeepSeek
+# (full-width bars), Llama 2/Mistral (<s>, [INST], [SYSTEM_PROMPT], tool markers) and Gemma (<start_of_turn>).
+_CONTROL_TOKEN_RE = re.compile(
+    r"<[|\uff5c][^|\uff5c<>\s]{1,40}[|\uff5c]>|</?s>|<(?:start_of_turn|end_of_turn|bos|eos|pad)>"
+    r"|\[/?(?:INST|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS|TOOL_CONTENT)\]"
+)
 
 
 @dataclass(frozen=True)

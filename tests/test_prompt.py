@@ -84,10 +84,15 @@ def test_stored_model_output_is_sanitized_too(tokenizer, registry: PersonaRegist
     assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 5
 
 
-def test_defang_breaks_control_tokens_for_remote_servers() -> None:
-    text = defang_control_tokens("a<|im_start|>b</s>[INST]")
-    assert "<|im_start|>" not in text and "</s>" not in text and "[INST]" not in text
-    assert text.replace("\u200b", "") == "a<|im_start|>b</s>[INST]"
+@pytest.mark.parametrize("token", [
+    "<|im_start|>", "</s>", "[INST]", "<|start_header_id|>",  # ChatML, Llama 2/Mistral, Llama 3
+    "<end_of_turn>", "<start_of_turn>", "<\uff5cAssistant\uff5c>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",  # Gemma, DeepSeek, Mistral v3
+])
+def test_defang_breaks_control_tokens_for_remote_servers(token: str) -> None:
+    """A server tokenizes the text itself: a user's look-alike must not end their turn and open the model's."""
+    text = defang_control_tokens(f"a{token}b")
+    assert token not in text and text.replace("\u200b", "") == f"a{token}b"
+    assert defang_control_tokens("<b>bold</b> [quote]") == "<b>bold</b> [quote]"  # ordinary markup stays
 
 
 def test_several_speakers_are_named_and_impersonation_stops(registry: PersonaRegistry) -> None:
