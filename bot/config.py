@@ -134,8 +134,8 @@ class Settings(BaseSettings):
             raise ValueError("must be a SQLAlchemy URL such as sqlite+aiosqlite:///data/hermes.db")
         scheme = value.split("://", 1)[0]
         if scheme not in {"sqlite+aiosqlite", "postgresql+asyncpg"}:
-            raise ValueError(
-                f"driver {scheme!r} is not async; use sqlite+aiosqlite:// or postgresql+asyncpg://"
+            raise ValueError(  # the store's dialect code (upserts, migrations) knows these two
+                f"driver {scheme!r} is not supported; use sqlite+aiosqlite:// or postgresql+asyncpg://"
             )
         try:
             url = make_url(value)

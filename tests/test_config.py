@@ -64,7 +64,7 @@ def test_each_invalid_setting_gets_one_line(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(lines) == 3
     assert any(line.startswith("invalid setting HERMES_ENGINE:") and "'vllm'" in line for line in lines)
     assert any("HERMES_QUEUE_URL" in line and "redis://" in line for line in lines)
-    assert any("HERMES_DATABASE_URL" in line and "not async" in line for line in lines)
+    assert any("HERMES_DATABASE_URL" in line and "not supported; use sqlite+aiosqlite" in line for line in lines)
 
 
 def test_shard_settings(monkeypatch: pytest.MonkeyPatch) -> None:
