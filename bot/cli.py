@@ -8,6 +8,7 @@ exit with status 2; they never end in a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import sys
@@ -311,3 +312,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `hermes-bot personas list | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 1

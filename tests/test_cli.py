@@ -127,3 +127,13 @@ def test_a_database_a_newer_hermes_bot_upgraded_is_named_as_such(tmp_path: Path)
     result = hermes(tmp_path, "db", "upgrade", HERMES_DATABASE_URL=url)
     assert result.returncode == 2
     assert "schema is at revision 0999, which this hermes-bot does not know: a newer" in one_line_error(result)
+
+
+def test_output_into_a_pipe_closed_early_ends_quietly(tmp_path: Path) -> None:
+    """`hermes-bot personas validate | head -1` ended in a BrokenPipeError traceback."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
+    listing = subprocess.Popen([sys.executable, "-m", "bot", "personas", "validate"], cwd=tmp_path, env=clean,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert listing.stdout is not None and listing.stderr is not None
+    listing.stdout.close()  # like head, gone before the first line
+    assert "Traceback" not in listing.stderr.read().decode() and listing.wait(timeout=60) == 1
