@@ -7,16 +7,19 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
 from bot.config import Settings
+from bot.devtools import build_tokenizer
 from bot.engine import transformers_engine
 from bot.engine.base import EngineError, Finish, GenerationRequest, GenerationStream, TextChunk
 from bot.engine.decode import KV_BLOCK, DecodeGraphs, decode_logits
 from bot.engine.kv import (
+    Attention,
     PrefillCache,
     PrefixCache,
     PrefixEntry,
@@ -248,11 +251,11 @@ def test_a_padded_decode_bucket_matches_the_exact_step(loaded: tuple[Any, Any]) 
         mine.copy_(theirs)
     before = [buf[3].clone() for buf in padded_kv.keys]
     tokens, positions = [5, 17, 42], [7, 120, 31]
-    graphs = DecodeGraphs(model, padded_kv, None, capture=False)
+    graphs = DecodeGraphs(model, padded_kv, Attention(), capture=False)
     assert graphs.bucket(3, 121) == (4, 256)
     with torch.no_grad():
         padded = graphs.logits(tokens, positions)
-        exact = decode_logits(model, exact_kv, torch.tensor(tokens).unsqueeze(-1), torch.tensor(positions), 121, None)
+        exact = decode_logits(model, exact_kv, torch.tensor(tokens).unsqueeze(-1), torch.tensor(positions), 121, Attention())
     assert padded.shape == exact.shape == (3, model.config.vocab_size)
     assert torch.allclose(padded, exact, atol=1e-4)
     for mine, theirs in zip((*padded_kv.keys, *padded_kv.values), (*exact_kv.keys, *exact_kv.values), strict=True):
@@ -281,7 +284,7 @@ def test_a_padding_row_is_never_masked_whole_under_a_sliding_window(
 
     monkeypatch.setattr(model, "forward", spying_forward)
     with torch.no_grad():
-        DecodeGraphs(model, kv, 16, capture=False).logits([5, 6, 7], [20, 21, 22])
+        DecodeGraphs(model, kv, Attention(16), capture=False).logits([5, 6, 7], [20, 21, 22])
     (mask,) = masks
     assert mask.shape == (4, 1, 1, 256)
     assert bool(mask.any(dim=-1).all())
@@ -316,10 +319,51 @@ async def test_after_a_failed_capture_decode_steps_are_exact_again(
 def test_decode_buckets_are_powers_of_two_rows_and_kv_blocks(loaded: tuple[Any, Any]) -> None:
     _, model = loaded
     kv = SlotKV(layers=1, slots=6, kv_heads=1, max_len=4096, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
-    graphs = DecodeGraphs(model, kv, None, capture=False)
+    graphs = DecodeGraphs(model, kv, Attention(), capture=False)
     assert [graphs.bucket(rows, 1)[0] for rows in range(1, 7)] == [1, 2, 4, 4, 6, 6]  # capped at the slots
     assert [graphs.bucket(1, n)[1] for n in (1, KV_BLOCK, KV_BLOCK + 1, 4000, 4096)] == [
         KV_BLOCK, KV_BLOCK, 2 * KV_BLOCK, 4096, 4096]
+
+
+def test_which_layers_a_sliding_window_applies_to() -> None:
+    def of(**fields: Any) -> Attention:
+        return Attention.of(SimpleNamespace(**fields))
+
+    assert of(sliding_window=None) == Attention()
+    assert of(sliding_window=4096) == Attention(4096)  # Mistral: every layer, no layer_types
+    assert of(sliding_window=16, layer_types=["full_attention"] * 2) == Attention()  # named, unused
+    assert of(sliding_window=16, layer_types=["sliding_attention", "full_attention"]) == Attention(16, mixed=True)
+    with pytest.raises(ValueError, match=r"\['chunked_attention'\] are not supported"):
+        of(sliding_window=16, layer_types=["chunked_attention", "full_attention"])
+    masks = Attention(2, mixed=True).masks(torch.tensor([[3]]), 4)
+    assert isinstance(masks, dict) and masks["full_attention"].sum() == 4 and masks["sliding_attention"].sum() == 2
+
+
+@pytest.mark.parametrize("graph_buckets", [False, True], ids=["eager-decode", "graph-buckets"])
+async def test_full_attention_layers_see_past_a_sliding_window(graph_buckets: bool) -> None:
+    """Gemma 3 alternates windowed and full-attention layers. One windowed mask for the whole model blinded
+    the full-attention layers past the window: every reply to a prompt over 16 tokens differed from generate()."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    tokenizer = build_tokenizer(model_max_length=1024)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    settings = Settings(device="cpu", max_batch_size=2, context_tokens=1024)
+    engine = TransformersEngine(settings, model=model, tokenizer=tokenizer, cuda_graphs=graph_buckets)
+    await engine.start()
+    try:
+        prompts = [chat("Once upon a time, in a land far away, there lived a dragon. " * 3), chat("Hi there.")]
+        outs = await asyncio.gather(*(engine.generate_text(GenerationRequest(f"s{i}", p, GREEDY)) for i, p in enumerate(prompts)))
+        for prompt, (text, _) in zip(prompts, outs, strict=True):
+            assert text == reference(engine, prompt, 24)
+    finally:
+        await engine.close()
 
 
 # --- the engine -------------------------------------------------------------------------------
@@ -425,6 +469,11 @@ async def test_resume_continues_after_the_assistant_prefix(engine: TransformersE
 async def test_a_resumed_reply_that_has_all_its_tokens_ends_at_once(engine: TransformersEngine) -> None:
     written = "and so on " * 20  # more tokens than GREEDY's 24
     text, finish = await engine.generate_text(GenerationRequest("done", chat("Go on."), GREEDY, assistant_prefix=written))
+    assert (text, finish.reason, finish.completion_tokens) == ("", "length", 0)
+    # So does one whose written text fills the context (a persona whose max_new_tokens reach its end).
+    long_budget = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=4000)
+    full = GenerationRequest("full", chat("Go on."), long_budget, assistant_prefix="and so on " * 400)
+    text, finish = await engine.generate_text(full)
     assert (text, finish.reason, finish.completion_tokens) == ("", "length", 0)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from bot.engine.kv import DecodeCache, SlotKV, causal_mask
+from bot.engine.kv import Attention, DecodeCache, SlotKV
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +34,20 @@ WARM_UP_RUNS = 2  # eager runs on a side stream before a capture, so lazy initia
 
 
 def decode_logits(
-    model: Any, kv: SlotKV, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, window: int | None,
+    model: Any, kv: SlotKV, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, attention: Attention,
     *, pad_position: int | None = None,
 ) -> torch.Tensor:
     """Next-token logits [rows, vocab] for `tokens` [rows, 1] of slots 0..rows-1 at `positions` [rows].
     Rows at `pad_position` are padding: they also see key 0 (module docstring)."""
     query_positions = positions.unsqueeze(-1)
-    mask = causal_mask(query_positions, kv_len, window)
+    masks = attention.masks(query_positions, kv_len)
     if pad_position is not None:
-        mask[..., 0] |= (query_positions == pad_position).unsqueeze(-1)
+        for mask in masks.values() if isinstance(masks, dict) else (masks,):
+            mask[..., 0] |= (query_positions == pad_position).unsqueeze(-1)
     return model(
         input_ids=tokens,
         position_ids=query_positions,
-        attention_mask=mask,
+        attention_mask=masks,
         cache=DecodeCache(kv, positions, kv_len),
         use_cache=True,
         logits_to_keep=1,
@@ -60,8 +61,8 @@ class DecodeGraphs:
     capture fails, `failed` is set and the engine goes back to exact eager steps.
     """
 
-    def __init__(self, model: Any, kv: SlotKV, window: int | None, *, capture: bool) -> None:
-        self.model, self.kv, self.window, self.capture = model, kv, window, capture
+    def __init__(self, model: Any, kv: SlotKV, attention: Attention, *, capture: bool) -> None:
+        self.model, self.kv, self.attention, self.capture = model, kv, attention, capture
         self.failed = False
         self.device = kv.keys[0].device
         # Row 0 the tokens, row 1 the positions: one host-to-device copy per step fills both.
@@ -104,7 +105,7 @@ class DecodeGraphs:
 
     def _forward(self, rows: int, kv_len: int) -> torch.Tensor:
         return decode_logits(
-            self.model, self.kv, self.inputs[0, :rows].unsqueeze(-1), self.inputs[1, :rows], kv_len, self.window,
+            self.model, self.kv, self.inputs[0, :rows].unsqueeze(-1), self.inputs[1, :rows], kv_len, self.attention,
             pad_position=self.pad_position,
         )
 

@@ -103,6 +103,36 @@ def prefill_positions(starts: list[int], lengths: list[int], device: torch.devic
     return torch.maximum(first + offsets, torch.tensor(starts, device=device).unsqueeze(-1))
 
 
+Masks = torch.Tensor | dict[str, torch.Tensor]  # one for every layer, or one per layer type
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Which keys a model's layers see: causal, and within `window` on sliding layers. A model that mixes
+    full-attention layers with sliding ones (Gemma 2 and 3, Cohere 2, Qwen with max_window_layers) takes one
+    mask per layer type: one windowed mask would blind its full-attention layers past the window."""
+
+    window: int | None = None
+    mixed: bool = False
+
+    @classmethod
+    def of(cls, text_config: Any) -> Attention:
+        window = getattr(text_config, "sliding_window", None)
+        kinds = set(getattr(text_config, "layer_types", None) or ())
+        unknown = kinds - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise ValueError(f"attention layer types {sorted(unknown)} are not supported")
+        if window is None or (kinds and "sliding_attention" not in kinds):
+            return cls()
+        return cls(window, mixed="full_attention" in kinds)
+
+    def masks(self, positions: torch.Tensor, kv_len: int) -> Masks:
+        sliding = causal_mask(positions, kv_len, self.window)
+        if not self.mixed:
+            return sliding
+        return {"sliding_attention": sliding, "full_attention": causal_mask(positions, kv_len, None)}
+
+
 def causal_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
     """[n, 1, q, kv_len] bool mask from [n, q] positions: each query sees its slot's keys up to its
     own position (within the sliding window). Used for decode steps (q = 1) and prefills alike; a

@@ -37,11 +37,11 @@ from bot.engine.base import (
 )
 from bot.engine.decode import PAD_ID, DecodeGraphs, decode_logits
 from bot.engine.kv import (
+    Attention,
     PrefillCache,
     PrefixCache,
     PrefixEntry,
     SlotKV,
-    causal_mask,
     prefill_positions,
 )
 from bot.engine.sampling import apply_repetition_penalty, sample_next
@@ -197,7 +197,10 @@ class TransformersEngine(Engine):
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         limit = getattr(text_config, "max_position_embeddings", None) or self.settings.context_tokens
         self.max_len = min(self.settings.context_tokens, limit)
-        self.window = getattr(text_config, "sliding_window", None)
+        try:
+            self.attention = Attention.of(text_config)
+        except ValueError as exc:
+            raise EngineError(f"{self.settings.model}: {exc}") from None
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         slots = self.settings.max_batch_size
         dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
@@ -217,7 +220,7 @@ class TransformersEngine(Engine):
         self.eos_ids = self._eos_ids()
         on_gpu = self.device.type == "cuda"
         if self.cuda_graphs if self.cuda_graphs is not None else on_gpu:
-            self.graphs = DecodeGraphs(self.model, self.kv, self.window, capture=on_gpu)
+            self.graphs = DecodeGraphs(self.model, self.kv, self.attention, capture=on_gpu)
             if on_gpu:
                 with torch.inference_mode():
                     self.graphs.warm_up()
@@ -292,9 +295,7 @@ class TransformersEngine(Engine):
             written = self.tokenizer(
                 request.assistant_prefix, add_special_tokens=False, split_special_tokens=True
             )["input_ids"]
-        ids = [*prompt.ids, *written]
-        if len(ids) >= self.max_len:
-            raise EngineError(f"prompt of {len(ids)} tokens does not fit the {self.max_len}-token context")
+        ids = [*prompt.ids, *written]  # the prompt fits with room for a reply; written text may fill the rest
         max_new = min(request.sampling.max_new_tokens - len(written), self.max_len - len(ids))
         return _Running(
             stream=stream, ids=ids, prompt_len=len(ids), max_new=max_new,
@@ -369,7 +370,7 @@ class TransformersEngine(Engine):
         logits = self.model(
             input_ids=tokens,
             position_ids=positions,
-            attention_mask=causal_mask(positions, cache.kv_len, self.window),
+            attention_mask=self.attention.masks(positions, cache.kv_len),
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
@@ -395,7 +396,7 @@ class TransformersEngine(Engine):
         else:
             logits = decode_logits(
                 self.model, self.kv, torch.tensor(tokens, device=self.device).unsqueeze(-1),
-                torch.tensor(positions, device=self.device), max(positions) + 1, self.window,
+                torch.tensor(positions, device=self.device), max(positions) + 1, self.attention,
             )
         chosen = self._sample(logits.float(), slice(0, rows)).tolist()
         batch = list(self._running)
