@@ -250,6 +250,28 @@ async def test_webhook_is_reused_and_falls_back_to_bold_name_without_manage_webh
     assert got.webhook_id is None
 
 
+async def test_a_bot_muted_in_a_channel_keeps_its_personas_quiet_there(env: Env) -> None:
+    """Moderators mute a bot by denying it Send Messages; a webhook still posts (Discord checks no channel
+    permission for it), so the personas kept answering. The message is still remembered for later."""
+    from tests.fakediscord import Perm
+
+    w = env.world
+    muted = ~(Perm.SEND_MESSAGES | Perm.SEND_MESSAGES_IN_THREADS)
+    everyone = w.guild.everyone  # the fake has no channel overwrites: mute through both roles
+    await env.fake.set_role_permissions(everyone, Perm.EVERYONE_DEFAULT & muted)
+    await env.fake.set_bot_permissions(w.guild, Perm.BOT_DEFAULT & muted)
+    env.llm.script(Reply("speaking again"))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} are you there?")
+    key = ConversationKey(w.guild.id, w.general.id)
+    await eventually(lambda: _window_of(env, key, 1))
+    await env.fake.set_role_permissions(everyone, Perm.EVERYONE_DEFAULT)
+    await env.fake.set_bot_permissions(w.guild, Perm.BOT_DEFAULT)
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} and now?")
+    await persona_reply(env, w.general, "speaking again")
+    (asked,) = env.llm.requests
+    assert [m["content"] for m in asked["messages"][-2:]] == ["are you there?", "and now?"]  # one reply, to the second
+
+
 async def test_a_channel_whose_webhooks_are_all_taken_still_gets_replies(env: Env) -> None:
     """Discord refuses a 16th webhook with 400 (code 30007), not 403: the persona speaks as the bot."""
     w = env.world

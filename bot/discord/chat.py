@@ -244,6 +244,9 @@ class ChatCog(commands.Cog):
         A finished reply that starts with another active persona's name or wake word ("Sherlock, what do
         you make of this?") hands the turn to that persona, up to HERMES_PERSONA_HAND_OFFS times in a row.
         """
+        if not may_speak(channel):
+            log.info("not replying in %s: the bot may not send messages there", key)
+            return
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -266,7 +269,7 @@ class ChatCog(commands.Cog):
     async def introduce(self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona) -> None:
         """A persona that joins a channel posts its greeting, kept as its first turn there (in role-play
         the greeting sets the scene the model continues). Discord trouble is logged, not raised."""
-        if not persona.greeting:
+        if not persona.greeting or not may_speak(channel):
             return
         live = await self._live_reply(channel, persona)
         try:
@@ -428,6 +431,15 @@ def message_text(message: discord.Message, bot_id: int) -> str:
     notes += [f"[sticker: {sticker.name}]" for sticker in message.stickers]
     notes += [f"[forwarded message] {snapshot.content}".strip() for snapshot in message.message_snapshots]
     return "\n".join([text.strip(), *notes]).strip()
+
+
+def may_speak(channel: discord.abc.Messageable) -> bool:
+    """Whether the bot may post in `channel` itself. A webhook posts even where moderators muted the bot
+    (Discord checks no channel permission for it), so personas must ask this before they speak."""
+    if not isinstance(channel, discord.abc.GuildChannel | discord.Thread):
+        return True  # a DM
+    permissions = channel.permissions_for(channel.guild.me)
+    return permissions.send_messages_in_threads if isinstance(channel, discord.Thread) else permissions.send_messages
 
 
 def _is_role_of(bot_id: int, role: discord.Role) -> bool:
