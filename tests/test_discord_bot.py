@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 from bot.config import Settings
+from bot.discord import app as app_module
 from bot.discord.app import BotApp
 from bot.discord.commands import fit_lines, persona_choice
 from bot.discord.sync import command_signature
@@ -768,8 +769,12 @@ async def each_answered_once(
 
 
 async def test_one_process_runs_every_shard_discord_recommends(
-    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The second shard identifies 5 s after the first (discord.py keeps Discord's rate): READY for all
+    takes that long on top of the usual wait, which 13 shards used to overrun (here: 2 and a 2 s wait)."""
+    monkeypatch.setattr(app_module, "READY_TIMEOUT_S", 2.0)
     fake_discord.recommended_shards = 2
     w = discord_world
     channels = [await guild_on_shard(fake_discord, shard, 2, w.alice) for shard in (0, 1)]

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
@@ -35,6 +36,9 @@ from bot.store.repository import ConversationStore
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
+# discord.py identifies its shards one after another, 5 s apart (Discord's identify rate limit): READY
+# for all of them takes that long on top.
+SHARD_IDENTIFY_S = 5.0
 
 
 def point_discord_at(settings: Settings) -> None:
@@ -134,12 +138,19 @@ class BotApp:
         self.connection = connection = asyncio.create_task(self.bot.connect())
         self._tasks.append(connection)
         ready = asyncio.create_task(self.bot.wait_until_ready())
-        done, _ = await asyncio.wait({connection, ready}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
-        if ready not in done:
-            ready.cancel()
-            if connection in done:
-                connection.result()  # raises why the gateway connection ended
-            raise TimeoutError(f"no READY from the Discord gateway within {READY_TIMEOUT_S:.0f}s")
+        started = time.monotonic()
+        while True:
+            done, _ = await asyncio.wait({connection, ready}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            if ready in done:
+                return
+            # How many shards start is known once discord.py has asked Discord (auto-sharding).
+            shards = len(self.bot.shard_ids or ()) or self.bot.shard_count or 1
+            allowed = READY_TIMEOUT_S + SHARD_IDENTIFY_S * (shards - 1)
+            if connection in done or time.monotonic() - started >= allowed:
+                ready.cancel()
+                if connection in done:
+                    connection.result()  # raises why the gateway connection ended
+                raise TimeoutError(f"no READY from the Discord gateway within {allowed:.0f}s ({shards} shards)")
 
     async def close(self) -> None:
         """Finish replies in flight, then stop in reverse order of start; safe to call twice."""
