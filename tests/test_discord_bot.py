@@ -16,6 +16,7 @@ import pytest
 
 from bot.config import Settings
 from bot.discord import app as app_module
+from bot.discord import chat as chat_module
 from bot.discord.app import BotApp
 from bot.discord.commands import fit_lines, persona_choice
 from bot.discord.sync import command_signature
@@ -271,6 +272,27 @@ async def test_a_bot_muted_in_a_channel_keeps_its_personas_quiet_there(env: Env)
     await persona_reply(env, w.general, "speaking again")
     (asked,) = env.llm.requests
     assert [m["content"] for m in asked["messages"][-2:]] == ["are you there?", "and now?"]  # one reply, to the second
+
+
+async def test_a_message_superseded_while_waiting_gets_no_stopped_note(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HERMES_QUEUE_SUPERSEDE: "two" waits behind a slow reply and "three" replaces it. Nobody stopped
+    "two", yet the channel got a "*(stopped)*" message for it; its waiting notice goes too."""
+    monkeypatch.setattr(chat_module, "WAIT_NOTICE_POSITION", 1)
+    settings = make_settings(fake_discord, llm, tmp_path, queue_supersede=True, max_batch_size=1)
+    async with BotApp(settings, guild_ready_timeout=0.1) as app:
+        assert app.queue is not None
+        w, at = discord_world, f"<@{fake_discord.bot_user.id}>"
+        llm.script(Reply("slow " * 40, chunk_chars=5, delay_s=0.05), Reply("answer to three"))
+        await fake_discord.send_message(w.general, w.alice, f"{at} one")
+        await fake_discord.wait_for_message(w.general, lambda m: m.webhook_id is not None and "slow" in m.content)
+        await fake_discord.send_message(w.general, w.alice, f"{at} two")
+        await eventually(app.queue.depth)  # "two" waits behind "one"
+        await fake_discord.send_message(w.general, w.alice, f"{at} three")
+        await fake_discord.wait_for_message(w.general, lambda m: m.content == "answer to three", timeout=20)
+        assert [m.content for m in fake_discord.bot_messages(w.general) if "slow" not in m.content] == ["answer to three"]
 
 
 async def test_a_channel_whose_webhooks_are_all_taken_still_gets_replies(env: Env) -> None:

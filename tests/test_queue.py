@@ -237,7 +237,7 @@ async def test_fairness_per_conversation(harness: Harness) -> None:
     newest = job("chatty")
     assert await bot.submit(newest, supersede=True) == 2
     for j in chatty:
-        assert [e for _, e in await collect(bot, j.job_id)] == [Done(job_id=j.job_id, finish_reason="cancelled")]
+        assert [e for _, e in await collect(bot, j.job_id)] == [Done(job_id=j.job_id, finish_reason="superseded")]
     deliveries = await worker.fetch(8, 2000)
     assert [d.job.job_id for d in deliveries] == [quiet.job_id, newest.job_id]
 

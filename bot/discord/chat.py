@@ -46,6 +46,7 @@ TOO_SLOW = "Sorry, that took too long and I gave up. Please try again."
 STORE_DOWN = "Sorry, I can't reach my memory (the database) right now, so I can't answer. Please try again soon."
 EMPTY = "*(no reply)*"
 STOPPED = " *(stopped)*"
+SUPERSEDED = "superseded"  # not shown: the reply gives way to the one for a newer message
 
 
 def conversation_key(channel: discord.abc.Messageable | discord.abc.GuildChannel | None) -> ConversationKey:
@@ -342,6 +343,9 @@ class ChatCog(commands.Cog):
         text, ending = "", FAILED
         try:
             text, ending = await self._stream(channel, live, pending)
+            if ending is SUPERSEDED:  # it never started: nothing to show, and no "stopped" nobody asked for
+                await live.withdraw()
+                return None, False
             await live.finish(text + ending if text.strip() else ending or EMPTY)
         except DISCORD_FAILURES as exc:  # e.g. no permission to post here: nothing to show it on
             log.warning("could not deliver reply in %s: %s", key, exc)
@@ -384,7 +388,9 @@ class ChatCog(commands.Cog):
                         typing.cancel()
                         await live.show(text)
                 elif isinstance(event, Done):
-                    ending = {"cancelled": STOPPED, "deadline": TOO_SLOW}.get(event.finish_reason, "")
+                    ending = {"cancelled": STOPPED, "superseded": SUPERSEDED, "deadline": TOO_SLOW}.get(
+                        event.finish_reason, ""
+                    )
                 elif isinstance(event, ErrorEvent):
                     metrics.count_error(event.kind)
                     log.warning("reply failed kind=%s: %s", event.kind, event.message)

@@ -145,9 +145,16 @@ class LiveReply:
             elif chunk != self._shown[index]:
                 await asyncio.sleep(max(0.0, self._due_in(index)))
                 await deliver(lambda index=index, chunk=chunk: self._edit(index, chunk))
-        for message_id in self.ids[len(chunks) :]:
+        await self._delete_from(len(chunks))
+
+    async def withdraw(self) -> None:
+        """Remove every message shown: the waiting notice of a job that a newer message replaced."""
+        await self._starting_over_if_reopened(lambda _: self._delete_from(0), "")
+
+    async def _delete_from(self, first: int) -> None:
+        for message_id in self.ids[first:]:
             await deliver(lambda message_id=message_id: self._through_live_outlet(lambda: self.outlet.delete(message_id)))
-        del self.ids[len(chunks) :], self._shown[len(chunks) :], self._touched[len(chunks) :]
+        del self.ids[first:], self._shown[first:], self._touched[first:]
 
     async def _send(self, chunk: str) -> None:
         message_id = await self._through_live_outlet(lambda: self.outlet.send(chunk))

@@ -4,8 +4,8 @@ Lifecycle of a job (both transports):
 
     submit ──> waiting (has a position) ──fetch──> in flight (a worker owns it) ──complete──> gone
                   │                                   │  publish(TextDelta...), publish(Done|ErrorEvent)
-                  └─cancel/supersede: Done(cancelled)  └─release / owner died: back in line, redelivered
-                                                          with resume_text + next_seq (attempt + 1)
+                  └─cancel: Done(cancelled)            └─release / owner died: back in line, redelivered
+                    supersede: Done(superseded)           with resume_text + next_seq (attempt + 1)
 
 Retry semantics: a job is delivered at most `max_deliveries` times; the next delivery instead moves it
 to the dead letters and the bot receives `ErrorEvent(kind="dead_letter")`. Exactly one final event
@@ -92,8 +92,8 @@ class JobQueue(ABC):
 
         Raises QueueBusy when the queue holds `queue_max_waiting` waiting jobs, or when the job's
         conversation already holds `queue_max_per_conversation` of them. With `supersede=True`
-        the conversation's older waiting jobs are cancelled (their streams end with
-        Done(cancelled)) instead of raising for the per-conversation limit. A job without a
+        the conversation's older waiting jobs end (their streams with Done(superseded)) instead of
+        raising for the per-conversation limit. A job without a
         deadline gets `now + job_timeout_s`.
         """
 

@@ -35,7 +35,7 @@ class GenerationJob(BaseModel):
         return self.deadline is not None and (now if now is not None else time.time()) >= self.deadline
 
 
-FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
+FinishReason = Literal["stop", "length", "cancelled", "superseded", "deadline", "error"]
 
 
 class TextDelta(BaseModel):

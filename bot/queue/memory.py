@@ -65,7 +65,7 @@ class MemoryQueue(JobQueue):
         if supersede:
             for jid in same:
                 self._waiting.remove(jid)
-                self._finish(self._jobs[jid], Done(job_id=jid, finish_reason="cancelled"))
+                self._finish(self._jobs[jid], Done(job_id=jid, finish_reason="superseded"))
         elif len(same) >= self._max_per_conversation:
             raise QueueBusy(len(same), "conversation", self._max_per_conversation)
         if len(self._waiting) >= self._max_waiting:

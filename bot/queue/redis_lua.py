@@ -70,7 +70,7 @@ if ARGV[7] == '1' then
     unwait(old)
     drop_entry(redis.call('HGET', meta(old), 'entry'))
     redis.call('HSET', meta(old), 'cancelled', '1')
-    finish(old, done(old, 'cancelled'), ttl)
+    finish(old, done(old, 'superseded'), ttl)
   end
 else
   local n = redis.call('ZCARD', convkey)
