@@ -65,5 +65,5 @@ async def test_conversation_share_is_busy_unless_superseding(store: Conversation
     first = await newest_wins.start_reply(hermes_key, persona)
     second = await newest_wins.start_reply(hermes_key, persona)
     events = [event async for event in first.events()]
-    assert isinstance(events[-1], Done) and events[-1].finish_reason == "cancelled"
+    assert isinstance(events[-1], Done) and events[-1].finish_reason == "superseded"
     assert await newest_wins.queue.position(second.job.job_id) == 1
