@@ -29,7 +29,7 @@ from worker_throughput import measure  # noqa: E402
 from bot.config import Settings  # noqa: E402
 from bot.devtools import build_tokenizer  # noqa: E402
 from bot.engine.decode import DecodeGraphs, decode_logits  # noqa: E402
-from bot.engine.kv import SlotKV  # noqa: E402
+from bot.engine.kv import Attention, SlotKV  # noqa: E402
 
 
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, vocab: int, tokenizer: object):  # type: ignore[no-untyped-def]
@@ -67,7 +67,7 @@ def graph_check(model: torch.nn.Module, rows: int = 11, slots: int = 16) -> dict
     )
     for buf in (*kv.keys, *kv.values):
         buf.normal_()
-    graphs = DecodeGraphs(model, kv, None, capture=True)
+    graphs = DecodeGraphs(model, kv, Attention(), capture=True)
     diffs = []
     for first_token, first_position in ((5, 30), (300, 41)):  # both steps fall in the (16 rows, 256) bucket
         tokens = list(range(first_token, first_token + rows))
@@ -75,7 +75,7 @@ def graph_check(model: torch.nn.Module, rows: int = 11, slots: int = 16) -> dict
         with torch.inference_mode():
             replayed = graphs.logits(tokens, positions).float()
             eager = decode_logits(model, kv, torch.tensor(tokens, device="cuda").unsqueeze(-1),
-                                  torch.tensor(positions, device="cuda"), max(positions) + 1, None).float()
+                                  torch.tensor(positions, device="cuda"), max(positions) + 1, Attention()).float()
         diffs.append(round(float((replayed - eager).abs().max() / eager.abs().max()), 4))
     return {"graph_captured": not graphs.failed and graphs.captured == 1, "graph_vs_eager_rel_diff": diffs}
 
