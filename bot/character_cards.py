@@ -1,9 +1,10 @@
-"""Import character cards (SillyTavern / TavernAI, spec V1, V2 and V3; JSON or PNG) as persona YAML.
+"""Import character cards (SillyTavern / TavernAI, spec V1, V2 and V3; JSON, PNG or CHARX) as persona YAML.
 
 Role-play communities keep their characters as cards; importing one turns it into a persona file
 that the registry validates like any other. A PNG card carries its JSON base64-encoded in a text
 chunk named `chara` (V1/V2) or `ccv3` (V3): `tEXt` as SillyTavern writes it, or the compressed `zTXt`
-and international `iTXt` that other PNG tools may rewrite it as. The card's macros become plain text: `{{char}}` the
+and international `iTXt` that other PNG tools may rewrite it as. A CHARX (V3) is a zip holding the card as
+`card.json` beside its assets. The card's macros become plain text: `{{char}}` the
 character's name, `{{user}}` "the user" in the prompt and "friend" in dialogue (greeting, examples),
 since a Discord channel has many users and the card knows none of them.
 """
@@ -17,6 +18,7 @@ import json
 import re
 import struct
 import unicodedata
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 import yaml
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ZIP_SIGNATURE = b"PK\x03\x04"  # a CHARX
 CARD_CHUNKS = ("ccv3", "chara")  # V3 first: a V3 PNG also keeps a V2 copy under "chara"
 MAX_CARD_TEXT = 16 * 2**20  # a compressed chunk is inflated up to this many bytes, no further
 DIALOGUE_USER = "friend"
@@ -48,7 +51,7 @@ class CardError(ValueError):
 
 
 def read_card(path: Path) -> dict[str, Any]:
-    """The card's fields (V2/V3 `data`, or a V1 card's top level) from a JSON or PNG file.
+    """The card's fields (V2/V3 `data`, or a V1 card's top level) from a JSON, PNG or CHARX file.
 
     A PNG's `ccv3` chunk is read first; when it is not a card we can read, its V2 copy in `chara` is.
     """
@@ -56,6 +59,8 @@ def read_card(path: Path) -> dict[str, Any]:
         raw = path.read_bytes()
     except OSError as exc:
         raise CardError(path, f"cannot read: {exc}") from None
+    if raw.startswith(ZIP_SIGNATURE):
+        return _card_fields(path, _charx_card(path))
     if not raw.startswith(PNG_SIGNATURE):
         return _card_fields(path, raw.decode("utf-8-sig", errors="replace"))
     chunks = _png_text_chunks(raw)
@@ -79,6 +84,20 @@ def _card_fields(path: Path, text: str) -> dict[str, Any]:
     if not isinstance(data, dict) or not str(data.get("name") or "").strip():
         raise CardError(path, "not a character card: it has no name")
     return data
+
+
+def _charx_card(path: Path) -> str:
+    """The `card.json` of a CHARX, read no further than MAX_CARD_TEXT (a zip can inflate without bound)."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("card.json") as card:
+            data = card.read(MAX_CARD_TEXT + 1)
+    except KeyError:
+        raise CardError(path, "a CHARX without card.json") from None
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CardError(path, f"not a readable CHARX (zip): {exc}") from None
+    if len(data) > MAX_CARD_TEXT:
+        raise CardError(path, f"card.json inflates past {MAX_CARD_TEXT // 2**20} MiB")
+    return data.decode("utf-8-sig", errors="replace")
 
 
 def _base64_text(path: Path, keyword: str, value: bytes) -> str:

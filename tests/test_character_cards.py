@@ -6,6 +6,7 @@ import base64
 import json
 import shutil
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -231,6 +232,34 @@ def test_an_article_or_title_is_not_made_a_wake_word(tmp_path: Path, personas_di
 def test_a_name_dressed_in_symbols_answers_to_its_word(name: str, expected: list[str]) -> None:
     """Nobody types the fox emoji to talk to "🦊 Kitsune"; a plain one-word name already wakes its persona."""
     assert card_to_persona({"name": name, "description": "x"})["wake_words"] == expected
+
+
+REAL_CARDS = Path(__file__).resolve().parent / "data" / "cards"
+
+
+@pytest.mark.parametrize(("file", "name", "lore_entries"), [
+    ("hybrid_format_v2.json", "Synthetic V2 Character", 3),
+    ("test-card.json", "Luna Starweaver", 1),
+    ("baseline_v3_small.png", "Synthetic V3 Character", 2),  # V3 in a `chara` chunk, against the spec
+    ("baseline_v3_small.charx", "Synthetic CharX Character", 2),  # a zip: card.json beside its assets
+])
+def test_cards_other_tools_wrote_import_whole(
+    file: str, name: str, lore_entries: int, personas_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["personas", "import", str(REAL_CARDS / file), "--id", "real_card"]) == 0, capsys.readouterr().err
+    persona = PersonaRegistry.load(personas_dir).get("real_card")
+    assert persona.name == name and persona.greeting and persona.examples and len(persona.lore) == lore_entries
+    assert "{{" not in (personas_dir / "real_card.yaml").read_text()  # every macro filled in
+
+
+def test_a_charx_without_its_card_is_named_as_such(
+    tmp_path: Path, personas_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    charx = tmp_path / "empty.charx"
+    with zipfile.ZipFile(charx, "w") as archive:
+        archive.writestr("assets/icon/image/1.png", b"not a card")
+    assert main(["personas", "import", str(charx)]) == 2
+    assert "a CHARX without card.json" in capsys.readouterr().err and not personas_dir.exists()
 
 
 def test_without_a_personas_folder_the_bundled_ones_load_and_an_import_starts_from_them(
