@@ -182,6 +182,9 @@ def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:
     persona["wake_words"] = _wake_words(name)
     if lore:
         persona["lore"] = lore
+    # `{{original}}` stands for the app's own post-history prompt, which hermes-bot has none of.
+    if reminder := re.sub(r"\{\{original\}\}", "", plain("post_history_instructions"), flags=re.I).strip():
+        persona["reminder"] = reminder
     return persona
 
 

@@ -100,6 +100,9 @@ class Persona(BaseModel):
     stop: NonBlankStrings = Field(default_factory=list)
     wake_words: NonBlankStrings = Field(default_factory=list)
     lore: list[LoreEntry] = Field(default_factory=list)
+    # Read right before the newest turn of every reply (SillyTavern's post-history instructions): rules
+    # that a long history must not drown out, such as the reply's length or format.
+    reminder: str | None = None
 
     @field_validator("avatar_url")
     @classmethod

@@ -84,8 +84,9 @@ def build_messages(
 
     `persona_names` maps other personas' ids to display names, for channels where several speak.
     Their lines reach this persona as named user lines, never as its own assistant turns. Lore the
-    conversation just mentioned comes as a system line right before the newest turn: the system prompt
-    and the history before it stay the same prompt after prompt, so their KV cache stays reusable.
+    conversation just mentioned comes as a system line right before the newest turn, after the persona's
+    reminder: the system prompt and the history before it stay the same prompt after prompt, so their KV
+    cache stays reusable.
     """
     names = persona_names or {}
     multi = is_multi_speaker(persona, turns, names)
@@ -103,9 +104,10 @@ def build_messages(
             messages.append({"role": "user", "content": f"{turn.author}: {turn.content}"})
         else:
             messages.append({"role": "user", "content": turn.content})
-    if lore := relevant_lore(persona, turns):
-        background = {"role": "system", "content": LORE_HEADING + "\n" + "\n".join(f"- {fact}" for fact in lore)}
-        messages.insert(len(messages) - 1, background)  # lore needs turns, so the last message is one
+    lore = relevant_lore(persona, turns)
+    notes = [persona.reminder or "", LORE_HEADING + "\n" + "\n".join(f"- {fact}" for fact in lore) if lore else ""]
+    if turns and any(notes):  # the last message is the newest turn
+        messages.insert(len(messages) - 1, {"role": "system", "content": "\n\n".join(note for note in notes if note)})
     return messages
 
 

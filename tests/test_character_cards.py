@@ -252,6 +252,14 @@ def test_cards_other_tools_wrote_import_whole(
     assert "{{" not in (personas_dir / "real_card.yaml").read_text()  # every macro filled in
 
 
+def test_post_history_instructions_become_the_personas_reminder(tmp_path: Path, personas_dir: Path) -> None:
+    data = {**CARD_V2["data"], "post_history_instructions": "{{original}} Keep {{char}}'s replies short."}
+    card = tmp_path / "mira.json"
+    card.write_text(json.dumps({**CARD_V2, "data": data}))
+    assert main(["personas", "import", str(card)]) == 0
+    assert PersonaRegistry.load(personas_dir).get("captain_mira_vance").reminder == "Keep Captain Mira Vance's replies short."
+
+
 def test_a_charx_without_its_card_is_named_as_such(
     tmp_path: Path, personas_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

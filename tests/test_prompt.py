@@ -12,6 +12,7 @@ import pytest
 
 from bot.personas import Persona, PersonaError, PersonaRegistry, load_persona_file
 from bot.prompt import (
+    LORE_HEADING,
     ChatTurn,
     PromptTooLong,
     build_messages,
@@ -248,6 +249,18 @@ def test_lore_comes_before_the_newest_turn_only_while_the_conversation_mentions_
     assert both is not None and both.index("leaking hull") < both.index("smoked tea")  # the file's order
     long_ago = [ChatTurn("user", "Tell me about the Gull."), *[ChatTurn("user", "hm") for _ in range(6)]]
     assert background(long_ago) is None  # out of the last six turns: out of the prompt
+
+
+def test_the_reminder_comes_right_before_the_newest_turn_of_every_reply() -> None:
+    """SillyTavern's post-history instructions: read last, so a long history does not drown them out."""
+    persona = Persona(id="keeper", name="Keeper", system_prompt="You keep the inn.", reminder="Answer in one line.",
+                      lore=[{"keys": ["Gull"], "content": "The Gull leaks."}])
+    plain = build_messages(persona, [ChatTurn("user", "Evening!"), ChatTurn("assistant", "Hi."), ChatTurn("user", "Ale?")])
+    assert plain[-2:] == [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": "Ale?"}]
+    assert plain[1]["content"] == "Evening!"  # the history before it is unchanged: its KV stays reusable
+    with_lore = build_messages(persona, [ChatTurn("user", "Is the Gull in?")])
+    assert with_lore[-2]["content"] == f"Answer in one line.\n\n{LORE_HEADING}\n- The Gull leaks."
+    assert build_messages(persona, []) == [{"role": "system", "content": "You keep the inn."}]
 
 
 def test_a_lore_key_in_a_script_without_spaces_fires_inside_a_sentence() -> None:
