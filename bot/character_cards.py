@@ -93,7 +93,7 @@ def _charx_card(path: Path) -> str:
             data = card.read(MAX_CARD_TEXT + 1)
     except KeyError:
         raise CardError(path, "a CHARX without card.json") from None
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as exc:  # + Deflate64, a password
         raise CardError(path, f"not a readable CHARX (zip): {exc}") from None
     if len(data) > MAX_CARD_TEXT:
         raise CardError(path, f"card.json inflates past {MAX_CARD_TEXT // 2**20} MiB")

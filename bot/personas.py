@@ -65,6 +65,10 @@ def _unspaced(char: str) -> bool:
     return UNSPACED_SCRIPTS.match(char) is not None
 
 
+# Said right after a name, written as one word with it: Japanese さん, ちゃん, くん, 様, 先生, ...; Korean 님, 씨.
+HONORIFICS = ("さん", "ちゃん", "くん", "君", "様", "さま", "殿", "氏", "先生", "님", "씨")
+
+
 class LoreEntry(BaseModel):
     """Background the persona is told only while the conversation mentions it (SillyTavern's world
     info): a long setting costs prompt tokens only when it matters."""
@@ -340,9 +344,9 @@ class PersonaRegistry:
 
 def _ends_address(text: str, end: int) -> bool:
     """Whether a name that starts `text` and ends at `end` is said to someone ("Ed, ...", "Ed!"), not part
-    of a longer word ("Edwardian") or a possessive ("Ed's album"). Japanese and the like attach an
-    honorific or particle to the name itself (ミラさん、...)."""
-    if end == len(text) or _unspaced(text[end - 1]):
+    of a longer word ("Edwardian", "ミラクル", "空港") or a possessive ("Ed's album"). Japanese and Korean
+    attach an honorific to the name itself (ミラさん、..., 민수씨)."""
+    if end == len(text) or text.startswith(HONORIFICS, end):
         return True
     following = text[end]
     return not following.isalnum() and following not in "'\u2019"

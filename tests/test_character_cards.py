@@ -260,14 +260,35 @@ def test_post_history_instructions_become_the_personas_reminder(tmp_path: Path, 
     assert PersonaRegistry.load(personas_dir).get("captain_mira_vance").reminder == "Keep Captain Mira Vance's replies short."
 
 
-def test_a_charx_without_its_card_is_named_as_such(
-    tmp_path: Path, personas_dir: Path, capsys: pytest.CaptureFixture[str]
+def charx_with(tmp_path: Path, name: str, card: str, *, method: int | None = None, encrypted: bool = False) -> Path:
+    """A CHARX holding `name`; `method` and `encrypted` rewrite its headers as zip tools other than Python's
+    write them (Deflate64 from Windows Explorer is method 9; zipfile reads neither)."""
+    path = tmp_path / "card.charx"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(name, card)
+    raw = bytearray(path.read_bytes())
+    central = raw.find(b"PK\x01\x02")
+    if method is not None:
+        raw[8:10] = raw[central + 10 : central + 12] = method.to_bytes(2, "little")
+    if encrypted:
+        raw[6] |= 1
+        raw[central + 8] |= 1
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize(("name", "method", "encrypted", "problem"), [
+    ("assets/icon/image/1.png", None, False, "a CHARX without card.json"),
+    ("card.json", 9, False, "not a readable CHARX (zip): That compression method is not supported"),
+    ("card.json", None, True, "not a readable CHARX (zip): File 'card.json' is encrypted"),
+])
+def test_a_charx_that_cannot_be_read_is_named_as_such(
+    tmp_path: Path, personas_dir: Path, capsys: pytest.CaptureFixture[str],
+    name: str, method: int | None, encrypted: bool, problem: str,
 ) -> None:
-    charx = tmp_path / "empty.charx"
-    with zipfile.ZipFile(charx, "w") as archive:
-        archive.writestr("assets/icon/image/1.png", b"not a card")
+    charx = charx_with(tmp_path, name, json.dumps({"data": {"name": "Z"}}), method=method, encrypted=encrypted)
     assert main(["personas", "import", str(charx)]) == 2
-    assert "a CHARX without card.json" in capsys.readouterr().err and not personas_dir.exists()
+    assert problem in capsys.readouterr().err and not personas_dir.exists()
 
 
 def test_without_a_personas_folder_the_bundled_ones_load_and_an_import_starts_from_them(

@@ -540,6 +540,20 @@ def test_a_local_model_on_the_cpu_loads_without_the_warning(
     assert "no GPU" not in caplog.text
 
 
+def test_a_model_without_sdpa_attention_is_a_clear_error(tmp_path: Path) -> None:
+    """The engine passes boolean masks, which only SDPA attention reads right; Gemma 2 in transformers 5.24
+    has none, and its loader's ValueError ended `hermes-bot worker` in a traceback."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = build_tokenizer(model_max_length=256)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(EngineError, match="cannot run in this engine: .*scaled_dot_product_attention"):
+        load_model(Settings(model=str(tmp_path), device="cpu"))
+
+
 async def test_a_stream_hands_over_everything_waiting_as_one_batch() -> None:
     stream = GenerationStream(GenerationRequest("b", chat("hi"), GREEDY))
     stream.feed([TextChunk("a"), TextChunk("b")])

@@ -125,9 +125,14 @@ def test_addressing_by_name_or_wake_word() -> None:
 
 def test_a_japanese_name_with_an_honorific_attached_addresses_its_persona(tmp_path: Path) -> None:
     write(tmp_path, "name: ミラ\nsystem_prompt: You are Mira.\n", name="mira.yaml")
+    write(tmp_path, "name: 空\nsystem_prompt: You are Sora.\n", name="sora.yaml")
+    write(tmp_path, "name: Nika\nsystem_prompt: You are Nika.\n", name="nika.yaml")
     registry = PersonaRegistry.load(tmp_path)
-    for text in ("ミラさん、こんにちは", "ミラちゃんおはよう", "ミラ、こんにちは"):
-        assert registry.find_addressed(text).id == "mira", text  # type: ignore[union-attr]
+    for text, addressed in (("ミラさん、こんにちは", "mira"), ("ミラちゃんおはよう", "mira"), ("ミラ、こんにちは", "mira"),
+                            ("Nikaさん、おはよう", "nika"), ("空、見て", "sora")):
+        assert registry.find_addressed(text).id == addressed, text  # type: ignore[union-attr]
+    for text in ("ミラクル!", "ミラーを見て", "空港に着いた", "空が青いね"):  # longer words, or the sky itself
+        assert registry.find_addressed(text) is None, text
 
 
 def test_a_running_registry_picks_up_edits_and_keeps_working_personas(

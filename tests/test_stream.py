@@ -191,3 +191,30 @@ async def test_without_reopen_a_deleted_webhook_is_an_error() -> None:
     with pytest.raises(discord.NotFound) as raised:
         await reply.finish("hello")
     assert raised.value.code == 10015
+
+
+async def test_a_reply_superseded_after_it_streamed_keeps_its_text_without_a_note() -> None:
+    """A released job that already streamed text can be superseded while it waits again: the reply must
+    know it (to keep what was shown, with no "stopped" nobody asked for), not get "\n\nsuperseded" to post."""
+    from bot.config import Settings
+    from bot.conversation import PendingReply
+    from bot.discord.chat import SUPERSEDED, ChatCog
+    from bot.queue.jobs import GenerationJob, TextDelta
+    from bot.queue.memory import MemoryQueue
+
+    queue = MemoryQueue(Settings())
+    first = GenerationJob(conversation_key="g1/c2", persona_id="hermes", messages=[{"role": "user", "content": "hi"}])
+    await queue.submit(first)
+    await queue.fetch(1, 100)
+    await queue.publish(TextDelta(job_id=first.job_id, seq=0, text="Partial answer"))
+    await queue.release(first.job_id)  # a worker stopping: back in line with its text
+    await queue.submit(first.model_copy(update={"job_id": "newer"}), supersede=True)
+
+    async def typing() -> None:
+        return None
+
+    outlet = MemoryOutlet()
+    pending = PendingReply(job=first, position=1, queue=queue)
+    text, ending = await ChatCog._stream(None, SimpleNamespace(typing=typing), LiveReply(outlet), pending)  # type: ignore[arg-type]
+    assert text == "Partial answer" and ending is SUPERSEDED  # told apart from a notice to show under the text
+    await queue.close()

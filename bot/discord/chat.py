@@ -343,9 +343,11 @@ class ChatCog(commands.Cog):
         text, ending = "", FAILED
         try:
             text, ending = await self._stream(channel, live, pending)
-            if ending is SUPERSEDED:  # it never started: nothing to show, and no "stopped" nobody asked for
-                await live.withdraw()
-                return None, False
+            if ending is SUPERSEDED:  # no "stopped" nobody asked for; a job that never started shows nothing
+                if not text.strip():
+                    await live.withdraw()
+                    return None, False
+                ending = ""
             await live.finish(text + ending if text.strip() else ending or EMPTY)
         except DISCORD_FAILURES as exc:  # e.g. no permission to post here: nothing to show it on
             log.warning("could not deliver reply in %s: %s", key, exc)
@@ -401,7 +403,7 @@ class ChatCog(commands.Cog):
             ending = UNAVAILABLE
         finally:
             typing.cancel()
-        if ending and ending != STOPPED and text.strip():
+        if ending and ending not in (STOPPED, SUPERSEDED) and text.strip():
             ending = "\n\n" + ending
         return text, ending
 

@@ -109,7 +109,7 @@ Masks = torch.Tensor | dict[str, torch.Tensor]  # one for every layer, or one pe
 @dataclass(frozen=True)
 class Attention:
     """Which keys a model's layers see: causal, and within `window` on sliding layers. A model that mixes
-    full-attention layers with sliding ones (Gemma 2 and 3, Cohere 2, Qwen with max_window_layers) takes one
+    full-attention layers with sliding ones (Gemma 3, Cohere 2, Qwen with max_window_layers) takes one
     mask per layer type: one windowed mask would blind its full-attention layers past the window."""
 
     window: int | None = None

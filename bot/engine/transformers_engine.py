@@ -115,6 +115,8 @@ def load_model(settings: Settings) -> tuple[Any, Any, torch.device]:
         )
     except OSError as exc:
         raise EngineError(f"cannot load HERMES_MODEL={settings.model!r}: {exc}") from exc
+    except ValueError as exc:  # e.g. an architecture without SDPA attention, whose boolean masks the engine passes
+        raise EngineError(f"HERMES_MODEL={settings.model!r} cannot run in this engine: {exc}") from exc
     if quant is None:
         model.to(device)
     model.eval()
