@@ -35,8 +35,8 @@ LORE_HEADING = "Background that matters right now:"
 # Control-token shapes of the chat templates servers apply: ChatML, Llama 3 and Phi (<|...|>), DeepSeek
 # (full-width bars), Llama 2/Mistral (<s>, [INST], [SYSTEM_PROMPT], tool markers) and Gemma (<start_of_turn>).
 _CONTROL_TOKEN_RE = re.compile(
-    r"<[|\uff5c][^|\uff5c<>\s]{1,40}[|\uff5c]>|</?s>|<(?:start_of_turn|end_of_turn|bos|eos|pad)>"
-    r"|\[/?(?:INST|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS|TOOL_CONTENT)\]"
+    r"<[|\uff5c][^|\uff5c<>\s]{1,40}[|\uff5c]>|</?s>|<(?:start_of_turn|end_of_turn|start_of_image|end_of_image|bos|eos|pad)>"
+    r"|\[/?(?:INST|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS|TOOL_CONTENT|THINK)\]"
 )
 
 

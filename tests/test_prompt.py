@@ -87,7 +87,8 @@ def test_stored_model_output_is_sanitized_too(tokenizer, registry: PersonaRegist
 
 @pytest.mark.parametrize("token", [
     "<|im_start|>", "</s>", "[INST]", "<|start_header_id|>",  # ChatML, Llama 2/Mistral, Llama 3
-    "<end_of_turn>", "<start_of_turn>", "<\uff5cAssistant\uff5c>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",  # Gemma, DeepSeek, Mistral v3
+    "<end_of_turn>", "<start_of_turn>", "<start_of_image>", "<\uff5cAssistant\uff5c>",  # Gemma, DeepSeek
+    "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[THINK]", "[/THINK]",  # Mistral v3 and its reasoning models
 ])
 def test_defang_breaks_control_tokens_for_remote_servers(token: str) -> None:
     """A server tokenizes the text itself: a user's look-alike must not end their turn and open the model's."""
