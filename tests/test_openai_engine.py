@@ -31,6 +31,16 @@ async def started(base_url: str, **kw: float) -> OpenAIEngine:
     return engine
 
 
+async def fails_with(base_url: str, match: str, **kw: float) -> None:
+    """One request through a fresh engine on `base_url` ends in an EngineError matching `match`."""
+    engine = await started(base_url, **kw)
+    try:
+        with pytest.raises(EngineError, match=match):
+            await engine.generate_text(GenerationRequest("r", MESSAGES))
+    finally:
+        await engine.close()
+
+
 async def test_streams_text_and_sends_sampling(server: OpenAITestServer) -> None:
     server.script(Reply("Hello there, traveller!", chunk_chars=4))
     engine = await started(server.base_url)
@@ -87,10 +97,7 @@ async def test_retries_before_first_token(server: OpenAITestServer) -> None:
 
 async def test_client_error_is_not_retried(server: OpenAITestServer) -> None:
     server.script(Fail(400, "model 'x' not found"))
-    engine = await started(server.base_url)
-    with pytest.raises(EngineError, match="answered 400: model 'x' not found"):
-        await engine.generate_text(GenerationRequest("r", MESSAGES))
-    await engine.close()
+    await fails_with(server.base_url, "answered 400: model 'x' not found")
     assert len(server.requests) == 1
 
 
@@ -115,10 +122,8 @@ def unused_port() -> int:
 
 async def test_server_down_gives_a_clear_error() -> None:
     port = unused_port()
-    engine = await started(f"http://127.0.0.1:{port}/v1", attempts=2)
-    with pytest.raises(EngineError, match=f"cannot reach the OpenAI-compatible server at http://127.0.0.1:{port}"):
-        await engine.generate_text(GenerationRequest("r", MESSAGES))
-    await engine.close()
+    await fails_with(f"http://127.0.0.1:{port}/v1", f"cannot reach the OpenAI-compatible server at http://127.0.0.1:{port}",
+                     attempts=2)
 
 
 async def test_cancel_while_the_server_stalls(server: OpenAITestServer) -> None:
@@ -211,10 +216,7 @@ async def test_an_error_the_server_reports_in_the_stream_is_its_error_and_a_400_
     """llama.cpp reports a full context as an `error:` line (then [DONE], or not), other servers as an
     `event: error`: before, the reply ended empty as if complete, or was retried with the cause hidden."""
     server.script(StreamError(CONTEXT_FULL, shape=shape, done=done), Reply("should not be used"))  # type: ignore[arg-type]
-    engine = await started(server.base_url)
-    with pytest.raises(EngineError, match="reported an error: the request exceeds the available context size"):
-        await engine.generate_text(GenerationRequest("r", MESSAGES))
-    await engine.close()
+    await fails_with(server.base_url, "reported an error: the request exceeds the available context size")
     assert len(server.requests) == 1
 
 
@@ -228,10 +230,7 @@ async def test_a_passing_error_in_the_stream_before_any_text_is_retried(server: 
 
 async def test_an_error_event_without_a_message_is_still_the_servers_error(server: OpenAITestServer) -> None:
     server.script(StreamError({"code": 400, "type": "invalid_request_error"}, shape="event", text_before="Hi"))
-    engine = await started(server.base_url)
-    with pytest.raises(EngineError, match='reported an error: {"code": 400, "type": "invalid_request_error"}'):
-        await engine.generate_text(GenerationRequest("r", MESSAGES))
-    await engine.close()
+    await fails_with(server.base_url, 'reported an error: {"code": 400, "type": "invalid_request_error"}')
 
 
 async def test_null_error_and_null_usage_counts_are_a_normal_reply(server: OpenAITestServer) -> None:
@@ -260,10 +259,7 @@ async def test_a_base_url_without_v1_is_named_when_lm_studio_answers_200_with_an
 
 async def test_a_json_answer_to_a_stream_request_is_reported_not_retried(server: OpenAITestServer) -> None:
     server.script(NotStreamed("Hello"), Reply("should not be used"))
-    engine = await started(server.base_url)
-    with pytest.raises(EngineError, match="answered JSON instead of an event stream$"):
-        await engine.generate_text(GenerationRequest("r", MESSAGES))
-    await engine.close()
+    await fails_with(server.base_url, "answered JSON instead of an event stream$")
     assert len(server.requests) == 1
 
 
