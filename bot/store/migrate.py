@@ -43,11 +43,11 @@ def _upgrade_connection(connection: Connection) -> tuple[str | None, str | None]
     try:
         command.upgrade(config, "head")
     except CommandError:
-        known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
-        if before is not None and before not in known:
+        scripts = ScriptDirectory.from_config(config)
+        if before is not None and before not in {script.revision for script in scripts.walk_revisions()}:
             raise UnknownSchema(
                 f"the database's schema is at revision {before}, which this hermes-bot does not know: a newer "
-                f"hermes-bot upgraded it (this one reaches {head_revision()}); run that version or a newer one"
+                f"hermes-bot upgraded it (this one reaches {scripts.get_current_head()}); run that version or a newer one"
             ) from None
         raise
     return before, MigrationContext.configure(connection).get_current_revision()
