@@ -56,8 +56,8 @@ def _without_blank_entries(value: list[str]) -> list[str]:
 
 NonBlankStrings = Annotated[list[str], AfterValidator(_without_blank_entries)]
 
-# Scripts that run words together (Chinese, Japanese, Thai) or attach particles to them (Korean): a name or
-# key written in them has no word boundary after it in a sentence.
+# Scripts that run words together (Chinese, Japanese, Thai) or attach particles to them (Korean): a lore key
+# written in them has no word boundary around it in a sentence.
 UNSPACED_SCRIPTS = re.compile("[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
 

@@ -104,10 +104,11 @@ def build_messages(
             messages.append({"role": "user", "content": f"{turn.author}: {turn.content}"})
         else:
             messages.append({"role": "user", "content": turn.content})
-    lore = relevant_lore(persona, turns)
-    notes = [persona.reminder or "", LORE_HEADING + "\n" + "\n".join(f"- {fact}" for fact in lore) if lore else ""]
-    if turns and any(notes):  # the last message is the newest turn
-        messages.insert(len(messages) - 1, {"role": "system", "content": "\n\n".join(note for note in notes if note)})
+    notes = [persona.reminder] if persona.reminder else []
+    if lore := relevant_lore(persona, turns):
+        notes.append(LORE_HEADING + "\n" + "\n".join(f"- {fact}" for fact in lore))
+    if turns and notes:  # the last message is the newest turn
+        messages.insert(len(messages) - 1, {"role": "system", "content": "\n\n".join(notes)})
     return messages
 
 
