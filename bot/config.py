@@ -300,6 +300,8 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except UnicodeDecodeError as exc:  # only .env is decoded outside _YamlSource (the environment is text)
         raise _not_utf8(Path(str(Settings.model_config["env_file"])), exc) from None
+    except OSError as exc:  # hermes.yaml or .env exists but cannot be read (permissions, a broken mount)
+        raise SettingsError([f"{exc.filename}: cannot read: {exc.strerror}"]) from None
     except ValidationError as exc:
         lines = []
         for error in exc.errors():

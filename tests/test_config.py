@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -177,3 +181,22 @@ def test_a_settings_file_that_is_not_utf8_is_named_with_the_offset(tmp_path: Pat
     with pytest.raises(SettingsError) as raised:
         load_settings()
     assert raised.value.lines == [f"{name}: not UTF-8 text (byte 0xe9 at offset 21, line 2); save it as UTF-8"]
+
+
+@pytest.mark.parametrize("name", ["hermes.yaml", ".env"])
+def test_a_settings_file_that_cannot_be_read_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    (tmp_path / name).write_text("HERMES_MODEL: a\n")
+    real_open = io.open
+
+    def denied(file: Any, *args: Any, **kwargs: Any) -> Any:  # the tests run as root, which reads any file
+        if Path(file).name == name:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", denied)
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert raised.value.lines == [f"{name}: cannot read: Permission denied"]
