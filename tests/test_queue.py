@@ -821,3 +821,34 @@ async def test_jobs_taken_by_a_read_whose_reply_was_lost_are_still_delivered(
     deliveries = await worker.fetch(1, 1000)
     assert cutting_proxy.cuts == 1
     assert [d.job.job_id for d in deliveries] == [j.job_id]
+
+
+async def test_connections_a_burst_of_replies_opened_are_closed_once_idle(
+    redis_harness: Harness, redis_admin: aioredis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each reply streaming at once reads on its own connection; after the burst they must not stay
+    open for the life of the process (managed Redis limits clients, the process its files)."""
+    monkeypatch.setattr(redis_streams, "IDLE_CONNECTION_S", 0.5)
+    name = f"idle-{uuid.uuid4().hex[:8]}"
+    bot = redis_harness.start(queue_url=f"{redis_url}?client_name={name}")
+    worker = redis_harness.worker(queue_url=redis_url)
+
+    async def bot_connections() -> int:
+        return sum(client["name"] == name for client in await redis_admin.client_list())
+
+    burst = [job(f"chan-{i}") for i in range(12)]
+    for j in burst:
+        await bot.submit(j)
+    assert len(await worker.fetch(len(burst), 2000)) == len(burst)
+    readers = [asyncio.create_task(collect(bot, j.job_id)) for j in burst]
+    await asyncio.sleep(0.3)
+    assert await bot_connections() >= len(burst)
+    await worker.publish_many([Done(job_id=j.job_id, finish_reason="stop") for j in burst])
+    await asyncio.gather(*readers)
+    await asyncio.sleep(0.6)
+    later = job("chan-later")  # the next reply, after the burst went idle
+    await bot.submit(later)
+    await fetch_one(worker)
+    await worker.publish(Done(job_id=later.job_id, finish_reason="stop"))
+    await collect(bot, later.job_id)
+    assert await bot_connections() <= 3

@@ -10,6 +10,7 @@ come back on a per-job stream (resumable by id, unlike pub/sub) that expires aft
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -60,6 +61,8 @@ RETRY_DELAYS_S = (0.05, 0.5, 2.0)
 # the job stays queued and its worker goes on, so giving up at once would lose a reply in progress.
 STREAM_OUTAGE_S = 30.0
 STREAM_RETRY_S = 1.0
+# A per-job connection left idle this long is closed: replies streaming at once take one each.
+IDLE_CONNECTION_S = 60.0
 
 
 @contextlib.contextmanager
@@ -101,8 +104,9 @@ class RedisStreamsQueue(JobQueue):
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         self._resends = 0  # exchanges sent again after a broken connection (see _read_new)
-        # Connections of the per-job commands (see _direct): idle ones, and all of them for close().
-        self._idle: list[AbstractConnection] = []
+        # Connections of the per-job commands (see _direct): idle ones with when they were last
+        # returned (oldest first), and all of them for close().
+        self._idle: collections.deque[tuple[AbstractConnection, float]] = collections.deque()
         self._direct_conns: set[AbstractConnection] = set()
         # redis-py's socket timeout (its default unless the URL sets one), applied by _direct per exchange.
         self._io_timeout_s: float | None = self._redis.connection_pool.make_connection().socket_timeout
@@ -141,7 +145,7 @@ class RedisStreamsQueue(JobQueue):
         caller gets its own. One timeout covers the whole exchange (the socket timeout, plus block_ms
         for a blocking read). An error reply is raised once all replies are read, so the connection
         stays in step."""
-        conn = self._idle.pop() if self._idle else self._new_direct()
+        conn = self._idle.pop()[0] if self._idle else self._new_direct()
         try:
             async with asyncio.timeout(None if self._io_timeout_s is None else self._io_timeout_s + block_ms / 1000):
                 if not conn.is_connected:
@@ -162,11 +166,21 @@ class RedisStreamsQueue(JobQueue):
             if isinstance(exc, TimeoutError):
                 raise RedisTimeoutError(f"Redis did not answer within {self._io_timeout_s} s") from exc
             raise
-        self._idle.append(conn)
+        await self._keep_idle(conn)
         for reply in replies:
             if isinstance(reply, ResponseError):
                 raise reply
         return replies
+
+    async def _keep_idle(self, conn: AbstractConnection) -> None:
+        """Return `conn` for reuse, closing those idle past IDLE_CONNECTION_S: a burst of replies
+        streaming at once opens one connection each, which would otherwise stay open for good."""
+        now = time.monotonic()
+        self._idle.append((conn, now))
+        while now - self._idle[0][1] > IDLE_CONNECTION_S:
+            stale, _ = self._idle.popleft()
+            self._direct_conns.discard(stale)
+            await stale.disconnect()
 
     def _new_direct(self) -> AbstractConnection:
         pool = self._redis.connection_pool
