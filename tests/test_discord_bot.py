@@ -120,10 +120,13 @@ def no_mass_pings(body: object) -> bool:
 
 
 async def test_typing_until_text_and_every_write_has_safe_allowed_mentions(env: Env) -> None:
-    env.llm.script(Reply("@everyone look <@&123> here", chunk_chars=5, delay_s=0.02))
+    """Nothing a reply says pings: not @everyone, a role, nor a user whose `<@id>` someone asked it to repeat."""
     w = env.world
+    said = f"@everyone look <@&123> here <@{w.bob.id}>"
+    env.llm.script(Reply(said, chunk_chars=5, delay_s=0.02))
     await env.fake.send_message(w.general, w.alice, f"{mention(env)} say @everyone")
-    await persona_reply(env, w.general, "@everyone look <@&123> here")
+    reply = await persona_reply(env, w.general, said)
+    assert reply.pings() == set()
     assert env.fake.requests_to("POST", "/channels/{channel_id}/typing")
     writes = [r for r in env.fake.requests if r.method in ("POST", "PATCH") and "/messages" in r.route
               or r.route == "/webhooks/{webhook_id}/{token}"]
@@ -482,6 +485,25 @@ async def test_a_forwarded_persona_message_is_not_a_reply_to_it(env: Env) -> Non
     await env.fake.send_message(other, w.bob, f"{mention(env)} thoughts?")
     await persona_reply(env, other, "Thoughts.")
     assert len(env.llm.requests) == 3  # none for the forward
+
+
+async def test_a_forwarded_message_reads_mentions_as_names(env: Env) -> None:
+    """Discord resolves no mentions in a forward's snapshot: raw ids would reach the model, which reads
+    names everywhere else (and could repeat an id as a mention). Without the members intent the bot
+    knows no member's name, so a user is "@someone"."""
+    w = env.world
+    env.llm.script(Reply("Hi."))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} hi")  # the bot takes part here
+    await persona_reply(env, w.general, "Hi.")
+    role = w.guild.roles[w.guild.bot_role_id]
+    original = await env.fake.send_message(w.general, w.alice, f"<@{w.bob.id}> see <#{w.general.id}>, <@&{role.id}>")
+    await env.fake.forward_message(original, w.general, w.bob)
+    key = ConversationKey(w.guild.id, w.general.id)
+
+    async def forward_stored() -> bool:
+        return f"[forwarded message] @someone see #general, @{role.name}" in [m.content for m in await env.store.window(key, 10)]
+
+    assert await eventually(forward_stored)
 
 
 async def test_messages_are_stored_in_the_order_they_were_sent(env: Env) -> None:

@@ -437,8 +437,28 @@ def message_text(message: discord.Message, bot_id: int) -> str:
         text = re.sub(rf"^\s*@{re.escape(name)}[\s,:]*", "", text)
     notes = [f"[attached {_file_kind(a)}: {a.filename}]" for a in message.attachments]
     notes += [f"[sticker: {sticker.name}]" for sticker in message.stickers]
-    notes += [f"[forwarded message] {snapshot.content}".strip() for snapshot in message.message_snapshots]
+    notes += [f"[forwarded message] {_readable_mentions(snapshot.content, message.guild)}".strip()
+              for snapshot in message.message_snapshots]
     return "\n".join([text.strip(), *notes]).strip()
+
+
+_RAW_MENTION = re.compile(r"<(@!?|@&|#)(\d+)>")
+
+
+def _readable_mentions(text: str, guild: discord.Guild | None) -> str:
+    """A forward's raw `<@id>`, `<@&id>`, `<#id>` as names, the way `clean_content` shows a typed message:
+    Discord resolves no mentions in a forwarded snapshot, and the model should read names, not ids."""
+    def name(match: re.Match[str]) -> str:
+        kind, snowflake = match[1], int(match[2])
+        if kind == "#":
+            channel = guild.get_channel_or_thread(snowflake) if guild else None
+            return f"#{channel.name}" if channel else "#channel"
+        if kind == "@&":
+            role = guild.get_role(snowflake) if guild else None
+            return f"@{role.name}" if role else "@role"
+        member = guild.get_member(snowflake) if guild else None
+        return f"@{member.display_name}" if member else "@someone"
+    return _RAW_MENTION.sub(name, text)
 
 
 def may_speak(channel: discord.abc.Messageable) -> bool:

@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 WEBHOOK_NAME = "hermes-personas"
 RECHECK_AFTER_S = 600.0
 
-# Untrusted text (user input echoed by the model) must never ping everyone, here or a role.
-SAFE_MENTIONS = discord.AllowedMentions(everyone=False, roles=False, users=True, replied_user=False)
+# Untrusted text (user input echoed by the model) must never ping everyone, here, a role or a user: a
+# reply names people as it likes, but a `<@id>` a user asked it to repeat would notify whoever that is.
+SAFE_MENTIONS = discord.AllowedMentions.none()
 
 # Discord refuses a webhook username containing these words, in any case (400, USERNAME_INVALID_CONTAINS);
 # one letter of each is swapped for its Cyrillic look-alike, as other bots do, so "Clyde Barrow" can speak.
