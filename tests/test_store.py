@@ -105,6 +105,14 @@ async def test_append_is_idempotent_on_discord_id(store: ConversationStore) -> N
     assert await store.count_messages() == 3
 
 
+async def test_a_nul_character_is_left_out_not_the_turn(store: ConversationStore) -> None:
+    """PostgreSQL text holds no NUL: a reply whose model wrote one (byte fallback) failed to store there."""
+    assert await add(store, GUILD, 10, "before\x00after", author_name="Nul\x00l") is True
+    assert await store.edit_message(10, "edited\x00text") is True
+    [turn] = await store.window(GUILD, 10)
+    assert (turn.author_name, turn.content) == ("Null", "editedtext")
+
+
 async def test_window_is_newest_turns_oldest_first(store: ConversationStore) -> None:
     for i in range(10):
         await add(store, GUILD, 1000 + i, f"m{i}")

@@ -100,6 +100,12 @@ def _by_discord_id(discord_message_id: int) -> ColumnElement[bool]:
     return Message.id.in_(union_all(first, part))
 
 
+def _storable(text: str) -> str:
+    """`text` without NUL characters, which PostgreSQL text cannot hold (SQLite can): a model's byte
+    fallback may write one, and the whole turn would fail to store on one engine only."""
+    return text.replace("\x00", "")
+
+
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
@@ -190,10 +196,10 @@ class ConversationStore:
                     conversation_id=conversation_id,
                     discord_message_id=discord_message_id,
                     author_id=author_id,
-                    author_name=author_name,
+                    author_name=_storable(author_name),
                     role=role,
                     persona_id=persona_id,
-                    content=content,
+                    content=_storable(content),
                     reply_to_id=reply_to_id,
                     created_at=created_at or utcnow(),
                 )
@@ -253,7 +259,7 @@ class ConversationStore:
             result = await session.execute(
                 update(Message)
                 .where(_by_discord_id(discord_message_id), Message.deleted_at.is_(None))
-                .values(content=content, edited_at=utcnow())
+                .values(content=_storable(content), edited_at=utcnow())
             )
         return result.rowcount > 0
 
