@@ -32,11 +32,23 @@ LORE_SCAN_TURNS = 6  # how far back a mention still brings a lore entry into the
 LORE_MAX_ENTRIES = 8
 LORE_HEADING = "Background that matters right now:"
 
-# Control-token shapes of the chat templates servers apply: ChatML, Llama 3 and Phi (<|...|>), DeepSeek
-# (full-width bars), Llama 2/Mistral (<s>, [INST], [SYSTEM_PROMPT], tool markers) and Gemma (<start_of_turn>).
+# Control-token shapes of chat templates and tokenizers: ChatML, Llama 3/4 and Phi (<|...|>), DeepSeek (full-width
+# bars), Llama 2/Mistral (<s>, [INST], [SYSTEM_PROMPT], tool, image and fill-in-the-middle markers), Gemma
+# (<start_of_turn>, image tokens), Qwen 3 (<think>, tool calls), GLM ([gMASK], <sop>), Seed (<seed:bos>), MiniMax
+# (]~b]), image placeholders (LLaVA's <image>, Idefics', InternVL's, llama.cpp's <__media__>) and <unk>/<mask>.
+_ANGLE_TOKENS = (
+    "s", "bos", "eos", "pad", "unk", "mask", "sop", "eop", "start_of_turn", "end_of_turn", "start_of_image",
+    "end_of_image", "image_soft_token", "image", "img", "IMG_CONTEXT", "fake_token_around_image", "__media__",
+    "think", "tool_call", "tool_response",
+)
+_SQUARE_TOKENS = (
+    "INST", "SYSTEM_PROMPT", "AVAILABLE_TOOLS", "TOOL_CALLS", "TOOL_RESULTS", "TOOL_CONTENT", "THINK", "IMG",
+    "IMG_BREAK", "IMG_END", "ARGS", "CALL_ID", "PREFIX", "MIDDLE", "SUFFIX", "gMASK", "sMASK", "MASK",
+)
 _CONTROL_TOKEN_RE = re.compile(
-    r"<[|\uff5c][^|\uff5c<>\s]{1,40}[|\uff5c]>|</?s>|<(?:start_of_turn|end_of_turn|start_of_image|end_of_image|bos|eos|pad)>"
-    r"|\[/?(?:INST|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS|TOOL_CONTENT|THINK)\]"
+    r"<[|\uff5c][^|\uff5c<>\s]{1,64}[|\uff5c]>"
+    rf"|</?(?:{'|'.join(_ANGLE_TOKENS)})>|\[/?(?:{'|'.join(_SQUARE_TOKENS)})\]"
+    r"|<seed:[a-z_]+>|\]~!?b[\]\[]"
 )
 
 
@@ -125,7 +137,8 @@ def stop_strings(
 
 
 def defang_control_tokens(text: str) -> str:
-    """Break control-token look-alikes with a zero-width space, for servers that tokenize text themselves."""
+    """Break control-token look-alikes with a zero-width space: a server tokenizes text itself, and a
+    template may write turn markers as plain text."""
     return _CONTROL_TOKEN_RE.sub(lambda m: m.group(0)[0] + "\u200b" + m.group(0)[1:], text)
 
 
@@ -184,9 +197,11 @@ def encode_messages(
     the reply keeps `reply_budget` of the context. Both engines and `hermes-bot prompt` fit prompts here.
 
     The leading system message and the newest message are always kept; a binary search over how many
-    of the turns between them to drop keeps this at O(log n) template renders.
+    of the turns between them to drop keeps this at O(log n) template renders. Control-token look-alikes
+    are defanged first: `sanitize_control_tokens` covers a tokenizer's special tokens only, and many
+    templates write their turn markers as plain text (Zephyr's <|user|>), which a user could forge.
     """
-    msgs = [dict(m) for m in messages]
+    msgs = [{**m, "content": defang_control_tokens(m["content"])} for m in messages]
     budget = context_tokens - reply_budget(max_new_tokens, context_tokens)
     pinned = 1 if msgs and msgs[0]["role"] == "system" else 0
     droppable = max(len(msgs) - pinned - 1, 0)
