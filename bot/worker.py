@@ -30,6 +30,33 @@ from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
 
 log = logging.getLogger(__name__)
 
+OUTAGE_REMINDER_S = 60.0
+
+
+class QueueTrouble:
+    """Log a failing queue call once, then a reminder each OUTAGE_REMINDER_S, then once when it works
+    again: an idle worker asks the queue several times a second, and a Redis outage wrote thousands of
+    identical warnings an hour."""
+
+    def __init__(self, call: str) -> None:
+        self.call = call
+        self._since: float | None = None
+        self._said = 0.0
+
+    def failed(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if self._since is None:
+            self._since = self._said = now
+            log.warning("%s failed: %s", self.call, exc)
+        elif now - self._said >= OUTAGE_REMINDER_S:
+            self._said = now
+            log.warning("%s still failing after %.0f s: %s", self.call, now - self._since, exc)
+
+    def succeeded(self) -> None:
+        if self._since is not None:
+            log.info("%s works again after %.0f s", self.call, time.monotonic() - self._since)
+            self._since = None
+
 
 class Worker:
     """Consumes `queue` with `engine`. `run()` starts the engine and returns after `shutdown()`."""
@@ -89,6 +116,7 @@ class Worker:
 
     async def _take_jobs(self) -> None:
         capacity = self.settings.max_batch_size
+        fetching = QueueTrouble("fetching jobs")
         while not self._stopping.is_set():
             free = capacity - len(self._held)
             if free <= 0:
@@ -99,9 +127,10 @@ class Worker:
             try:
                 deliveries = await self.queue.fetch(free, block_ms=250)
             except Exception as exc:  # queue down: keep trying, the held jobs go on
-                log.warning("fetching jobs failed: %s", exc)
+                fetching.failed(exc)
                 await asyncio.sleep(1.0)
                 continue
+            fetching.succeeded()
             for delivery in deliveries:
                 self._held[delivery.job.job_id] = (delivery.job, None)
                 task = asyncio.create_task(self._serve(delivery))
@@ -120,6 +149,7 @@ class Worker:
 
     async def _watch(self) -> None:
         """Every poll_s: cancel streams whose job was cancelled (or taken over) or whose deadline passed."""
+        checking = QueueTrouble("checking the queue")
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._watch_done.wait(), self.poll_s)
@@ -129,8 +159,10 @@ class Worker:
                 metrics.set_queue_depth(await self.queue.depth())
                 cancelled = await self.queue.cancelled(list(self._held)) if self._held else set()
             except Exception as exc:
-                log.warning("checking the queue failed: %s", exc)
+                checking.failed(exc)
                 cancelled = set()
+            else:
+                checking.succeeded()
             now = time.time()
             for job_id, (job, stream) in list(self._held.items()):
                 if stream is None:

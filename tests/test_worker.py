@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 import uuid
@@ -319,3 +320,44 @@ async def test_a_worker_on_the_openai_engine_is_not_ready_while_its_server_is_do
                 await serving
             for sig in (signal.SIGTERM, signal.SIGINT):  # _serve_forever's: this loop outlives it
                 asyncio.get_running_loop().remove_signal_handler(sig)
+
+
+class GoesDown(MemoryQueue):
+    """A queue whose calls fail while `down` is set, as Redis's do while it is unreachable."""
+
+    down = False
+
+    async def fetch(self, count: int, block_ms: int) -> Any:
+        if self.down:
+            raise ConnectionError("Connection refused")
+        return await super().fetch(count, block_ms)
+
+    async def depth(self) -> int:
+        if self.down:
+            raise ConnectionError("Connection refused")
+        return await super().depth()
+
+
+async def test_a_queue_outage_is_logged_once_and_its_end_once(
+    loaded: tuple[Any, Any], tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An idle worker asks the queue many times a second: one warning per poll filled the logs with
+    thousands of identical lines an hour while Redis was down."""
+    tokenizer, model = loaded
+    settings = Settings(queue_url="memory://", model=str(tiny_model_dir), device="cpu", max_batch_size=2)
+    queue = GoesDown(settings)
+    queue.down = True
+    worker = Worker(settings, queue, TransformersEngine(settings, model=model, tokenizer=tokenizer), poll_s=0.01)
+    with caplog.at_level(logging.INFO, logger="bot.worker"):
+        task = asyncio.create_task(worker.run())
+        await worker.started.wait()
+        await asyncio.sleep(1.5)  # about 150 polls and two fetches
+        queue.down = False
+        await eventually(lambda: sum("works again" in r.message for r in caplog.records) == 2, timeout=5)
+        j = job("still there?", Sampling(temperature=0.0, max_new_tokens=4))
+        await queue.submit(j)
+        assert isinstance((await events(queue, j.job_id))[-1], Done)
+        await worker.shutdown()
+        await task
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert sorted(warnings) == ["checking the queue failed: Connection refused", "fetching jobs failed: Connection refused"]
