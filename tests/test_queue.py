@@ -20,9 +20,9 @@ from redis.exceptions import ReadOnlyError
 from bot.cli import main
 from bot.config import Settings
 from bot.queue import redis_lua, redis_streams
-from bot.queue.base import Delivery, JobQueue, QueueBusy, QueueEvent, QueueUnavailable
+from bot.queue.base import Delivery, JobQueue, QueueBusy, QueueEvent, QueueUnavailable, dead_letter_message
 from bot.queue.factory import open_queue
-from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
+from bot.queue.jobs import DeadLetter, Done, ErrorEvent, GenerationJob, TextDelta
 from bot.queue.memory import MemoryQueue
 from bot.queue.redis_streams import RedisStreamsQueue
 from tests.queue_worker_proc import TOTAL_PIECES, full_text, slow_worker
@@ -265,7 +265,11 @@ async def test_release_resumes_then_dead_letter(harness: Harness) -> None:
     assert events[0] == TextDelta(job_id=j.job_id, seq=0, text="Hello")
     assert isinstance(events[-1], ErrorEvent) and events[-1].kind == "dead_letter"
     assert len(events) == 2
-    assert [d.job_id for d in await bot.dead_letters()] == [j.job_id]
+    (dead,) = await bot.dead_letters()  # both queues keep the same record, none of the conversation
+    assert (dead.job_id, dead.conversation_key, dead.deliveries, dead.reason) == (
+        j.job_id, j.conversation_key, 2, events[-1].message
+    )
+    assert isinstance(dead, DeadLetter) and "messages" not in dead.model_dump()
 
 
 async def test_expired_job_is_not_delivered(harness: Harness) -> None:
@@ -491,7 +495,9 @@ async def test_cli_lists_dead_letters_from_redis(
     monkeypatch.setenv("HERMES_QUEUE_URL", url)
     assert await asyncio.to_thread(main, ["queue", "dead-letters"]) == 0
     (line,) = capsys.readouterr().out.splitlines()
-    assert GenerationJob.model_validate_json(line).job_id == dead.job_id
+    record = json.loads(line)
+    assert (record["job_id"], record["conversation_key"], record["deliveries"]) == (dead.job_id, "chan-1", 1)
+    assert "messages" not in record
     monkeypatch.setenv("HERMES_QUEUE_URL", "memory://")
     assert await asyncio.to_thread(main, ["queue", "dead-letters"]) == 2
     assert "keeps its dead letters inside the bot's own process" in capsys.readouterr().err
@@ -712,6 +718,70 @@ async def test_a_waiting_job_that_expired_no_longer_holds_its_conversation(
     await redis_admin.delete(f"{redis_harness.prefix}:job:{stale.job_id}")  # what its TTL does
     assert await bot.submit(job("chan-9")) == 1
     assert await bot.submit(job("chan-9"), supersede=True) == 1
+
+
+async def test_conversation_lines_do_not_outlive_jobs_that_expired_unread(
+    redis_harness: Harness, redis_admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs that waited past their TTL (every worker down) left their conversations' lines behind for good,
+    without a TTL: the expired hash was what named the conversation when a worker passed the job over."""
+    monkeypatch.setattr(redis_streams, "EVENTS_TTL_S", 0)
+    bot = redis_harness.start(job_timeout_s=1)  # jobs' keys live 1 s
+    worker = redis_harness.worker()
+    p = redis_harness.prefix
+    for n in range(5):
+        await bot.submit(job(f"chan-{n}"))
+
+    async def expired() -> bool:
+        return not await redis_admin.keys(f"{p}:job:*")
+
+    await eventually(expired)
+    assert await worker.fetch(8, 0) == []  # a worker comes back and passes them over
+    assert (await bot.depth(), await redis_admin.xlen(f"{p}:jobs")) == (0, 0)
+    assert await redis_admin.keys(f"{p}:conv:*") == []
+
+
+async def test_a_dead_letter_keeps_what_an_operator_needs_and_nothing_of_the_conversation(
+    redis_harness: Harness, redis_admin: aioredis.Redis
+) -> None:
+    """Dead letters held the whole job: the users' messages (about 20 KB a job, out of reach of
+    /forget-me) and stop strings naming the participants."""
+    bot = redis_harness.start(queue_max_deliveries=1)
+    worker = redis_harness.worker()
+    secret = "my new address is 12 Quiet Lane"
+    j = GenerationJob(
+        conversation_key="dm/c42", persona_id="hermes", messages=[{"role": "user", "content": secret}],
+        stop=["\nMallory:"],
+    )
+    await bot.submit(j)
+    await fetch_one(worker)
+    await worker.release(j.job_id)
+    assert await worker.fetch(4, 500) == []  # its one delivery is spent: dead-lettered
+    ((entry_id, fields),) = await redis_admin.xrange(f"{redis_harness.prefix}:dead")
+    assert not [value for value in fields.values() if secret in value or "Mallory" in value]
+    (dead,) = await bot.dead_letters()
+    assert isinstance(dead, DeadLetter)
+    assert (dead.job_id, dead.conversation_key, dead.persona_id, dead.created_at, dead.deliveries, dead.reason) == (
+        j.job_id, "dm/c42", "hermes", j.created_at, 1, dead_letter_message(1)
+    )
+    assert dead.dead_at == int(entry_id.split("-")[0]) / 1000
+    assert set(json.loads(dead.model_dump_json())) == {
+        "job_id", "conversation_key", "persona_id", "created_at", "deliveries", "reason", "dead_at"
+    }
+
+
+async def test_a_dead_letter_an_older_worker_wrote_is_read_without_its_messages(
+    redis_harness: Harness, redis_admin: aioredis.Redis
+) -> None:
+    """Until the stream's cap trims them, entries from before hold the whole job."""
+    bot = redis_harness.start()
+    j = job("dm/c42")
+    await redis_admin.xadd(f"{redis_harness.prefix}:dead", {"id": j.job_id, "deliveries": 3, "job": j.model_dump_json()})
+    (dead,) = await bot.dead_letters()
+    assert (dead.job_id, dead.conversation_key, dead.deliveries, dead.reason) == (
+        j.job_id, "dm/c42", 3, dead_letter_message(3)
+    )
+    assert "messages" not in json.loads(dead.model_dump_json())
 
 
 class NewerBotJob(GenerationJob):

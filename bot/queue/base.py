@@ -24,12 +24,15 @@ from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
+from bot.queue.jobs import DeadLetter, Done, ErrorEvent, GenerationJob, TextDelta
 
 QueueEvent = TextDelta | Done | ErrorEvent
 
 # How long the bot keeps waiting past a job's deadline for the worker's own final event.
 DEADLINE_GRACE_S = 5.0
+
+
+MAX_DEAD_LETTERS = 1000  # dead letters a queue keeps, newest first (redis_lua's XADD MAXLEN says it again)
 
 
 def dead_letter_message(max_deliveries: int) -> str:
@@ -156,7 +159,7 @@ class JobQueue(ABC):
         return {job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag}
 
     @abstractmethod
-    async def dead_letters(self, count: int = 100) -> list[GenerationJob]:
+    async def dead_letters(self, count: int = 100) -> list[DeadLetter]:
         """The newest `count` dead-lettered jobs, oldest first, for inspection."""
 
     @abstractmethod

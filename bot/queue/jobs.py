@@ -35,6 +35,25 @@ class GenerationJob(BaseModel):
         return self.deadline is not None and (now if now is not None else time.time()) >= self.deadline
 
 
+class DeadLetter(BaseModel):
+    """A job set aside after too many deliveries, as both queues keep it: what an operator needs to look
+    into it. Not its messages (users' text, which /forget-me could not reach there) nor its stop strings
+    (they name the participants)."""
+
+    job_id: str
+    conversation_key: str
+    persona_id: str
+    created_at: float
+    deliveries: int
+    reason: str
+    dead_at: float  # unix time it was set aside
+
+    @classmethod
+    def of(cls, job: GenerationJob, deliveries: int, reason: str) -> DeadLetter:
+        return cls(job_id=job.job_id, conversation_key=job.conversation_key, persona_id=job.persona_id,
+                   created_at=job.created_at, deliveries=deliveries, reason=reason, dead_at=time.time())
+
+
 FinishReason = Literal["stop", "length", "cancelled", "superseded", "deadline", "error"]
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from bot.config import Settings
 from bot.queue.base import (
     DEADLINE_GRACE_S,
+    MAX_DEAD_LETTERS,
     Delivery,
     JobQueue,
     QueueBusy,
@@ -23,7 +24,7 @@ from bot.queue.base import (
     dead_letter_message,
     resume_point,
 )
-from bot.queue.jobs import Done, ErrorEvent, GenerationJob, is_final
+from bot.queue.jobs import DeadLetter, Done, ErrorEvent, GenerationJob, is_final
 
 # Finished jobs keep their events this long, so a late or reconnecting reader still sees them.
 EVENTS_TTL_S = 300.0
@@ -54,7 +55,7 @@ class MemoryQueue(JobQueue):
         self._waiting: deque[str] = deque()
         self._work = asyncio.Event()
         self._watched: set[asyncio.Task[object]] = set()
-        self._dead: deque[GenerationJob] = deque(maxlen=1000)
+        self._dead: deque[DeadLetter] = deque(maxlen=MAX_DEAD_LETTERS)
 
     # ----- bot side -----
 
@@ -144,13 +145,9 @@ class MemoryQueue(JobQueue):
             elif job.expired():
                 self._finish(state, Done(job_id=job.job_id, finish_reason="deadline"))
             elif state.attempt > self._max_deliveries:
-                self._dead.append(job)
-                self._finish(
-                    state,
-                    ErrorEvent(
-                        job_id=job.job_id, kind="dead_letter", message=dead_letter_message(self._max_deliveries)
-                    ),
-                )
+                reason = dead_letter_message(self._max_deliveries)
+                self._dead.append(DeadLetter.of(job, state.attempt - 1, reason))
+                self._finish(state, ErrorEvent(job_id=job.job_id, kind="dead_letter", message=reason))
             else:
                 state.owner = owner
                 resume, next_seq = resume_point(state.events)
@@ -197,7 +194,7 @@ class MemoryQueue(JobQueue):
         state = self._jobs.get(job_id)
         return state is None or state.cancelled or state.owner is None or state.final
 
-    async def dead_letters(self, count: int = 100) -> list[GenerationJob]:
+    async def dead_letters(self, count: int = 100) -> list[DeadLetter]:
         return list(self._dead)[-count:]
 
     async def ping(self) -> bool:

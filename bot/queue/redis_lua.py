@@ -3,10 +3,11 @@
 Keys under the prefix P (ARGV[1] of every script):
   P:jobs          stream of submitted jobs, consumer group "workers" (fields: id, job)
   P:waiting       zset of waiting job ids, score = arrival order (released jobs get 0: front of line)
-  P:conv:<key>    zset of a conversation's waiting job ids (fairness)
+  P:conv:<key>    zset of a conversation's waiting job ids (fairness); expires with its newest job's hash
   P:job:<id>      hash: conv, entry (stream id), attempt, deadline, nonce, cancelled, final, next (seq)
   P:events:<id>   stream of the job's events (field e = event JSON); expires after the job
-  P:dead          stream of dead-lettered jobs
+  P:dead          stream of dead-lettered jobs, newest 1000 (fields: id, conv, persona, created_at, deliveries,
+                  reason): never the messages, users' text that /forget-me must be able to erase
 The `attempt` field fences workers: only the holder of the current attempt may publish, ack or release.
 Only Redis 7.0 commands are used.
 """
@@ -84,6 +85,10 @@ redis.call('ZADD', WAITING, order, id)
 redis.call('ZADD', convkey, order, id)
 redis.call('HSET', meta(id), 'conv', conv, 'entry', entry, 'attempt', 0, 'deadline', ARGV[9], 'nonce', ARGV[10])
 redis.call('EXPIRE', meta(id), ttl)
+-- The line lives as long as its newest job's hash: by then each id in it names a job that expired unread,
+-- and nothing else would remove them (a worker passing such a job over cannot tell its conversation:
+-- only the hash named it).
+redis.call('EXPIRE', convkey, ttl)
 -- Last in line: every other waiting job has a lower score (earlier order, or 0 when released).
 return {depth + 1, 0}
 """
@@ -125,7 +130,12 @@ local function take_one(id, entry, job)
     elseif f[4] and f[4] ~= '' and tonumber(f[4]) <= now then
       finish(id, done(id, 'deadline'), ttl)
     elseif attempt > max_deliveries then
-      redis.call('XADD', P .. ':dead', 'MAXLEN', '~', 10000, '*', 'id', id, 'deliveries', attempt - 1, 'job', job)
+      -- What an operator needs to look into it, not the job: its messages are users' text (about 20 KB a
+      -- job) that /forget-me could not reach here, its stop strings name the participants. As many as
+      -- the in-process queue keeps (base.MAX_DEAD_LETTERS).
+      local j = cjson.decode(job)
+      redis.call('XADD', P .. ':dead', 'MAXLEN', '~', 1000, '*', 'id', id, 'conv', f[1], 'persona', j.persona_id,
+        'created_at', j.created_at, 'deliveries', attempt - 1, 'reason', message)
       finish(id, cjson.encode({type = 'error', job_id = id, kind = 'dead_letter', message = message}), ttl)
     else
       result = attempt

@@ -39,7 +39,15 @@ from bot.queue.base import (
     dead_letter_message,
     resume_point,
 )
-from bot.queue.jobs import ErrorEvent, GenerationJob, TextDelta, event_from_json, event_to_json, is_final
+from bot.queue.jobs import (
+    DeadLetter,
+    ErrorEvent,
+    GenerationJob,
+    TextDelta,
+    event_from_json,
+    event_to_json,
+    is_final,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,23 @@ STREAM_OUTAGE_S = 30.0
 STREAM_RETRY_S = 1.0
 # A per-job connection left idle this long is closed: replies streaming at once take one each.
 IDLE_CONNECTION_S = 60.0
+
+
+def _dead_letter(entry_id: str, fields: dict[str, str]) -> DeadLetter:
+    """One entry of the dead letter stream. An older worker wrote the whole job instead (and may still,
+    during an upgrade): that is read without its messages all the same."""
+    deliveries = int(fields["deliveries"])
+    if "job" in fields:
+        job = GenerationJob.model_validate_json(fields["job"])
+        conversation, persona, created_at = job.conversation_key, job.persona_id, job.created_at
+        reason = dead_letter_message(deliveries)
+    else:
+        conversation, persona, created_at = fields["conv"], fields["persona"], float(fields["created_at"])
+        reason = fields["reason"]
+    return DeadLetter(
+        job_id=fields["id"], conversation_key=conversation, persona_id=persona, created_at=created_at,
+        deliveries=deliveries, reason=reason, dead_at=int(entry_id.split("-")[0]) / 1000,  # the entry id's ms
+    )
 
 
 @contextlib.contextmanager
@@ -521,10 +546,10 @@ class RedisStreamsQueue(JobQueue):
                 stopped.add(job_id)
         return stopped
 
-    async def dead_letters(self, count: int = 100) -> list[GenerationJob]:
+    async def dead_letters(self, count: int = 100) -> list[DeadLetter]:
         with _available():
             entries = await self._redis.xrevrange(f"{self._p}:dead", count=count)
-        return [GenerationJob.model_validate_json(fields["job"]) for _, fields in reversed(entries)]
+        return [_dead_letter(entry_id, fields) for entry_id, fields in reversed(entries)]
 
     async def ping(self) -> bool:
         try:
