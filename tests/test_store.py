@@ -238,6 +238,30 @@ async def test_last_assistant_turn(store: ConversationStore) -> None:
 # -- forget, export ----------------------------------------------------------------------------------
 
 
+async def test_forget_user_finds_the_replies_to_clear_by_index(store: ConversationStore) -> None:
+    """Anyone may run /forget-me: clearing the replies to a user's messages read every stored message
+    (a table scan, holding SQLite's write lock) before reply_to_id had an index."""
+    statements: list[tuple[str, object]] = []
+
+    def record(conn: object, cursor: object, statement: str, parameters: object, *args: object) -> None:
+        if statement.lstrip().upper().startswith("UPDATE MESSAGES SET REPLY_TO_ID"):
+            statements.append((statement, parameters))
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        await store.forget_user(10_000_001)
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", record)
+    [(statement, parameters)] = statements
+    async with store.engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            plan = " ".join(str(row) for row in await connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters))
+        else:
+            await connection.exec_driver_sql("SET enable_seqscan = off")  # a tiny table: make the index the choice if there is one
+            plan = " ".join(str(row) for row in await connection.exec_driver_sql(f"EXPLAIN {statement}", parameters))
+    assert "ix_messages_reply_to_id" in plan, plan
+
+
 async def test_forget_user_leaves_nothing_of_theirs(store: ConversationStore) -> None:
     alice, bob = 10_000_001, 10_000_002
     a1, a2, b1, r1 = 5_000_001, 5_000_002, 5_000_003, 5_000_004  # distinctive so the table scan is exact

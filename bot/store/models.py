@@ -122,7 +122,7 @@ class Message(Base):
     role: Mapped[str] = mapped_column(String(16))
     persona_id: Mapped[str | None] = mapped_column(String(64))
     content: Mapped[str] = mapped_column(Text)
-    reply_to_id: Mapped[int | None] = mapped_column(BigInteger)
+    reply_to_id: Mapped[int | None] = mapped_column(BigInteger, index=True)  # /forget-me clears replies to a user
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     edited_at: Mapped[datetime | None]
     deleted_at: Mapped[datetime | None]
