@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import itertools
 import json
 import re
@@ -21,14 +22,21 @@ import unicodedata
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
+
+from bot.personas import one_line, plain_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"  # a CHARX
 CARD_CHUNKS = ("ccv3", "chara")  # V3 first: a V3 PNG also keeps a V2 copy under "chara"
 MAX_CARD_TEXT = 16 * 2**20  # a compressed chunk is inflated up to this many bytes, no further
+# A JSON or PNG card is read whole: room for a card's text as large as MAX_CARD_TEXT and an avatar image
+# (real cards are a few MB). A CHARX is not read whole (its directory, then card.json), so its assets may be large.
+MAX_CARD_FILE = 32 * 2**20
+READ_BLOCK = 2**16
+TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 DIALOGUE_USER = "friend"
 CHAR_MACRO = re.compile(r"\{\{char\}\}|<BOT>", re.IGNORECASE)
 USER_MACRO = re.compile(r"\{\{user\}\}|<USER>", re.IGNORECASE)
@@ -56,18 +64,22 @@ def read_card(path: Path) -> dict[str, Any]:
     A PNG's `ccv3` chunk is read first; when it is not a card we can read, its V2 copy in `chara` is.
     """
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as file:
+            charx = file.peek(len(ZIP_SIGNATURE)).startswith(ZIP_SIGNATURE)
+            raw = b"" if charx else _read_at_most(file, MAX_CARD_FILE)
     except OSError as exc:
         raise CardError(path, f"cannot read: {exc}") from None
-    if raw.startswith(ZIP_SIGNATURE):
+    if charx:
         return _card_fields(path, _charx_card(path))
+    if len(raw) > MAX_CARD_FILE:
+        raise CardError(path, f"larger than {MAX_CARD_FILE // 2**20} MiB, too large for a character card")
     if not raw.startswith(PNG_SIGNATURE):
         return _card_fields(path, raw.decode("utf-8-sig", errors="replace"))
-    chunks = _png_text_chunks(raw)
+    chunks = _png_card_chunks(raw)
     problems: list[CardError] = []
     for keyword in (k for k in CARD_CHUNKS if k in chunks):
         try:
-            return _card_fields(path, _base64_text(path, keyword, chunks[keyword]))
+            return _card_fields(path, _base64_text(path, keyword, _chunk_text(path, keyword, *chunks[keyword])))
         except CardError as exc:
             problems.append(exc)
     if problems:
@@ -75,13 +87,22 @@ def read_card(path: Path) -> dict[str, Any]:
     raise CardError(path, "a PNG without a character card (no 'chara' or 'ccv3' text chunk)")
 
 
+def _read_at_most(file: BinaryIO, limit: int) -> bytes:
+    """The file's bytes, but no more than one block past `limit` (it may be endless, a pipe). In blocks:
+    one `read(limit)` would allocate `limit` bytes for a file of any size."""
+    blocks = iter(functools.partial(file.read, READ_BLOCK), b"")
+    return b"".join(itertools.islice(blocks, limit // READ_BLOCK + 1))
+
+
 def _card_fields(path: Path, text: str) -> dict[str, Any]:
     try:
         card = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CardError(path, f"not a character card: invalid JSON ({exc})") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise CardError(path, "not a character card: its JSON is nested too deeply") from None
     data = card.get("data") if isinstance(card, dict) and isinstance(card.get("data"), dict) else card
-    if not isinstance(data, dict) or not str(data.get("name") or "").strip():
+    if not isinstance(data, dict) or not one_line(str(data.get("name") or "")):
         raise CardError(path, "not a character card: it has no name")
     return data
 
@@ -107,36 +128,43 @@ def _base64_text(path: Path, keyword: str, value: bytes) -> str:
         raise CardError(path, f"the PNG's {keyword!r} chunk is not base64 JSON ({exc})") from None
 
 
-def _png_text_chunks(raw: bytes) -> dict[str, bytes]:
-    """Each text chunk's value by lowercase keyword (`tEXt`, `zTXt`, `iTXt`); unreadable ones are skipped."""
-    found: dict[str, bytes] = {}
+def _png_card_chunks(raw: bytes) -> dict[str, tuple[bytes, bytes]]:
+    """The first text chunk (`tEXt`, `zTXt`, `iTXt`) of each keyword in CARD_CHUNKS, as its type and value;
+    SillyTavern too reads the first. None is inflated here, and other chunks never are: a small PNG can hold
+    many that each inflate to MAX_CARD_TEXT. A card is read inflating one chunk at a time, two at most."""
+    found: dict[str, tuple[bytes, bytes]] = {}
     offset = len(PNG_SIGNATURE)
     while offset + 8 <= len(raw):
         length, kind = struct.unpack(">I4s", raw[offset : offset + 8])
         body = raw[offset + 8 : offset + 8 + length]
         offset += 12 + length
-        if kind not in (b"tEXt", b"zTXt", b"iTXt") or b"\x00" not in body:
+        if kind not in TEXT_CHUNKS or b"\x00" not in body:
             continue
         keyword, value = body.split(b"\x00", 1)
-        try:
-            if kind == b"zTXt":  # compression method byte, then zlib data
-                value = _inflate(value[1:])
-            elif kind == b"iTXt":  # compressed flag, method, language tag NUL, translated keyword NUL, text
-                compressed, rest = value[:1] == b"\x01", value[2:]
-                text = rest.split(b"\x00", 2)[-1]
-                value = _inflate(text) if compressed else text
-        except (zlib.error, ValueError):
-            continue
-        found[keyword.decode("latin-1").lower()] = value
+        if (name := keyword.decode("latin-1").lower()) in CARD_CHUNKS:
+            found.setdefault(name, (kind, value))
     return found
 
 
-def _inflate(data: bytes) -> bytes:
+def _chunk_text(path: Path, keyword: str, kind: bytes, value: bytes) -> bytes:
+    """A text chunk's text, inflated when compressed, no further than MAX_CARD_TEXT bytes."""
+    if kind == b"zTXt":  # compression method byte, then zlib data
+        return _inflate(path, keyword, value[1:])
+    if kind == b"iTXt":  # compressed flag, method, language tag NUL, translated keyword NUL, text
+        compressed, text = value[:1] == b"\x01", value[2:].split(b"\x00", 2)[-1]
+        return _inflate(path, keyword, text) if compressed else text
+    return value
+
+
+def _inflate(path: Path, keyword: str, data: bytes) -> bytes:
     """zlib data inflated, refusing more than MAX_CARD_TEXT bytes (a small chunk can inflate to gigabytes)."""
     inflater = zlib.decompressobj()
-    out = inflater.decompress(data, MAX_CARD_TEXT)
+    try:
+        out = inflater.decompress(data, MAX_CARD_TEXT)
+    except zlib.error as exc:
+        raise CardError(path, f"the PNG's {keyword!r} chunk is not readable compressed text ({exc})") from None
     if inflater.unconsumed_tail:
-        raise ValueError("text chunk inflates beyond MAX_CARD_TEXT")
+        raise CardError(path, f"the PNG's {keyword!r} chunk inflates past {MAX_CARD_TEXT // 2**20} MiB")
     return out
 
 
@@ -154,10 +182,10 @@ def persona_id_for(name: str, fallback: str = "") -> str:
 def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:
     """Persona fields (as a persona YAML file holds them) for a card's fields. A V3 card's `nickname`,
     what the character is called in chat, is the persona's name and its `{{char}}` (the spec's rule)."""
-    name = str(card.get("nickname") or "").strip() or str(card["name"]).strip()
+    name = one_line(str(card.get("nickname") or "")) or one_line(str(card["name"]))
 
     def plain(field: str, user: str = "the user") -> str:
-        return _fill(str(card.get(field) or "").replace("\r\n", "\n").strip(), name, user)
+        return _fill(plain_text(str(card.get(field) or "")).strip(), name, user)
 
     instruction = DEFAULT_INSTRUCTION.format(name=name)
     own = plain("system_prompt")
@@ -213,13 +241,12 @@ def _book(book: Any, name: str) -> tuple[list[str], list[dict[str, Any]]]:
     for entry in entries if isinstance(entries, list) else []:
         if not isinstance(entry, dict) or entry.get("enabled") is False:
             continue
-        content = _fill(str(entry.get("content") or "").strip(), name, "the user")
+        content = _fill(plain_text(str(entry.get("content") or "")).strip(), name, "the user")
         raw = entry.get("keys") or []
         raw = raw.split(",") if isinstance(raw, str) else raw  # some cards give "forest, glade"
+        texts = [plain_text(str(key)).strip() for key in raw] if isinstance(raw, list) else []
         # A key naming the user can match no one's real name: left out; "{{char}}'s ship" is the name's.
-        keys = [
-            _fill(str(key).strip(), name, "") for key in raw if str(key).strip() and not USER_MACRO.search(str(key))
-        ] if isinstance(raw, list) else []
+        keys = [_fill(key, name, "") for key in texts if key and not USER_MACRO.search(key)]
         if not content:
             continue
         if entry.get("constant"):
@@ -244,7 +271,7 @@ def _examples(text: str, name: str) -> list[dict[str, str]]:
     """`<START>`-separated example chats whose lines start with `{{user}}:` or `{{char}}:`."""
     speaker = re.compile(r"^\s*(\{\{user\}\}|<USER>|\{\{char\}\}|<BOT>)\s*:\s*", re.I)
     turns: list[dict[str, str]] = []
-    for line in text.replace("\r\n", "\n").splitlines():
+    for line in plain_text(text).splitlines():
         if line.strip().upper() == "<START>":
             continue
         match = speaker.match(line)

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from bot.config import DEFAULT_PERSONAS_DIR
 from bot.strict_yaml import StrictLoader, where_and_what
@@ -39,13 +47,44 @@ class Sampling(BaseModel):
     max_new_tokens: int = Field(400, ge=1, le=8192)
 
 
+# Control characters (Unicode Cc) other than tab and newline: a NUL cannot be stored in PostgreSQL text, and
+# escape sequences printed by `personas list` would drive the operator's terminal (title, clipboard).
+CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+LINE_BREAKS = re.compile("[\n\t\u2028\u2029]")
+
+
+def plain_text(text: str) -> str:
+    r"""`text` without control characters; `\r\n` and a lone `\r` become `\n`. Format characters (Cf) stay:
+    the zero-width joiner inside an emoji sequence, the direction marks of a right-to-left name."""
+    return CONTROL_CHARS.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
+def one_line(text: str) -> str:
+    """`plain_text` on one line, its ends stripped: a name is printed in lists and matched at the start of
+    messages, where a line break or tab would split it."""
+    return LINE_BREAKS.sub(" ", plain_text(text)).strip()
+
+
+def _plain(value: Any) -> Any:
+    return plain_text(value) if isinstance(value, str) else value
+
+
+def _one_line(value: Any) -> Any:
+    return one_line(value) if isinstance(value, str) else value
+
+
+# Cleaned before the length checks, so a value of control characters only is an empty one.
+Text = Annotated[str, BeforeValidator(_plain)]
+OneLine = Annotated[str, BeforeValidator(_one_line)]
+
+
 class ExampleTurn(BaseModel):
     """One line of example dialogue shown to the model before the real conversation."""
 
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["user", "assistant"]
-    content: str = Field(min_length=1)
+    content: Text = Field(min_length=1)
 
 
 def _without_blank_entries(value: list[str]) -> list[str]:
@@ -54,7 +93,7 @@ def _without_blank_entries(value: list[str]) -> list[str]:
     return value
 
 
-NonBlankStrings = Annotated[list[str], AfterValidator(_without_blank_entries)]
+NonBlankStrings = Annotated[list[Text], AfterValidator(_without_blank_entries)]
 
 # Scripts that run words together (Chinese, Japanese, Thai) or attach particles to them (Korean): a lore key
 # written in them has no word boundary around it in a sentence.
@@ -76,7 +115,7 @@ class LoreEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     keys: NonBlankStrings = Field(min_length=1)
-    content: str = Field(min_length=1)
+    content: Text = Field(min_length=1)
 
     @cached_property
     def pattern(self) -> re.Pattern[str]:
@@ -94,11 +133,11 @@ class Persona(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=PERSONA_ID_PATTERN)
-    name: str = Field(min_length=1, max_length=80)
-    description: str = ""
-    avatar_url: str | None = None
-    system_prompt: str = Field(min_length=1)
-    greeting: str | None = None
+    name: OneLine = Field(min_length=1, max_length=80)
+    description: Text = ""
+    avatar_url: OneLine | None = None
+    system_prompt: Text = Field(min_length=1)
+    greeting: Text | None = None
     examples: list[ExampleTurn] = Field(default_factory=list)
     sampling: Sampling = Field(default_factory=Sampling)
     stop: NonBlankStrings = Field(default_factory=list)
@@ -106,7 +145,7 @@ class Persona(BaseModel):
     lore: list[LoreEntry] = Field(default_factory=list)
     # Read right before the newest turn of every reply (SillyTavern's post-history instructions): rules
     # that a long history must not drown out, such as the reply's length or format.
-    reminder: str | None = None
+    reminder: Text | None = None
 
     @field_validator("avatar_url")
     @classmethod

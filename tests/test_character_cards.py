@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import struct
+import tracemalloc
 import zipfile
 import zlib
 from pathlib import Path
 
 import pytest
+import yaml
 
-from bot.character_cards import card_to_persona
+from bot.character_cards import card_to_persona, read_card
 from bot.cli import main
 from bot.personas import PersonaRegistry
 
@@ -161,7 +164,78 @@ def test_a_compressed_chunk_that_inflates_without_end_is_not_read(
     bomb = tmp_path / "bomb.png"  # 17 KiB on disk, 17 MiB inflated: past the reader's cap
     bomb.write_bytes(png_with(chunk(b"zTXt", b"chara\x00\x00" + zlib.compress(b"A" * (17 * 2**20)))))
     assert main(["personas", "import", str(bomb)]) == 2
-    assert "bomb.png: a PNG without a character card" in capsys.readouterr().err
+    assert "bomb.png: the PNG's 'chara' chunk inflates past 16 MiB" in capsys.readouterr().err
+
+
+def test_chunks_other_than_the_card_are_never_inflated(tmp_path: Path) -> None:
+    """Eight zTXt chunks of 2 KiB that inflate to 2 MiB each: 64 such chunks of 16 MiB, all inflated and
+    kept, took a 1 MB PNG to a gigabyte of memory."""
+    junk = [chunk(b"zTXt", b"junk%d\x00\x00" % i + zlib.compress(b"A" * 2**21)) for i in range(8)]
+    card = tmp_path / "mira.png"
+    card.write_bytes(png_with(*junk, chunk(b"tEXt", b"chara\x00" + encoded(CARD_V2))))
+    tracemalloc.start()
+    try:
+        assert read_card(card)["name"] == "Captain Mira Vance"
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
+
+
+def test_only_the_first_card_chunk_of_a_keyword_is_read(tmp_path: Path) -> None:
+    """As SillyTavern does; more `chara` chunks after it are not inflated one after another."""
+    later = {**CARD_V2, "data": {**CARD_V2["data"], "name": "Nyx"}}
+    card = tmp_path / "mira.png"
+    card.write_bytes(png_with(
+        chunk(b"tEXt", b"chara\x00" + encoded(CARD_V2)), chunk(b"zTXt", b"chara\x00\x00" + zlib.compress(encoded(later)))
+    ))
+    assert read_card(card)["name"] == "Captain Mira Vance"
+
+
+def test_a_file_larger_than_any_card_is_refused_before_it_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as file:  # sparse: no disk written
+        file.write(b"\x89PNG\r\n\x1a\n")
+        file.truncate(32 * 2**20 + 1)
+    assert main(["personas", "import", str(huge)]) == 2
+    assert "huge.png: larger than 32 MiB, too large for a character card" in capsys.readouterr().err
+
+
+def test_json_nested_too_deeply_is_a_card_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    card = tmp_path / "deep.json"
+    card.write_text('{"name": "Deep", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert main(["personas", "import", str(card)]) == 2
+    assert "deep.json: not a character card: its JSON is nested too deeply" in capsys.readouterr().err
+
+
+def test_control_characters_in_a_card_are_dropped_and_its_name_is_one_line(
+    tmp_path: Path, personas_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A NUL cannot be stored in PostgreSQL, and escape sequences printed by `personas list` would set the
+    operator's terminal title or clipboard. Format characters stay: the joiner in 👩‍🚀, a right-to-left mark."""
+    card = tmp_path / "ada.json"
+    card.write_text(json.dumps({
+        "name": "👩\u200d🚀 Ada\r\nVance\x00",
+        "creator_notes": "\x1b]52;c;ZWNobyBwd25lZA==\x07An astronaut\x1b[2K.",
+        "description": "{{char}} flies\r\nthe Gull\x85.\tAlways.",
+        "first_mes": "\u200fשלום\x7f",
+        "mes_example": "<START>\r\n{{user}}: Hi\x00\r\n{{char}}: Hello\x07",
+        "character_book": {"entries": [{"keys": ["Gull\x00", "\x07"], "content": "A ship\x9b."}]},
+    }))
+    assert main(["personas", "import", str(card)]) == 0
+    persona = PersonaRegistry.load(personas_dir).get("ada_vance")
+    assert persona.name == "👩\u200d🚀 Ada Vance"
+    assert "Stay in character as 👩\u200d🚀 Ada Vance.\n\n👩\u200d🚀 Ada Vance flies\nthe Gull.\tAlways." in persona.system_prompt
+    assert persona.greeting == "\u200fשלום"
+    assert [(e.role, e.content) for e in persona.examples] == [("user", "Hi"), ("assistant", "Hello")]
+    assert [(entry.keys, entry.content) for entry in persona.lore] == [(["Gull"], "A ship.")]
+    written = yaml.safe_load((personas_dir / "ada_vance.yaml").read_text())  # as the file holds it, unvalidated
+    assert not re.search(r"\\(x[0-9a-f]{2}|r)", repr(written))
+    assert main(["personas", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "]52;c;ZWNobyBwd25lZA==An astronaut[2K." in listed and "\x1b" not in listed and "\x07" not in listed
 
 
 def test_ids_from_accented_and_non_latin_names(tmp_path: Path, personas_dir: Path) -> None:

@@ -67,6 +67,8 @@ def test_id_defaults_to_file_name_and_defaults_apply(tmp_path: Path) -> None:
         ("name: X\nsystem_prompt: hi\nname: Y\n", 3, None, "duplicate key 'name' (first on line 1)"),
         ("name: X\nsystem_prompt: hi\nsampling:\n  top_k: 5\n  top_k: 7\n", 5, None, "duplicate key 'top_k'"),
         ("name: X\nsystem_prompt: hi\nwake_words: [ok, '']\n", 3, "wake_words", "must not be empty"),
+        ("system_prompt: hi\nname: \"\\0\\e\\n\"\n", 2, "name", "at least 1 character"),  # nothing left
+        ("name: X\nsystem_prompt: hi\nwake_words: [ok, \"\\a\"]\n", 3, "wake_words", "must not be empty"),
         ("- just\n- a list\n", 1, None, "must be a mapping"),
     ],
 )
@@ -82,6 +84,39 @@ def test_malformed_files_name_file_line_and_field(
     assert str(error).startswith(f"{path}:{line}:")
     if field:
         assert f"'{field}'" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("field", "written", "loaded"),
+    [
+        ("name", r'"Nul\0l"', "Null"),  # PostgreSQL stores no NUL: every message under that name would fail
+        ("name", r'"\e]0;retitled\aMira\e[2K"', "]0;retitledMira[2K"),  # no escape reaches the terminal
+        ("name", r'"Mira\r\nVance\t"', "Mira Vance"),
+        ("name", r'"👩\u200d🚀 Ada \u200fשרה"', "👩\u200d🚀 Ada \u200fשרה"),  # format characters stay
+        ("description", r'"\e]52;c;cHduZWQ=\aone\r\ntwo\tthree\N\x7f\x9b"', "]52;c;cHduZWQ=one\ntwo\tthree"),
+        ("system_prompt", r'"Be\rkind.\0"', "Be\nkind."),
+        ("greeting", r'"Hi\b!"', "Hi!"),
+        ("reminder", r'"Short\v."', "Short."),
+        ("wake_words", r'["ti\x00na"]', ["tina"]),
+        ("examples", r'[{role: user, content: "Hi\e"}]', [{"role": "user", "content": "Hi"}]),
+        ("lore", r'[{keys: ["te\aa"], content: "Tea\f."}]', [{"keys": ["tea"], "content": "Tea."}]),
+    ],
+)
+def test_control_characters_are_dropped_from_text(tmp_path: Path, field: str, written: str, loaded: object) -> None:
+    """Control characters but newline and tab, as YAML's double-quoted escapes can write them (a raw one is
+    no valid YAML); a name is also kept on one line."""
+    fields = {"name": "X", "system_prompt": "hi", field: written}
+    persona = load_persona_file(write(tmp_path, "".join(f"{key}: {value}\n" for key, value in fields.items())))
+    assert persona.model_dump()[field] == loaded
+
+
+def test_personas_list_prints_no_escape_sequence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(tmp_path, 'name: "Evil\\e]0;pwned\\a"\ndescription: "\\e]52;c;cHduZWQ=\\aharmless"\nsystem_prompt: hi\n')
+    monkeypatch.setenv("HERMES_PERSONAS_DIR", str(tmp_path))
+    assert main(["personas", "list"]) == 0
+    assert capsys.readouterr().out.split() == ["tester", "Evil]0;pwned", "]52;c;cHduZWQ=harmless"]
 
 
 def test_merge_keys_may_be_overridden_by_the_mapping_own_keys(tmp_path: Path) -> None:
