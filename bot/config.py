@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote
 
 import yaml
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -201,9 +202,15 @@ class Settings(BaseSettings):
         return (init_settings, _PublicNamesOnly(env_settings), _PublicNamesOnly(dotenv_settings), _YamlSource(settings_cls))
 
     def secrets(self) -> list[str]:
-        """Values that must never appear in logs."""
-        found = [self.discord_token, self.openai_api_key]
-        return [s.get_secret_value() for s in found if s is not None and s.get_secret_value()]
+        """Values that must never appear in logs: the token, the key and every URL's password, also as
+        percent-decoded (the form clients send, and may print, once they have parsed the URL)."""
+        found = [s.get_secret_value() for s in (self.discord_token, self.openai_api_key) if s is not None]
+        for url in (self.openai_base_url, self.database_url, self.queue_url):
+            # A password that is its user's name (compose's default hermes:hermes) is shown with the user anyway;
+            # redacting it would only hide that word (a persona's name) everywhere else.
+            if url and (match := _URL_PASSWORD.search(url)) and match[2] != match[1].removeprefix("://"):
+                found.extend({match[2], unquote(match[2])})
+        return [s for s in found if s]
 
 
 class _PublicNamesOnly(PydanticBaseSettingsSource):
@@ -288,10 +295,13 @@ def _public_names() -> list[str]:
 _SECRET_SETTINGS = {"DISCORD_TOKEN", "HERMES_OPENAI_API_KEY"}
 
 
-def _without_password(value: Any) -> Any:
+# A URL's user and password; greedy up to the last "@", as a password may hold "/" or "@" (base64 secrets do).
+_URL_PASSWORD = re.compile(r"(://[^/@:]*):(.*)@")
+
+
+def without_password(value: Any) -> Any:
     """A URL's password masked (`postgresql://hermes:***@db/hermes`): error lines end up in logs."""
-    # Greedy up to the last "@": a password may itself hold "/" or "@" (base64 secrets do).
-    return re.sub(r"(://[^/@:]*):.*@", r"\1:***@", value) if isinstance(value, str) else value
+    return _URL_PASSWORD.sub(r"\1:***@", value) if isinstance(value, str) else value
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -312,6 +322,6 @@ def load_settings(**overrides: Any) -> Settings:
             name = _public_name(field) if field in Settings.model_fields else field
             value = error.get("input")
             hidden = isinstance(value, dict) or name in _SECRET_SETTINGS
-            shown = "" if hidden else f" (got {_without_password(value)!r})"
+            shown = "" if hidden else f" (got {without_password(value)!r})"
             lines.append(f"invalid setting {name}: {error['msg'].removeprefix('Value error, ')}{shown}")
         raise SettingsError(lines) from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -23,6 +24,14 @@ from typing import Any
 from bot.config import Settings
 
 REDACTED = "[REDACTED]"
+
+# Tokens no setting holds, each letting anyone post as the bot (@everyone included): a webhook's and an
+# interaction's, which discord.py logs at DEBUG in request URLs (`/webhooks/<id>/<token>`) and in the
+# payloads it receives (a created webhook, an INTERACTION_CREATE event: `'token': '...'`, or as JSON).
+TOKEN_PATTERNS = (
+    re.compile(r"(/(?:webhooks|interactions)/\d+/)[^/?#\s'\"]+"),
+    re.compile(r"""((["'])token\2\s*:\s*["'])[^"']+"""),
+)
 
 # Immutable (a tuple of pairs), so a task can never change the ids its parent logs with.
 _context: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar("hermes_log_context", default=())
@@ -46,7 +55,8 @@ def log_context(**ids: object) -> Iterator[None]:
 
 
 class RedactSecrets(logging.Filter):
-    """Replaces every secret in message, args, extras, exception and stack text with [REDACTED]."""
+    """Replaces every secret, and every token TOKEN_PATTERNS finds, in message, args, extras, exception and
+    stack text with [REDACTED]."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
@@ -56,6 +66,8 @@ class RedactSecrets(logging.Filter):
     def redact(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, REDACTED)
+        for pattern in TOKEN_PATTERNS:
+            text = pattern.sub(rf"\g<1>{REDACTED}", text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:

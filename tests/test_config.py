@@ -200,3 +200,14 @@ def test_a_settings_file_that_cannot_be_read_is_one_line(
     with pytest.raises(SettingsError) as raised:
         load_settings()
     assert raised.value.lines == [f"{name}: cannot read: Permission denied"]
+
+
+def test_url_passwords_are_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log filter redacts what secrets() lists: a password whole (even with "/" or "@" in it), also decoded;
+    a URL without one, or with its user's name for one (compose's default), adds nothing."""
+    monkeypatch.setenv("HERMES_OPENAI_BASE_URL", "http://proxy-user@proxy:8080/v1")
+    monkeypatch.setenv("HERMES_DATABASE_URL", "postgresql+asyncpg://hermes:s3c/r@t%40pw@db:5432/hermes")
+    monkeypatch.setenv("HERMES_QUEUE_URL", "redis://:r3dis@redis:6379/0")
+    assert sorted(load_settings(discord_token="tok").secrets()) == ["r3dis", "s3c/r@t%40pw", "s3c/r@t@pw", "tok"]
+    default = "postgresql+asyncpg://hermes:hermes@postgres:5432/hermes"
+    assert load_settings(database_url=default, queue_url="memory://").secrets() == []

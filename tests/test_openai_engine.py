@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -295,3 +296,35 @@ async def test_close_ends_every_open_stream(server: OpenAITestServer) -> None:
             async with asyncio.timeout(2):
                 async for _ in stream:
                     pass
+
+
+PASSWORD = "S3cretPassw0rd"
+
+
+@pytest.mark.parametrize("port", ["unused", "99999"])
+async def test_a_password_in_the_base_url_is_in_no_message(port: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A proxy's user and password in HERMES_OPENAI_BASE_URL: the start warning and the error of a reply name
+    the server with the password masked, also where aiohttp names the URL itself (a port it cannot use)."""
+    url = f"http://hermes:{PASSWORD}@127.0.0.1:{unused_port() if port == 'unused' else port}/v1"
+    engine = OpenAIEngine(Settings(engine="openai", openai_base_url=url), attempts=1)
+    with caplog.at_level(logging.WARNING, logger="bot.engine.openai_engine"):
+        await engine.start()
+    try:
+        with pytest.raises(EngineError) as raised:
+            await engine.generate_text(GenerationRequest("r", MESSAGES))
+    finally:
+        await engine.close()
+    for text in (caplog.text, str(raised.value)):
+        assert "hermes:***@127.0.0.1" in text and PASSWORD not in text
+
+
+async def test_url_credentials_are_basic_auth_and_refused_with_an_api_key(server: OpenAITestServer) -> None:
+    """Both are the Authorization header: aiohttp refused each request (a traceback at start, from the probe)."""
+    url = server.base_url.replace("http://", f"http://hermes:{PASSWORD}@")
+    with pytest.raises(EngineError, match="HERMES_OPENAI_BASE_URL holds a user and password .* HERMES_OPENAI_API_KEY"):
+        await started(url)
+    engine = OpenAIEngine(Settings(engine="openai", openai_base_url=url))
+    await engine.start()
+    await engine.generate_text(GenerationRequest("r", MESSAGES))
+    await engine.close()
+    assert server.headers[0]["Authorization"] == "Basic " + base64.b64encode(f"hermes:{PASSWORD}".encode()).decode()

@@ -10,6 +10,9 @@ Retries: a refused connection, a timeout or a 429/5xx (an HTTP status, or the co
 reports in the stream) is retried with exponential backoff, but only before the first token; after that a
 retry would repeat text the user has already seen.
 
+Auth: HERMES_OPENAI_API_KEY goes as a Bearer token, or a user and password in HERMES_OPENAI_BASE_URL (a
+proxy's) as Basic auth; not both. Messages, which reach logs and Discord, show that password as `***`.
+
 Readiness: `ready()` asks the server for `GET {base}/models`, so a worker's /readyz says when the server
 (LM Studio, say) is down; `start()` only warns then, since a compose stack may start the worker first.
 """
@@ -23,10 +26,11 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
-from bot.config import Settings
+from bot.config import Settings, without_password
 from bot.engine.base import Engine, EngineError, Finish, GenerationRequest, GenerationStream, TextChunk
 from bot.engine.text import StopMatcher
 from bot.prompt import PromptTooLong, defang_control_tokens, encode_messages
@@ -109,16 +113,25 @@ class OpenAIEngine(Engine):
         return f"{self.base_url}/models"
 
     @property
+    def shown_url(self) -> str:
+        """`url` as messages name it: they reach logs and Discord, which a password in the URL must not."""
+        return without_password(self.url)
+
+    @property
     def base_url_hint(self) -> str:
         """Added to answers that suggest a wrong path: these servers serve the API under /v1, and a base URL
         without it reaches an unknown path (LM Studio even answers that 200, with an error in JSON)."""
         if self.base_url.endswith("/v1"):
             return ""
-        return f" (check that HERMES_OPENAI_BASE_URL ends in /v1: it is {self.base_url})"
+        return f" (check that HERMES_OPENAI_BASE_URL ends in /v1: it is {without_password(self.base_url)})"
 
     async def start(self) -> None:
         if not self.settings.openai_base_url:
             raise EngineError("HERMES_ENGINE=openai needs HERMES_OPENAI_BASE_URL, e.g. http://localhost:1234/v1")
+        if self.settings.openai_api_key is not None and urlsplit(self.base_url).username is not None:
+            # Both are the Authorization header (Bearer, Basic): aiohttp refuses every request that has both.
+            raise EngineError("HERMES_OPENAI_BASE_URL holds a user and password (Basic auth) and HERMES_OPENAI_API_KEY "
+                              "is set (Bearer auth): a request can carry only one; remove the other")
         headers = {"Accept": "text/event-stream"}
         if self.settings.openai_api_key is not None:
             headers["Authorization"] = f"Bearer {self.settings.openai_api_key.get_secret_value()}"
@@ -126,7 +139,7 @@ class OpenAIEngine(Engine):
         self._session = aiohttp.ClientSession(headers=headers, timeout=timeout)
         if problem := await self._probe():
             log.warning("openai engine: the server at %s does not answer: %s; replies fail until it does",
-                        self.models_url, problem)
+                        without_password(self.models_url), problem)
 
     async def ready(self) -> bool:
         """Whether the server answers: the engine itself holds no model that could be missing."""
@@ -143,7 +156,7 @@ class OpenAIEngine(Engine):
                                          timeout=timeout) as resp:
                 body = (await resp.read()).decode("utf-8", errors="replace")
         except (TimeoutError, aiohttp.ClientError) as exc:
-            return str(exc) or type(exc).__name__
+            return _reason(exc)
         if not 200 <= resp.status < 300:
             return f"answered {resp.status}: {_error_detail(body)}{self.base_url_hint}"
         if _error_field(_json(body)) is not None:
@@ -172,7 +185,8 @@ class OpenAIEngine(Engine):
         it would have fed never comes, and the stream's reader would wait forever."""
         self._tasks.discard(task)
         if task.cancelled():
-            stream.fail(EngineError(f"the openai engine is shutting down: the reply from {self.url} was cut off"))
+            message = f"the openai engine is shutting down: the reply from {self.shown_url} was cut off"
+            stream.fail(EngineError(message))
 
     def payload(self, request: GenerationRequest) -> dict[str, Any]:
         """The JSON body for `request`, as sent to the server: the messages that fit the context with the
@@ -183,7 +197,7 @@ class OpenAIEngine(Engine):
                                      max_new_tokens=s.max_new_tokens)
         except PromptTooLong as exc:
             raise EngineError(str(exc)) from None
-        messages = [{"role": m["role"], "content": defang_control_tokens(m["content"])} for m in prompt.messages]
+        messages = [{"role": m["role"], "content": m["content"]} for m in prompt.messages]  # defanged by encode_messages
         written = estimated_tokens(request.assistant_prefix)
         body: dict[str, Any] = {
             "model": self.settings.model,
@@ -245,7 +259,8 @@ class OpenAIEngine(Engine):
                 if resp.status != 200:
                     detail = _error_detail(await resp.text())
                     hint = self.base_url_hint if resp.status in (404, 405) else ""
-                    message = f"the OpenAI-compatible server at {self.url} answered {resp.status}: {detail}{hint}"
+                    message = (f"the OpenAI-compatible server at {self.shown_url} answered {resp.status}: "
+                               f"{detail}{hint}")
                     if resp.status in RETRYABLE_STATUS:
                         raise _Retryable(message)
                     raise EngineError(message)
@@ -253,14 +268,15 @@ class OpenAIEngine(Engine):
                     text = await resp.text()
                     what = "JSON" if _error_field(_json(text)) is None else f"an error: {_error_detail(text)}"
                     raise EngineError(
-                        f"the server at {self.url} answered {what} instead of an event stream{self.base_url_hint}"
+                        f"the server at {self.shown_url} answered {what} instead of an event stream"
+                        f"{self.base_url_hint}"
                     )
                 await self._read_events(resp, stream, stops, state)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            reason = str(exc) or type(exc).__name__
+            reason = _reason(exc)
             if state["tokens"]:
-                raise EngineError(f"the connection to {self.url} broke mid-reply: {reason}") from None
-            raise _Retryable(f"cannot reach the OpenAI-compatible server at {self.url}: {reason}") from None
+                raise EngineError(f"the connection to {self.shown_url} broke mid-reply: {reason}") from None
+            raise _Retryable(f"cannot reach the OpenAI-compatible server at {self.shown_url}: {reason}") from None
 
     async def _read_events(
         self, resp: aiohttp.ClientResponse, stream: GenerationStream, stops: StopMatcher, state: dict[str, Any]
@@ -273,7 +289,7 @@ class OpenAIEngine(Engine):
                 break
             chunk = _json(data)
             if not isinstance(chunk, dict):
-                raise EngineError(f"the server at {self.url} sent a malformed event: {data[:200]!r}")
+                raise EngineError(f"the server at {self.shown_url} sent a malformed event: {data[:200]!r}")
             if _error_field(chunk) is not None:
                 raise self._reported_error(data)
             usage = chunk.get("usage") or {}  # a null count is unknown: keep what we have (0 at first)
@@ -294,16 +310,18 @@ class OpenAIEngine(Engine):
                     state["reason"] = "length" if choice["finish_reason"] == "length" else "stop"
         else:
             if not finished and not state["tokens"]:
-                raise _Retryable(f"the server at {self.url} closed the stream before any text")
+                raise _Retryable(f"the server at {self.shown_url} closed the stream before any text")
             if not finished:  # a complete reply says so: finish_reason or [DONE]
-                raise EngineError(f"the server at {self.url} ended the stream mid-reply, without a finish_reason")
+                raise EngineError(
+                    f"the server at {self.shown_url} ended the stream mid-reply, without a finish_reason"
+                )
         if rest := stops.flush():  # the text held back in case it began a stop string
             stream.feed([TextChunk(rest)])
 
     def _reported_error(self, data: str) -> Exception:
         """The error the server reported in the stream, with its message; worth another try (before any
         text) only when its code says the trouble passes (429, 5xx), not for a 400 such as a full context."""
-        message = f"the server at {self.url} reported an error: {_error_detail(data)}"
+        message = f"the server at {self.shown_url} reported an error: {_error_detail(data)}"
         return _Retryable(message) if _error_code(data) in RETRYABLE_STATUS else EngineError(message)
 
 
@@ -333,6 +351,11 @@ async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
     async for raw in resp.content:
         yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
     yield ""
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, for a message: aiohttp names a URL it cannot use (a mistyped port) with its password."""
+    return without_password(str(exc) or type(exc).__name__)
 
 
 def _json(text: str) -> Any:
