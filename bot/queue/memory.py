@@ -26,8 +26,10 @@ from bot.queue.base import (
 )
 from bot.queue.jobs import DeadLetter, Done, ErrorEvent, GenerationJob, is_final
 
-# Finished jobs keep their events this long, so a late or reconnecting reader still sees them.
-EVENTS_TTL_S = 300.0
+# Finished jobs keep their events this long, so a reader that starts late still sees them. Its reader is
+# in this process and starts at once, and each job holds its prompt and every delta (~175 KB for 50 turns):
+# Redis's five minutes would keep ~50 MB at one reply a second for nobody.
+EVENTS_TTL_S = 30.0
 
 
 @dataclass
