@@ -19,6 +19,7 @@ from bot.discord import app as app_module
 from bot.discord import chat as chat_module
 from bot.discord.app import BotApp
 from bot.discord.commands import fit_lines, persona_choice
+from bot.discord.identity import Identities
 from bot.discord.sync import command_signature
 from bot.personas import Persona, UnknownPersona
 from bot.store.keys import ConversationKey
@@ -1055,3 +1056,27 @@ async def test_a_persona_that_joins_a_channel_greets_it_once(env: Env) -> None:
     context = [m["content"] for m in env.llm.requests[-1]["messages"]]
     assert any(greeting in text for text in context)  # the model continues the scene it set
     assert any("I step inside." in text for text in context)  # stored although nobody addressed the bot
+
+
+async def test_webhooks_are_remembered_for_the_channels_used_last_only(env: Env) -> None:
+    """One webhook per channel the bot ever spoke in, deleted channels included, stayed in memory for the
+    life of the process; beyond the newest ones a channel costs a lookup again (its webhook is reused)."""
+    w = env.world
+    assert env.app.bot is not None
+    channels = [w.general, await env.fake.add_channel(w.guild, "second"), await env.fake.add_channel(w.guild, "third")]
+    identities = Identities(remembered=2)
+    persona = Persona(id="hermes", name="Hermes 2", system_prompt="You are Hermes.")
+
+    async def outlet_in(channel: Channel) -> None:
+        await identities.outlet(env.app.bot.get_channel(channel.id), persona)  # type: ignore[union-attr, arg-type]
+
+    def lookups(channel: Channel) -> int:
+        return sum(r.path.endswith(f"/channels/{channel.id}/webhooks") for r in env.fake.requests_to(
+            "GET", "/channels/{channel_id}/webhooks"))
+
+    for channel in channels:
+        await outlet_in(channel)
+    await outlet_in(channels[2])  # remembered
+    await outlet_in(channels[0])  # forgotten for the two used after it
+    assert [lookups(c) for c in channels] == [2, 1, 1]
+    assert len(env.fake.requests_to("POST", "/channels/{channel_id}/webhooks")) == 3  # one webhook each, reused

@@ -17,12 +17,14 @@ import time
 import discord
 from discord.utils import MISSING, escape_markdown
 
+from bot.lru import LRU
 from bot.personas import Persona
 
 log = logging.getLogger(__name__)
 
 WEBHOOK_NAME = "hermes-personas"
 RECHECK_AFTER_S = 600.0
+CHANNELS_REMEMBERED = 10_000
 
 # Untrusted text (user input echoed by the model) must never ping everyone, here, a role or a user: a
 # reply names people as it likes, but a `<@id>` a user asked it to repeat would notify whoever that is.
@@ -92,12 +94,14 @@ PersonaOutlet = WebhookOutlet | BotOutlet
 
 
 class Identities:
-    """Finds or creates the bot's webhook per channel, once, and hands out persona outlets."""
+    """Finds or creates the bot's webhook per channel, once, and hands out persona outlets. It remembers
+    the `remembered` channels used last (a forgotten one costs a webhook lookup again), not every channel
+    the bot ever spoke in, deleted ones included."""
 
-    def __init__(self) -> None:
-        self._webhooks: dict[int, discord.Webhook] = {}
-        self._denied: dict[int, float] = {}  # channel id -> when webhooks were refused
-        self._locks: dict[int, asyncio.Lock] = {}
+    def __init__(self, remembered: int = CHANNELS_REMEMBERED) -> None:
+        self._webhooks: LRU[int, discord.Webhook] = LRU(remembered)
+        self._denied: LRU[int, float] = LRU(remembered)  # channel id -> when webhooks were refused
+        self._locks: LRU[int, asyncio.Lock] = LRU(remembered)
 
     async def outlet(self, channel: discord.abc.Messageable, persona: Persona) -> PersonaOutlet:
         thread = channel if isinstance(channel, discord.Thread) else None
