@@ -188,6 +188,29 @@ async def test_reply_dm_and_bots_ignored(env: Env) -> None:
     assert len(env.llm.requests) == before
 
 
+async def test_a_bot_that_took_part_in_a_channel_still_does_after_a_reset_and_a_restart(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
+) -> None:
+    """It kept the channel's chatter after /reset, but a restart decided from the turns since the reset
+    and forgot it took part there: what people said went unrecorded until someone addressed it again."""
+    w, settings = discord_world, make_settings(fake_discord, llm, tmp_path)
+    key = ConversationKey(w.guild.id, w.general.id)
+    async with BotApp(settings, guild_ready_timeout=0.1) as app:
+        env = Env(fake_discord, w, llm, app)
+        env.llm.script(Reply("Hello."))
+        await env.fake.send_message(w.general, w.alice, f"{mention(env)} hi")
+        await persona_reply(env, w.general, "Hello.")
+        await slash(env, "reset")
+    async with BotApp(settings, guild_ready_timeout=0.1) as app:
+        env = Env(fake_discord, w, llm, app)
+        await env.fake.send_message(w.general, w.bob, "after the restart")
+
+        async def stored() -> bool:
+            return [m.content for m in await env.store.window(key, 10)] == ["after the restart"]
+
+        assert await eventually(stored)
+
+
 async def test_a_channel_the_bot_is_not_part_of_costs_one_history_lookup(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -199,17 +222,17 @@ async def test_a_channel_the_bot_is_not_part_of_costs_one_history_lookup(
     cog = env.app.bot.get_cog("ChatCog")
     lookups: list[ConversationKey] = []
     handled: list[int] = []
-    last_turn, handle = env.store.last_assistant_turn, cog._handle
+    has_history, handle = env.store.has_history, cog._handle
 
     async def counting_lookup(k: ConversationKey):  # type: ignore[no-untyped-def]
         lookups.append(k)
-        return await last_turn(k)
+        return await has_history(k)
 
     async def counting_handle(message):  # type: ignore[no-untyped-def]
         await handle(message)
         handled.append(message.id)
 
-    monkeypatch.setattr(env.store, "last_assistant_turn", counting_lookup)
+    monkeypatch.setattr(env.store, "has_history", counting_lookup)
     monkeypatch.setattr(cog, "_handle", counting_handle)
     for i in range(3):
         await env.fake.send_message(w.general, w.alice, f"people talking {i}")

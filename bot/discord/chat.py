@@ -174,7 +174,7 @@ class ChatCog(commands.Cog):
     async def _takes_part(self, key: ConversationKey) -> bool:
         known = self._takes_part_in.get(key)
         if known is None:
-            known = self._takes_part_in[key] = await self.chat.store.last_assistant_turn(key) is not None
+            known = self._takes_part_in[key] = await self.chat.store.has_history(key)
         return known
 
     def _take_part(self, key: ConversationKey) -> None:

@@ -230,6 +230,18 @@ class ConversationStore:
             row = (await session.execute(_live_turns(key).where(Message.role == "assistant").limit(1))).first()
         return None if row is None else _stored(row, key.as_str())
 
+    async def has_history(self, key: ConversationKey) -> bool:
+        """Whether anything was ever stored in the conversation, resets and deletions notwithstanding:
+        the bot took part there (it stores a channel's messages only once it has been addressed)."""
+        async with self._sessions() as session:
+            stored = (
+                select(Message.id)
+                .join(Conversation, Conversation.id == Message.conversation_id)
+                .where(Conversation.key == key.as_str())
+                .limit(1)
+            )
+            return await session.scalar(select(stored.exists())) or False
+
     async def find_message(self, discord_message_id: int) -> StoredMessage | None:
         """A stored turn by the Discord id of any of its messages, deleted ones included (check `deleted_at`)."""
         async with self._sessions() as session:
