@@ -417,6 +417,23 @@ async def test_autorespond_and_admin_role(
         assert len(llm.requests) == 1
 
 
+async def test_an_admin_role_given_by_id_cannot_be_forged_by_name(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
+) -> None:
+    """Anyone who may create roles can make one named like the admin role; its id is the real one's only."""
+    w = discord_world
+    helpers = await fake_discord.add_role(w.guild, "bot-admins")
+    forged = await fake_discord.add_role(w.guild, "bot-admins")
+    await fake_discord.add_member(w.guild, w.bob, roles=[helpers])
+    await fake_discord.add_member(w.guild, w.alice, roles=[forged])
+    settings = make_settings(fake_discord, llm, tmp_path, admin_role=str(helpers.id))
+    async with BotApp(settings, guild_ready_timeout=0.1) as app:
+        env = Env(fake_discord, w, llm, app)
+        assert "on" in await slash(env, "autorespond", {"mode": "on"}, user=w.bob)
+        refused = await slash(env, "autorespond", {"mode": "off"}, user=w.alice)
+        assert refused == "You need the Manage Channels permission or the bot-admins role to change this channel's settings."
+
+
 async def _window_of(env: Env, key: ConversationKey, turns: int):  # type: ignore[no-untyped-def]
     """The stored window once it holds `turns` turns (the reply is stored just after it is shown)."""
     history = await env.store.window(key, 10)

@@ -73,13 +73,20 @@ def persona_choice(persona: Persona) -> app_commands.Choice[str]:
 
 
 def may_change(interaction: discord.Interaction, admin_role: str | None) -> bool:
-    """Manage Channels in this channel, the admin role, or a DM."""
+    """Manage Channels in this channel, the admin role (by id, or by name: anyone who may create roles
+    can make one of that name), or a DM."""
     if interaction.guild is None:
         return True
     if interaction.permissions.manage_channels:
         return True
     roles = getattr(interaction.user, "roles", [])
-    return admin_role is not None and any(role.name == admin_role for role in roles)
+    return admin_role is not None and any(admin_role in (role.name, str(role.id)) for role in roles)
+
+
+def admin_role_name(interaction: discord.Interaction, admin_role: str) -> str:
+    """The admin role as people see it: its name, also when HERMES_ADMIN_ROLE gives its id."""
+    role = interaction.guild.get_role(int(admin_role)) if admin_role.isdigit() and interaction.guild else None
+    return role.name if role else admin_role
 
 
 def _with_persona(
@@ -152,7 +159,7 @@ class CommandsCog(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         self.personas.refresh(required=self.settings.default_persona)
         if managers_only and not may_change(interaction, self.settings.admin_role):
-            role = f" or the {self.settings.admin_role} role" if self.settings.admin_role else ""
+            role = f" or the {admin_role_name(interaction, self.settings.admin_role)} role" if self.settings.admin_role else ""
             text = NOT_ALLOWED.format(role=role)
         else:
             try:
