@@ -208,9 +208,13 @@ class Worker:
                 events: list[QueueEvent] = []
                 for item in batch:
                     if isinstance(item, TextChunk):
+                        # A model's byte fallback may write NUL, which PostgreSQL cannot store: the reply
+                        # shown must be the one stored.
+                        if not (text := item.text.replace("\x00", "")):
+                            continue
                         if seq == delivery.next_seq:
                             metrics.observe_first_token(time.time() - started)
-                        events.append(TextDelta(job_id=job.job_id, seq=seq, text=item.text))
+                        events.append(TextDelta(job_id=job.job_id, seq=seq, text=text))
                         seq += 1
                     elif item.reason == "released":
                         await self.queue.publish_many(events)

@@ -18,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot.config import Settings
 from bot.engine.base import GenerationRequest, GenerationStream
+from bot.engine.openai_engine import OpenAIEngine
 from bot.engine.transformers_engine import TransformersEngine, load_model
 from bot.metrics import REGISTRY
 from bot.personas import Sampling
@@ -27,7 +28,7 @@ from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
 from bot.queue.memory import MemoryQueue
 from bot.queue.redis_streams import RedisStreamsQueue
 from bot.worker import Worker, _serve_forever
-from tests.openai_test_server import OpenAITestServer
+from tests.openai_test_server import OpenAITestServer, Reply
 from tests.waiting import eventually
 
 GREEDY = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=20)
@@ -320,6 +321,25 @@ async def test_a_worker_on_the_openai_engine_is_not_ready_while_its_server_is_do
                 await serving
             for sig in (signal.SIGTERM, signal.SIGINT):  # _serve_forever's: this loop outlives it
                 asyncio.get_running_loop().remove_signal_handler(sig)
+
+
+async def test_a_nul_the_model_writes_is_left_out_of_the_reply() -> None:
+    """PostgreSQL cannot store NUL, so the store drops it: the reply shown must not keep it either. A
+    chunk of nothing else is no delta at all."""
+    async with OpenAITestServer() as server:
+        settings = Settings(engine="openai", openai_base_url=server.base_url, queue_url="memory://")
+        server.script(Reply("Hel\x00lo\x00\x00 there", chunk_chars=3))  # "Hel", "\x00lo", "\x00\x00 "...
+        queue = MemoryQueue(settings)
+        worker = Worker(settings, queue, OpenAIEngine(settings), poll_s=0.01)
+        task = asyncio.create_task(worker.run())
+        try:
+            j = job("hi")
+            await queue.submit(j)
+            deltas = [e.text for e in await events(queue, j.job_id) if isinstance(e, TextDelta)]
+        finally:
+            await worker.shutdown()
+            await task
+    assert "".join(deltas) == "Hello there" and all(deltas)
 
 
 class GoesDown(MemoryQueue):
