@@ -227,6 +227,8 @@ class Worker:
                             job_id=job.job_id, finish_reason=item.reason,
                             prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens,
                         ))
+                if not events:  # the batch was NUL only
+                    continue
                 await self.queue.publish_many(events)
                 if isinstance(events[-1], Done):
                     await self.queue.complete(job.job_id)

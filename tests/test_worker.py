@@ -328,7 +328,8 @@ async def test_a_nul_the_model_writes_is_left_out_of_the_reply() -> None:
     chunk of nothing else is no delta at all."""
     async with OpenAITestServer() as server:
         settings = Settings(engine="openai", openai_base_url=server.base_url, queue_url="memory://")
-        server.script(Reply("Hel\x00lo\x00\x00 there", chunk_chars=3))  # "Hel", "\x00lo", "\x00\x00 "...
+        # Chunks "Hel", "\x00lo", "\x00\x00\x00" (a batch of its own, a while apart), " th", "ere".
+        server.script(Reply("Hel\x00lo\x00\x00\x00 there", chunk_chars=3, delay_s=0.05))
         queue = MemoryQueue(settings)
         worker = Worker(settings, queue, OpenAIEngine(settings), poll_s=0.01)
         task = asyncio.create_task(worker.run())
