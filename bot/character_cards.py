@@ -104,6 +104,8 @@ def _card_fields(path: Path, text: str) -> dict[str, Any]:
     data = card.get("data") if isinstance(card, dict) and isinstance(card.get("data"), dict) else card
     if not isinstance(data, dict) or not one_line(str(data.get("name") or "")):
         raise CardError(path, "not a character card: it has no name")
+    if not isinstance(data["name"], str):
+        raise CardError(path, f"not a character card: its name is not text (got {type(data['name']).__name__})")
     return data
 
 

@@ -48,13 +48,14 @@ class Sampling(BaseModel):
 
 
 # Control characters (Unicode Cc) other than tab and newline: a NUL cannot be stored in PostgreSQL text, and
-# escape sequences printed by `personas list` would drive the operator's terminal (title, clipboard).
-CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# escape sequences printed by `personas list` would drive the operator's terminal (title, clipboard). Lone
+# surrogates (a card's JSON may escape one, "\ud800") cannot be written as UTF-8 at all.
+CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 LINE_BREAKS = re.compile("[\n\t\u2028\u2029]")
 
 
 def plain_text(text: str) -> str:
-    r"""`text` without control characters; `\r\n` and a lone `\r` become `\n`. Format characters (Cf) stay:
+    r"""`text` without control characters or lone surrogates; `\r\n` and a lone `\r` become `\n`. Format characters (Cf) stay:
     the zero-width joiner inside an emoji sequence, the direction marks of a right-to-left name."""
     return CONTROL_CHARS.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
 

@@ -210,6 +210,22 @@ def test_json_nested_too_deeply_is_a_card_error(tmp_path: Path, capsys: pytest.C
     assert "deep.json: not a character card: its JSON is nested too deeply" in capsys.readouterr().err
 
 
+def test_a_name_that_is_not_text_is_a_card_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    card = tmp_path / "list.json"
+    card.write_text('{"name": ["Mira"], "description": "x"}')  # imported as the persona "['Mira']"
+    assert main(["personas", "import", str(card)]) == 2
+    assert "list.json: not a character card: its name is not text (got list)" in capsys.readouterr().err
+
+
+def test_a_lone_surrogate_in_a_card_is_dropped(tmp_path: Path, personas_dir: Path) -> None:
+    """JSON may escape half a UTF-16 pair; no UTF-8 file can hold it, and the error named the persona file."""
+    card = tmp_path / "ann.json"
+    card.write_text('{"name": "Ann\\ud800e", "description": "x\\udfff"}')
+    assert main(["personas", "import", str(card)]) == 0
+    persona = PersonaRegistry.load(personas_dir).get("anne")
+    assert persona.name == "Anne" and "\udfff" not in persona.system_prompt
+
+
 def test_control_characters_in_a_card_are_dropped_and_its_name_is_one_line(
     tmp_path: Path, personas_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
