@@ -87,7 +87,9 @@ def _cmd_personas(args: argparse.Namespace, settings: Settings) -> int:
     persona = registry.get(args.id)
     import yaml
 
-    print(yaml.safe_dump(persona.model_dump(exclude_none=True), sort_keys=False, allow_unicode=True), end="")
+    # Without its id (the file name gives one): saved as personas/<new id>.yaml, the copy is a persona of its own.
+    fields = persona.model_dump(exclude_none=True, exclude={"id"})
+    print(yaml.safe_dump(fields, sort_keys=False, allow_unicode=True), end="")
     return 0
 
 
@@ -221,12 +223,31 @@ def _conversation_key(text: str) -> ConversationKey:
 def _cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     from bot.devtools import write_tiny_model
 
-    path = write_tiny_model(
-        Path(args.path), hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
-        kv_heads=args.kv_heads, context=args.context,
-    )
+    path = Path(args.path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path} is a file; give a new or empty folder for the model")
+    if path.is_dir() and any(path.iterdir()):
+        raise UsageError(f"{path} is not empty; give a new or empty folder, so the model mixes with nothing else")
+    try:
+        write_tiny_model(
+            path, hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
+            kv_heads=args.kv_heads, context=args.context,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     print(f"tiny model written to {path}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a count or size of at least 1 (0 or less would fail deep inside with a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,9 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     psub.add_parser("list", help="list the personas in HERMES_PERSONAS_DIR")
     validate = psub.add_parser("validate", help="validate persona files (default: HERMES_PERSONAS_DIR)")
     validate.add_argument("paths", nargs="*", help="files or directories")
-    show = psub.add_parser("show", help="print one persona as YAML")
-    show.add_argument("id")
-    card = psub.add_parser("import", help="turn a character card (SillyTavern/TavernAI .json or .png) into a persona")
+    show = psub.add_parser("show", help="print one persona as YAML (without its id, so it can be saved under another)")
+    show.add_argument("id", help="persona id")
+    card = psub.add_parser(
+        "import", help="turn a character card (SillyTavern/TavernAI .json or .png, or a .charx) into a persona"
+    )
     card.add_argument("card", help="the card file")
     card.add_argument("--id", help="persona id (default: from the character's name)")
     card.add_argument("--force", action="store_true", help="replace a persona file with the same id")
@@ -272,18 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     queue = sub.add_parser("queue", help="queue inspection")
     queuesub = queue.add_subparsers(dest="action", required=True)
     dead = queuesub.add_parser("dead-letters", help="print the newest dead-lettered jobs as JSON lines")
-    dead.add_argument("--count", type=int, default=20, help="how many (default 20)")
+    dead.add_argument("--count", type=_positive_int, default=20, help="how many (default 20)")
     queue.set_defaults(func=_cmd_queue)
 
     dev = sub.add_parser("dev", help="developer tools")
     devsub = dev.add_subparsers(dest="action", required=True)
     tiny = devsub.add_parser("tiny-model", help="write a tiny random-weight Mistral with a ChatML tokenizer")
-    tiny.add_argument("path")
-    tiny.add_argument("--hidden-size", type=int, default=64)
-    tiny.add_argument("--layers", type=int, default=2)
-    tiny.add_argument("--heads", type=int, default=4)
-    tiny.add_argument("--kv-heads", type=int, default=2)
-    tiny.add_argument("--context", type=int, default=4096)
+    tiny.add_argument("path", help="a new or empty folder")
+    tiny.add_argument("--hidden-size", type=_positive_int, default=64, help="width (default 64; heads x an even size)")
+    tiny.add_argument("--layers", type=_positive_int, default=2, help="decoder layers (default 2)")
+    tiny.add_argument("--heads", type=_positive_int, default=4, help="attention heads (default 4)")
+    tiny.add_argument("--kv-heads", type=_positive_int, default=2, help="key/value heads, dividing --heads (default 2)")
+    tiny.add_argument("--context", type=_positive_int, default=4096, help="context length in tokens (default 4096)")
     dev.set_defaults(func=_cmd_dev)
     return parser
 

@@ -63,7 +63,13 @@ def write_tiny_model(
     context: int = 4096,
     seed: int = 0,
 ) -> Path:
-    """Write tokenizer + random-weight MistralForCausalLM to `path` with save_pretrained."""
+    """Write tokenizer + random-weight MistralForCausalLM to `path` with save_pretrained. A shape the
+    model cannot have is a ValueError saying which numbers to change."""
+    if hidden_size % heads or (hidden_size // heads) % 2:
+        raise ValueError(f"--hidden-size {hidden_size} must split into --heads {heads} of an even size each "
+                         f"(e.g. --hidden-size {heads * 16})")
+    if heads % kv_heads:
+        raise ValueError(f"--heads {heads} must be a multiple of --kv-heads {kv_heads}")
     import torch
     from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from bot.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,3 +35,27 @@ def test_tiny_model_command_writes_a_loadable_chatml_model(tmp_path: Path) -> No
     # Byte-level BPE: any text round-trips, including text outside the training corpus.
     sample = "Zebra 🦓 ŷ ∑ unseen words"
     assert tokenizer.decode(tokenizer.encode(sample, add_special_tokens=False)) == sample
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    (["--hidden-size", "30"], "--hidden-size 30 must split into --heads 4 of an even size each"),
+    (["--heads", "4", "--kv-heads", "3"], "--heads 4 must be a multiple of --kv-heads 3"),
+    (["--layers", "0"], "argument --layers: must be at least 1 (got 0)"),
+])
+def test_a_model_shape_it_cannot_have_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], problem: str
+) -> None:
+    """These ended in a traceback from deep inside transformers, or wrote a model with no layers."""
+    with contextlib.suppress(SystemExit):  # argparse's own errors exit 2
+        assert main(["dev", "tiny-model", str(tmp_path / "m"), *args]) == 2
+    assert problem in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_folder_with_other_files_or_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert main(["dev", "tiny-model", str(tmp_path)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert main(["dev", "tiny-model", str(tmp_path / "notes.txt")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -138,7 +138,9 @@ def test_validate_command_reports_each_file(tmp_path: Path, capsys: pytest.Captu
 def test_show_and_unknown_persona(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERMES_PERSONAS_DIR", str(ROOT / "personas"))
     assert main(["personas", "show", "edward_elric"]) == 0
-    assert "name: Edward Elric" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "name: Edward Elric" in shown
+    assert "id:" not in shown  # saved under another file name, the copy is a persona of its own
     assert main(["personas", "show", "nobody"]) == 2
     assert "unknown persona 'nobody'" in capsys.readouterr().err
 

@@ -498,6 +498,9 @@ async def test_cli_lists_dead_letters_from_redis(
     record = json.loads(line)
     assert (record["job_id"], record["conversation_key"], record["deliveries"]) == (dead.job_id, "chan-1", 1)
     assert "messages" not in record
+    with pytest.raises(SystemExit):  # argparse's usage error; XREVRANGE COUNT 0 was a traceback
+        main(["queue", "dead-letters", "--count", "0"])
+    assert "argument --count: must be at least 1 (got 0)" in capsys.readouterr().err
     monkeypatch.setenv("HERMES_QUEUE_URL", "memory://")
     assert await asyncio.to_thread(main, ["queue", "dead-letters"]) == 2
     assert "keeps its dead letters inside the bot's own process" in capsys.readouterr().err
