@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bot.config import Settings
+from bot.config import Settings, SettingsError
 from bot.metrics import REGISTRY
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,11 @@ async def start_ops_server(port: int, readiness: Readiness, host: str = "0.0.0.0
     runner = web.AppRunner(build_app(readiness), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
     bound = int(runner.addresses[0][1]) if runner.addresses else port
     log.info("ops server listening host=%s port=%d", host, bound)
     return OpsServer(runner=runner, port=bound)
@@ -105,4 +109,8 @@ async def serve_ops(settings: Settings, checks: Mapping[str, Check]) -> OpsServe
     """Start the ops server when HERMES_METRICS_PORT is set (else None): the one call a process makes."""
     if settings.metrics_port is None:
         return None
-    return await start_ops_server(settings.metrics_port, readiness_from(checks))
+    try:
+        return await start_ops_server(settings.metrics_port, readiness_from(checks))
+    except OSError as exc:  # another process has the port: a setting to change, not a traceback
+        problem = exc.strerror or str(exc)
+        raise SettingsError([f"HERMES_METRICS_PORT {settings.metrics_port}: cannot listen there: {problem}"]) from None

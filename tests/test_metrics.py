@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -12,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bot import metrics
 from bot.config import Settings
 from bot.health import OpsServer, readiness_from, serve_ops, start_ops_server
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:
@@ -142,3 +148,27 @@ async def test_serve_ops_follows_the_metrics_port_setting(unused_tcp_port: int) 
         assert status == 200 and '"queue": true' in body
     finally:
         await server.close()
+
+
+@pytest.mark.parametrize("command", ["worker", "run"])
+def test_a_metrics_port_another_process_holds_is_one_line_before_connecting(
+    command: str, tmp_path: Path, unused_tcp_port: int
+) -> None:
+    """It ended in a bind traceback, and `run` only said so after logging into Discord and loading the model."""
+    env = {
+        "PATH": "/usr/bin:/bin", "HERMES_METRICS_PORT": str(unused_tcp_port), "HERMES_ENGINE": "openai",
+        "HERMES_OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "HERMES_QUEUE_URL": "redis://127.0.0.1:9/0",
+        "HERMES_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/hermes.db", "DISCORD_TOKEN": "not-a-real-bot-token",
+        "HERMES_DISCORD_API_BASE": "http://127.0.0.1:9/api/v10",  # nothing listens: it must not get that far
+    }
+    if command == "run":
+        env["HERMES_QUEUE_URL"] = "memory://"
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", unused_tcp_port))
+        holder.listen()
+        done = subprocess.run([sys.executable, "-m", "bot", command], capture_output=True, text=True, cwd=ROOT,
+                              env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("hermes-bot:")]
+    assert line.startswith(f"hermes-bot: HERMES_METRICS_PORT {unused_tcp_port}: cannot listen there") and "in use" in line
+    assert "Traceback" not in done.stderr and "cannot reach Discord" not in done.stderr

@@ -119,16 +119,17 @@ class BotApp:
             self._closers.append(worker.shutdown)
             checks["model"] = worker.ready
         self.bot = HermesBot(settings, ChatService(settings, self.store, self.queue, personas), **self.client_options)
-        self._closers.append(self.bot.close)
+        from bot.health import serve_ops
+
+        # Before connecting: a port another process holds is told at once, and /readyz says "not ready" meanwhile.
+        ops = await serve_ops(settings, {"discord": self.bot.is_ready, **checks})
+        if ops is not None:
+            self._closers.append(ops.close)
+        self._closers.append(self.bot.close)  # discord.py fails to close a client that never began to connect
         try:
             await self._connect(settings)
         except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:  # TimeoutError included
             raise DiscordUnreachable(f"cannot reach Discord: {str(exc) or type(exc).__name__}") from exc
-        from bot.health import serve_ops
-
-        ops = await serve_ops(settings, {"discord": self.bot.is_ready, **checks})
-        if ops is not None:
-            self._closers.append(ops.close)
         log.info("discord bot ready as %s", self.bot.user)
 
     async def _connect(self, settings: Settings) -> None:
