@@ -210,11 +210,14 @@ def test_json_nested_too_deeply_is_a_card_error(tmp_path: Path, capsys: pytest.C
     assert "deep.json: not a character card: its JSON is nested too deeply" in capsys.readouterr().err
 
 
-def test_a_name_that_is_not_text_is_a_card_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_name_that_is_not_text_is_a_card_error(
+    tmp_path: Path, personas_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     card = tmp_path / "list.json"
     card.write_text('{"name": ["Mira"], "description": "x"}')  # imported as the persona "['Mira']"
     assert main(["personas", "import", str(card)]) == 2
     assert "list.json: not a character card: its name is not text (got list)" in capsys.readouterr().err
+    assert not personas_dir.exists()
 
 
 def test_a_lone_surrogate_in_a_card_is_dropped(tmp_path: Path, personas_dir: Path) -> None:
