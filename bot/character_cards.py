@@ -18,7 +18,6 @@ import itertools
 import json
 import re
 import struct
-import unicodedata
 import zipfile
 import zlib
 from pathlib import Path
@@ -168,17 +167,6 @@ def _inflate(path: Path, keyword: str, data: bytes) -> bytes:
     if inflater.unconsumed_tail:
         raise CardError(path, f"the PNG's {keyword!r} chunk inflates past {MAX_CARD_TEXT // 2**20} MiB")
     return out
-
-
-def persona_id_for(name: str, fallback: str = "") -> str:
-    """A persona id from a character name: lowercase letters, digits and underscores, accents dropped
-    ("Zoë" is `zoe`). A name with no Latin letters at all ("ミラ") takes its id from `fallback` (the card's
-    file name), so two such cards do not both become `character`."""
-    for text in (name, fallback):
-        ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-        if slug := re.sub(r"[^a-z0-9]+", "_", ascii_text.lower()).strip("_")[:64].rstrip("_"):
-            return slug
-    return "character"
 
 
 def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:

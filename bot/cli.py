@@ -74,7 +74,8 @@ def _cmd_personas(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"ok    {path} ({persona.id}: {persona.name})")
             except PersonaError as exc:
                 failures += 1
-                print(f"error {exc}")
+                for line in exc.lines:
+                    print(f"error {line}")
         if not paths:
             raise UsageError("no persona files found")
         return 1 if failures else 0
@@ -96,7 +97,7 @@ def _cmd_personas(args: argparse.Namespace, settings: Settings) -> int:
 def _import_card(card_path: Path, directory: Path, *, persona_id: str | None, force: bool) -> int:
     """Write a character card as `directory/<id>.yaml`, only once it validates as a persona. A missing
     default directory starts as a copy of the bundled personas, so the default persona stays there."""
-    from bot.character_cards import CardError, card_to_persona, persona_id_for, persona_yaml, read_card
+    from bot.character_cards import CardError, card_to_persona, persona_yaml, read_card
     from bot.personas import (
         PERSONA_ID_PATTERN,
         PERSONA_SUFFIXES,
@@ -104,6 +105,7 @@ def _import_card(card_path: Path, directory: Path, *, persona_id: str | None, fo
         load_persona_file,
         parse_persona,
         persona_files,
+        persona_id_for,
         personas_directory,
     )
 
@@ -321,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"hermes-bot: {line}", file=sys.stderr)
         return 2
     except USER_ERRORS as exc:
-        print(f"hermes-bot: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # a persona file's problems, one line each
+            print(f"hermes-bot: {line}", file=sys.stderr)
         return 2
     except EngineError as exc:  # the model or the OpenAI-compatible server is not usable
         print(f"hermes-bot: {exc}", file=sys.stderr)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,12 +25,14 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+from pydantic_core import ErrorDetails
 
 from bot.config import DEFAULT_PERSONAS_DIR
 from bot.strict_yaml import StrictLoader, where_and_what
 
 PERSONA_SUFFIXES = (".yaml", ".yml")
 PERSONA_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"  # also a safe file name
+PERSONA_ID_RULE = "lowercase letters, digits, _ and - (up to 64 characters, the first a letter or digit)"
 REFRESH_EVERY_S = 2.0  # how often a running bot looks for edited persona files
 
 log = logging.getLogger(__name__)
@@ -160,13 +163,24 @@ class Persona(BaseModel):
         return [self.name, *self.wake_words]
 
 
-class PersonaError(ValueError):
-    """A persona file is invalid; the message names the file, the line and the field."""
+Problem = tuple[int | None, str | None, str]  # line, field, what is wrong with it
 
-    def __init__(self, path: Path, line: int | None, field: str | None, problem: str) -> None:
-        where = f"{path}:{line}:" if line else f"{path}:"
-        what = f" field '{field}':" if field else ""
-        super().__init__(f"{where}{what} {problem}")
+
+def _problem_line(path: Path, line: int | None, field: str | None, problem: str) -> str:
+    where = f"{path}:{line}:" if line else f"{path}:"
+    what = f" field '{field}':" if field else ""
+    return f"{where}{what} {problem}"
+
+
+class PersonaError(ValueError):
+    """A persona file is invalid: one message line per problem, each naming the file, the line and the field,
+    so one run shows everything to fix. `line`, `field` and `problem` are the first problem's."""
+
+    def __init__(
+        self, path: Path, line: int | None, field: str | None, problem: str, *, more: Sequence[Problem] = ()
+    ) -> None:
+        self.lines = [_problem_line(path, *each) for each in ((line, field, problem), *more)]
+        super().__init__("\n".join(self.lines))
         self.path, self.line, self.field, self.problem = path, line, field, problem
 
 
@@ -195,8 +209,39 @@ def _node_for(root: yaml.Node | None, loc: tuple[Any, ...]) -> yaml.Node | None:
     return node
 
 
+def persona_id_for(name: str, fallback: str = "") -> str:
+    """A persona id from a character name: lowercase letters, digits and underscores, accents dropped
+    ("Zoë" is `zoe`). A name with no Latin letters at all ("ミラ") takes its id from `fallback` (the card's
+    file name), so two such cards do not both become `character`."""
+    for text in (name, fallback):
+        ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+        if slug := re.sub(r"[^a-z0-9]+", "_", ascii_text.lower()).strip("_")[:64].rstrip("_"):
+            return slug
+    return "character"
+
+
+def _problem(root: yaml.Node | None, error: ErrorDetails, path: Path, id_from_file_name: bool) -> Problem:
+    """One pydantic error as a line, field and problem. An id taken from the file name is the file name's
+    problem: the file has no `id:` to point at."""
+    loc = tuple(error["loc"])
+    if loc == ("id",) and id_from_file_name:
+        example = f"{persona_id_for(path.stem)}{path.suffix}"
+        return None, None, f"the file name must be a persona id: {PERSONA_ID_RULE}, e.g. {example}"
+    node = _node_for(root, loc)
+    line = node.start_mark.line + 1 if node is not None else None
+    field = ".".join(str(p) for p in loc) or None
+    if error["type"] == "extra_forbidden":
+        return line, field, "unknown key (check the spelling)"
+    if error["type"] == "missing":
+        return line, field, "is required"
+    if loc == ("id",) and error["type"] == "string_pattern_mismatch":
+        return line, field, f"must be {PERSONA_ID_RULE}"
+    return line, field, error["msg"].removeprefix("Value error, ")  # the wording of our own validators' errors
+
+
 def parse_persona(text: str, path: Path) -> Persona:
-    """Parse one persona document; the id defaults to the file's stem."""
+    """Parse one persona document; the id defaults to the file's stem. Every problem is reported, in file
+    order, so fixing a file takes one run instead of one per problem."""
     try:  # one parse: the node tree gives error lines, the same tree gives the data
         loader = StrictLoader(text)
         try:
@@ -209,27 +254,31 @@ def parse_persona(text: str, path: Path) -> Persona:
         raise PersonaError(path, line, None, f"not valid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise PersonaError(path, 1, None, "must be a mapping of persona fields (name, system_prompt, ...)")
+    id_from_file_name = "id" not in data
     data.setdefault("id", path.stem)
     try:
         return Persona.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        loc = tuple(error["loc"])
-        node = _node_for(root, loc)
-        line = node.start_mark.line + 1 if node is not None else None
-        field = ".".join(str(p) for p in loc) or None
-        message = {"extra_forbidden": "unknown key (check the spelling)", "missing": "is required"}.get(
-            error["type"], error["msg"]
-        )
-        extra = f" ({len(exc.errors()) - 1} more problem(s) in this file)" if len(exc.errors()) > 1 else ""
-        raise PersonaError(path, line, field, f"{message}{extra}") from None
+        problems = [_problem(root, error, path, id_from_file_name) for error in exc.errors()]
+        problems.sort(key=lambda problem: problem[0] or 0)  # the file name's problem, then by line
+        raise PersonaError(path, *problems[0], more=problems[1:]) from None
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> tuple[int, str]:
+    """The line of the first byte that is not UTF-8, and the problem: a file saved as Latin-1 or UTF-16 by an
+    editor."""
+    line = exc.object.count(b"\n", 0, exc.start) + 1
+    return line, f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
 
 
 def load_persona_file(path: Path) -> Persona:
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PersonaError(path, None, None, f"cannot read: {exc}") from None
+    except OSError as exc:
+        raise PersonaError(path, None, None, f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        line, problem = _not_utf8(exc)
+        raise PersonaError(path, line, None, problem) from None
     return parse_persona(text, path)
 
 
@@ -346,7 +395,8 @@ class PersonaRegistry:
             if required is not None and required not in fresh:
                 raise UnknownPersona(f"the default persona {required!r} is gone")
         except (PersonaError, UnknownPersona, ValueError, OSError) as exc:
-            log.warning("persona files changed but do not load; keeping the personas loaded before: %s", exc)
+            for problem in exc.lines if isinstance(exc, PersonaError) else [str(exc)]:  # one log line each
+                log.warning("persona files changed but do not load; keeping the personas loaded before: %s", problem)
             return False
         self._by_id = fresh
         log.info("personas reloaded from %s: %s", directory, ", ".join(sorted(fresh)))

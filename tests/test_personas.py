@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bot.cli import main
-from bot.personas import PersonaError, PersonaRegistry, load_persona_file
+from bot.personas import PERSONA_ID_RULE, PersonaError, PersonaRegistry, load_persona_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -233,3 +233,88 @@ def test_two_files_with_one_id_are_an_error_naming_both(
     assert problem in capsys.readouterr().err
     assert main(["personas", "validate"]) == 1
     assert f"error {problem}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("name", "example"), [("Captain.yaml", ", e.g. captain.yaml"), ("Zoë Vega.yml", ", e.g. zoe_vega.yml"),
+                                               ("_draft.yaml", ", e.g. draft.yaml"), ("ミラ.yaml", ", e.g. character.yaml")])
+def test_a_file_name_that_is_no_persona_id_is_the_problem_named(tmp_path: Path, name: str, example: str) -> None:
+    """The id comes from the file name, so the file has no `id:` line to blame: the name is the problem."""
+    path = write(tmp_path, "name: Captain Vega\nsystem_prompt: hi\n", name)
+    with pytest.raises(PersonaError) as raised:
+        load_persona_file(path)
+    assert str(raised.value) == f"{path}: the file name must be a persona id: {PERSONA_ID_RULE}{example}"
+
+
+def test_an_id_key_that_is_no_persona_id_is_named_at_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: X\nid: Cap\nsystem_prompt: hi\n", "Captain.yaml")
+    with pytest.raises(PersonaError) as raised:
+        load_persona_file(path)
+    assert str(raised.value) == f"{path}:2: field 'id': must be {PERSONA_ID_RULE}"
+    assert load_persona_file(write(tmp_path, "name: X\nid: captain\nsystem_prompt: hi\n", "Captain.yaml")).id == "captain"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("name: X\nsystem_prompt: hi\navatar_url: not a url\n", "3: field 'avatar_url': must be an http(s) URL"),
+        ("name: X\nsystem_prompt: hi\nstop: [' ']\n", "3: field 'stop': entries must not be empty"),
+    ],
+)
+def test_our_own_validators_errors_read_without_pydantic_prefix(tmp_path: Path, text: str, problem: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(PersonaError) as raised:
+        load_persona_file(path)
+    assert str(raised.value) == f"{path}:{problem}"  # not "Value error, must be ..."
+
+
+FOUR_PROBLEMS = "name: ''\nsystem_prompt: hi\ntemprature: 1\navatar_url: nope\nsampling:\n  top_k: -1\n"
+
+
+def four_problems(path: Path) -> list[str]:
+    return [
+        f"{path}:1: field 'name': String should have at least 1 character",
+        f"{path}:3: field 'temprature': unknown key (check the spelling)",
+        f"{path}:4: field 'avatar_url': must be an http(s) URL",
+        f"{path}:6: field 'sampling.top_k': Input should be greater than or equal to 0",
+    ]
+
+
+def test_every_problem_of_a_file_is_one_line_in_file_order(tmp_path: Path) -> None:
+    path = write(tmp_path, FOUR_PROBLEMS, "Four.yaml")
+    with pytest.raises(PersonaError) as raised:
+        load_persona_file(path)
+    name = f"{path}: the file name must be a persona id: {PERSONA_ID_RULE}, e.g. four.yaml"
+    assert raised.value.lines == [name, *four_problems(path)]
+    assert str(raised.value) == "\n".join(raised.value.lines)
+    assert (raised.value.line, raised.value.field) == (None, None)  # the first problem's
+
+
+def test_validate_and_a_running_bot_show_every_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    write(tmp_path, GOOD)
+    registry = PersonaRegistry.load(tmp_path)
+    registry.refresh_every_s = 0.0
+    path = write(tmp_path, FOUR_PROBLEMS, "four.yaml")
+    assert main(["personas", "validate", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert all(line in out for line in four_problems(path)) and "more problem" not in out
+    assert registry.refresh("tester") is False
+    logged = [record.getMessage() for record in caplog.records if record.name == "bot.personas"]
+    assert logged == [f"persona files changed but do not load; keeping the personas loaded before: {line}"
+                      for line in four_problems(path)]  # one log line each
+
+
+def test_a_file_that_is_not_utf8_names_the_line_and_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(b"name: X\nsystem_prompt: caf\xe9\n")  # Latin-1, from an editor
+    with pytest.raises(PersonaError) as raised:
+        load_persona_file(path)
+    assert str(raised.value) == f"{path}:2: not UTF-8 text (byte 0xe9 at offset 26); save it as UTF-8"
+
+
+def test_a_file_that_cannot_be_read_is_named_once(tmp_path: Path) -> None:
+    path = tmp_path / "gone.yaml"
+    with pytest.raises(PersonaError) as raised:
+        load_persona_file(path)
+    assert str(raised.value) == f"{path}: cannot read: No such file or directory"
