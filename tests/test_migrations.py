@@ -202,6 +202,18 @@ async def test_a_failed_sqlite_upgrade_changes_nothing_and_can_run_again(tmp_pat
         await engine.dispose()
 
 
+async def test_an_upgrade_with_nothing_to_do_reads_no_rows(tmp_path: Path) -> None:
+    """The bot upgrades at every start, and the reference checks read every row: they run only when
+    migrations do. (They never skipped: Alembic hands env.py "head" as the revision id it stands for.)"""
+    path = tmp_path / "hermes.db"
+    await upgrade_async(f"sqlite+aiosqlite:///{path}")
+    orphans = sqlite3.connect(path)  # foreign keys off, as in any sqlite3 session
+    with orphans:
+        orphans.execute("INSERT INTO message_parts (discord_message_id, message_id) VALUES (5, 77)")
+    orphans.close()
+    await upgrade_async(f"sqlite+aiosqlite:///{path}")  # no "the database already has rows pointing at ..."
+
+
 def test_an_upgrade_waits_for_one_already_running_then_finds_the_schema_at_head(tmp_path: Path) -> None:
     """`hermes-bot run` and `hermes-bot chat` upgrade the embedded database when they start: two starting
     at once used to race (\"table alembic_version already exists\")."""
@@ -252,3 +264,42 @@ def test_cli_db_upgrade_from_another_directory(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "database at head" in result.stdout
     upgrade(f"sqlite+aiosqlite:///{db}")  # already at head: nothing to do, no error
+
+
+def test_the_alembic_cli_of_the_developer_steps(empty_database_url: str) -> None:
+    """README's steps, from the repo root: `current`, `check` and `revision` name no destination revision,
+    and env.py asked them for one (KeyError: 'destination_rev') once a SQLite database was at head."""
+
+    def alembic(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "alembic", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+            env=os.environ | {"HERMES_DATABASE_URL": empty_database_url},
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    alembic("upgrade", "head")
+    assert alembic("current").split() == [f"{head_revision()}", "(head)"]
+    assert "No new upgrade operations detected" in alembic("check")  # models and migrations agree
+    alembic("upgrade", "head")
+
+
+def test_the_bots_upgrade_logs_its_own_line_and_not_alembics(tmp_path: Path) -> None:
+    """Each start of `hermes-bot run` logged 13 of Alembic's INFO lines (7 `setup plugin alembic...` when it
+    is imported): a fresh interpreter, as a start is, logs the store's one line each time."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'hermes.db'}"
+    script = (
+        "import asyncio, logging, sys\n"
+        "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')\n"
+        "from bot.store.repository import ConversationStore\n"
+        "async def start():\n"
+        "    await (await ConversationStore.open(sys.argv[1], migrate=True)).close()\n"
+        "asyncio.run(start())\n"
+    )
+    head = head_revision()
+    for line in (f"database schema upgraded empty -> {head}", f"database schema already at head {head}"):
+        result = subprocess.run(
+            [sys.executable, "-c", script, url], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.splitlines() == [f"bot.store.migrate: {line} ({url})"]

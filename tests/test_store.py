@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -503,6 +505,44 @@ async def test_a_database_that_refuses_connections_is_store_unavailable() -> Non
             await store.get_settings(ConversationKey(1, 2))
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("migrate", [True, False])
+async def test_opening_what_cannot_be_a_database_names_the_file(tmp_path: Path, migrate: bool) -> None:
+    """`hermes-bot chat` and `run` open the store (and upgrade it) at start: a file that is not SQLite's, or a
+    file where the database's folder goes, ended in the driver's traceback (`db upgrade` printed one line)."""
+    (tmp_path / "notes.db").write_text("hello\n")
+    (tmp_path / "pf").touch()
+    cases = {tmp_path / "pf" / "x.db": f"{tmp_path / 'pf'} is not a folder"}
+    if migrate:  # without the upgrade, nothing reads the file before the first store call
+        cases[tmp_path / "notes.db"] = "file is not a database"
+    for path, problem in cases.items():
+        with pytest.raises(StoreUnavailable, match=re.escape(f"cannot open the database {path}: {problem}")):
+            await ConversationStore.open(f"sqlite+aiosqlite:///{path}", migrate=migrate)
+
+
+async def test_a_write_lock_held_past_the_timeout_is_store_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "hermes.db"
+    await upgrade_async(f"sqlite+aiosqlite:///{path}")
+    monkeypatch.setattr("bot.store.db.SQLITE_BUSY_TIMEOUT_MS", 100)
+    other = sqlite3.connect(path, isolation_level=None)  # another process, writing
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        locked = re.escape(f"cannot open the database {path}: database is locked")
+        with pytest.raises(StoreUnavailable, match=locked):
+            await ConversationStore.open(f"sqlite+aiosqlite:///{path}", migrate=True)
+    finally:
+        other.close()
+
+
+async def test_opening_an_unreachable_postgresql_names_it_without_the_password() -> None:
+    url = f"postgresql+asyncpg://hermes:s3cret@127.0.0.1:{free_port()}/hermes"
+    named = r"^cannot open the database postgresql\+asyncpg://hermes:\*\*\*@127\.0\.0\.1"
+    with pytest.raises(StoreUnavailable, match=named) as raised:
+        await ConversationStore.open(url, migrate=True)
+    assert "s3cret" not in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_db_export_of_a_database_without_the_schema_says_to_upgrade(

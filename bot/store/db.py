@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -65,7 +65,10 @@ def make_engine(database_url: str) -> AsyncEngine:
     if url.get_backend_name() != "sqlite":
         return create_async_engine(url, pool_pre_ping=True)
     if path := sqlite_file(url):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:  # mkdir's words ("File exists") for a file where the folder goes
+            raise NotADirectoryError(f"{exc.filename} is not a folder") from None
         url = url.set(database=str(path))
     engine = create_async_engine(url)
     event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
@@ -95,6 +98,21 @@ def unavailable_on_failure() -> Iterator[None]:
         yield
     except _DATABASE_ERRORS as exc:
         raise StoreUnavailable(f"the database failed: {exc}") from exc
+
+
+@contextmanager
+def unavailable_on_open(database_url: str) -> Iterator[None]:
+    """Opening a store (its upgrade at start included) failing leaves as one StoreUnavailable line that names
+    the database, the SQLite file or the URL without its password, in the driver's own words: `hermes-bot run`
+    and `chat` print it instead of a traceback of the driver's."""
+    try:
+        yield
+    except _DATABASE_ERRORS as exc:
+        cause = exc.orig if isinstance(exc, DBAPIError) else exc  # without SQLAlchemy's SQL and docs link
+        reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        path = sqlite_file(database_url)
+        where = path.absolute() if path else make_url(database_url).render_as_string(hide_password=True)
+        raise StoreUnavailable(f"cannot open the database {where}: {reason}") from exc
 
 
 @asynccontextmanager

@@ -7,7 +7,8 @@ ON CONFLICT DO NOTHING), so a re-delivered gateway event or a retried write neve
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -17,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from bot.lru import LRU
-from bot.store.db import Sessions, make_engine
+from bot.store.db import Sessions, make_engine, unavailable_on_open
 from bot.store.keys import ConversationKey
 from bot.store.models import ROLES, Conversation, ConversationPersona, Message, MessagePart, utcnow
 
@@ -110,6 +111,19 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
+@contextlib.contextmanager
+def _alembic_quiet() -> Iterator[None]:
+    """Alembic logs a dozen INFO lines on a bot's start (its plugins, its DDL mode, each step), where the
+    store's own line ("database schema upgraded ...") says what happened; its warnings still show."""
+    alembic_log = logging.getLogger("alembic")
+    level = alembic_log.level
+    alembic_log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        alembic_log.setLevel(level)
+
+
 class ConversationStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -124,12 +138,15 @@ class ConversationStore:
 
     @classmethod
     async def open(cls, database_url: str, *, migrate: bool = False) -> ConversationStore:
-        """A store on `database_url`; with migrate=True, upgrade the schema to head first."""
-        if migrate:
-            from bot.store.migrate import upgrade_async
+        """A store on `database_url`; with migrate=True, upgrade the schema to head first. A database that
+        cannot be opened or upgraded raises StoreUnavailable."""
+        with unavailable_on_open(database_url):
+            if migrate:
+                with _alembic_quiet():  # importing Alembic logs too
+                    from bot.store.migrate import upgrade_async
 
-            await upgrade_async(database_url)
-        return cls(make_engine(database_url))
+                    await upgrade_async(database_url)
+            return cls(make_engine(database_url))
 
     async def close(self) -> None:
         """Dispose of the engine (and its pooled connections) this store was given."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection
 
 from bot.store.db import make_engine
@@ -32,15 +33,23 @@ def _configure_and_run(connection: Connection) -> None:
         render_as_batch=sqlite,  # SQLite can only ALTER by copying tables
         compare_type=True,
     )
-    # The bot upgrades at every start; the checks below read every row, so they run only with work to do.
-    at_head = context.get_context().get_current_revision() == context.get_head_revision()
-    copying = sqlite and not (at_head and context.get_revision_argument() in ("head", "heads"))
-    if copying:
+    checking = sqlite and _has_work(context.get_context())
+    if checking:
         _refuse_broken_references(connection, "the database already has")
     with context.begin_transaction():
         context.run_migrations()
-    if copying:
+    if checking:
         _refuse_broken_references(connection, "the upgrade would leave")
+
+
+def _has_work(migration: MigrationContext) -> bool:
+    """Whether this run moves the schema, so the reference checks (which read every row) are worth it:
+    the bot upgrades at every start and mostly finds the database at head already, and `current`,
+    `check` and `revision` name no destination at all (asking them for one raises KeyError)."""
+    if migration.opts.get("destination_rev") is None:
+        return False
+    destination = context.get_revision_argument()  # "head" as its revision id, "heads" as a tuple of ids
+    return destination not in (migration.get_current_revision(), migration.get_current_heads())
 
 
 def _refuse_broken_references(connection: Connection, who: str) -> None:
