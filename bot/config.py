@@ -11,13 +11,21 @@ import difflib
 import functools
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import yaml
+from dotenv.parser import Binding, parse_stream
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 from sqlalchemy.engine import make_url
 
 from bot import strict_yaml
@@ -45,8 +53,10 @@ def _alias(name: str) -> AliasChoices:
 class Settings(BaseSettings):
     """All runtime configuration. Field aliases are the public setting names."""
 
+    # env_ignore_empty: `HERMES_SHARD_COUNT=` (an .env.example line uncommented) means the default, as an empty
+    # text setting always did, rather than "not a valid integer"; `DISCORD_TOKEN=` stays "not set".
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True, env_ignore_empty=True
     )
 
     discord_token: SecretStr | None = Field(None, validation_alias=_alias("DISCORD_TOKEN"))
@@ -168,6 +178,24 @@ class Settings(BaseSettings):
             raise ValueError("must be memory:// or a redis:// URL such as redis://localhost:6379/0")
         return value
 
+    @field_validator("openai_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        """Checked here: `localhost:1234` (no scheme) was accepted and every request then failed to connect.
+        A port the client cannot use is left to the engine, whose error names the server (password masked)."""
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host, such as http://localhost:1234/v1")
+        return value
+
+    @field_validator("personas_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        """`~` as the shell would expand it: .env and hermes.yaml pass it on as a folder named `~`."""
+        return Path(os.path.expanduser(value))
+
     @field_validator("shard_ids", mode="before")
     @classmethod
     def _comma_separated_ids(cls, value: Any) -> Any:
@@ -199,7 +227,16 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, _PublicNamesOnly(env_settings), _PublicNamesOnly(dotenv_settings), _YamlSource(settings_cls))
+        assert isinstance(dotenv_settings, DotEnvSettingsSource)
+        dotenv = _CheckedDotEnv(
+            settings_cls, env_file=dotenv_settings.env_file, env_file_encoding=dotenv_settings.env_file_encoding
+        )
+        # HERMES_CONFIG_FILE may be in .env too, which is where people put what they would export.
+        # env_vars holds .env's names lowercased (case-insensitive, as pydantic-settings reads them).
+        yaml_file = os.environ.get(YAML_FILE_ENV) or dotenv.env_vars.get(YAML_FILE_ENV.lower())
+        return (
+            init_settings, _PublicNamesOnly(env_settings), _PublicNamesOnly(dotenv), _YamlSource(settings_cls, yaml_file)
+        )
 
     def secrets(self) -> list[str]:
         """Values that must never appear in logs: the token, the key and every URL's password, also as
@@ -230,14 +267,46 @@ class _PublicNamesOnly(PydanticBaseSettingsSource):
         return {key: value for key, value in self.source().items() if key in public}
 
 
-class _YamlSource(PydanticBaseSettingsSource):
-    """Reads `hermes.yaml` when present, or $HERMES_CONFIG_FILE, which must exist (a mistyped path would
-    otherwise run on the defaults without a word); keys are setting names."""
+class _CheckedDotEnv(DotEnvSettingsSource):
+    """.env, as strict as hermes.yaml about our names: a misspelt HERMES_* name, or a setting given twice
+    (python-dotenv keeps the last), stops the start instead of running on other values than written.
+    Other names pass: docker compose reads POSTGRES_PASSWORD and TORCH_CUDA from the same file."""
 
-    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+    def _read_env_file(self, file_path: Path) -> Mapping[str, str | None]:
+        with open(file_path, encoding=self.env_file_encoding or "utf-8") as stream:
+            bindings = list(parse_stream(stream))
+        known = [*_public_names(), YAML_FILE_ENV]
+        first_line: dict[str, int] = {}
+        problems = []
+        for binding in bindings:
+            if binding.key is None:  # a comment, a blank line, or a line python-dotenv cannot parse
+                continue
+            name, line = binding.key.upper(), _line_of(binding)  # names are case-insensitive, as pydantic reads them
+            if name.startswith("HERMES_") and name not in known:
+                problems.append(f"{file_path}: unknown setting {binding.key}{_did_you_mean(name, known)}")
+            elif name in first_line:
+                problems.append(f"{file_path}:{line}: duplicate setting {binding.key} (first on line {first_line[name]})")
+            elif name in known:
+                first_line[name] = line
+        if problems:
+            raise SettingsError(problems)
+        return super()._read_env_file(file_path)
+
+
+def _line_of(binding: Binding) -> int:
+    """The line a binding's name is on: python-dotenv counts from the blank lines before it."""
+    text = binding.original.string
+    return binding.original.line + text[: len(text) - len(text.lstrip())].count("\n")
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads `hermes.yaml` when present, or HERMES_CONFIG_FILE (environment or .env), which must exist (a
+    mistyped path would otherwise run on the defaults without a word); keys are setting names."""
+
+    def __init__(self, settings_cls: type[BaseSettings], named: str | None) -> None:
         super().__init__(settings_cls)
-        self.named = os.environ.get(YAML_FILE_ENV)
-        self.path = Path(self.named or DEFAULT_YAML_FILE)
+        self.named = named
+        self.path = Path(os.path.expanduser(named or DEFAULT_YAML_FILE))
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
         return None, field_name, False
@@ -263,7 +332,27 @@ class _YamlSource(PydanticBaseSettingsSource):
         unknown = [str(key) for key in data if str(key) not in {*public, *Settings.model_fields}]
         if unknown:
             raise SettingsError([f"{self.path}: unknown setting {key}{_did_you_mean(key, public)}" for key in unknown])
-        return {str(key): value for key, value in data.items()}
+        # An empty value means the default, as in the environment and .env (env_ignore_empty).
+        return {str(key): value for key, value in data.items() if value not in (None, "")}
+
+
+MODEL_FILES = ("config.json",)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")  # any one: AutoTokenizer finds its class
+
+
+def local_model_dir(model: str, needs: tuple[str, ...] = MODEL_FILES) -> Path | None:
+    """The folder `model` names, `~` expanded, or None for a Hugging Face id. A value that looks like a path
+    (`/`, `./`, `../`, `~`, or existing) must be a folder holding one of `needs`: transformers takes a missing
+    one for a malformed hub id, and an empty one for a model whose tokenizer needs sentencepiece or tiktoken.
+    ValueError says what is wrong."""
+    path = Path(os.path.expanduser(model))
+    if not (model.startswith(("/", "./", "../", "~")) or path.exists()):
+        return None
+    if not path.is_dir():
+        raise ValueError("not a directory" if path.exists() else "no such directory")
+    if not any((path / name).is_file() for name in needs):
+        raise ValueError(f"holds no model (no {' or '.join(needs)})")
+    return path
 
 
 def _not_utf8(path: Path, exc: UnicodeDecodeError) -> SettingsError:

@@ -12,6 +12,7 @@ The model sees ChatML through the tokenizer's own chat template. Three rules kee
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ CHATML_TEMPLATE = (
 LORE_SCAN_TURNS = 6  # how far back a mention still brings a lore entry into the prompt
 LORE_MAX_ENTRIES = 8
 LORE_HEADING = "Background that matters right now:"
+_OVERLONG_WARNING = "Token indices sequence length is longer than the specified maximum sequence length"
 
 # Control-token shapes of chat templates and tokenizers: ChatML, Llama 3/4 and Phi (<|...|>), DeepSeek (full-width
 # bars), Llama 2/Mistral (<s>, [INST], [SYSTEM_PROMPT], tool, image and fill-in-the-middle markers), Gemma
@@ -188,6 +190,17 @@ def reply_budget(max_new_tokens: int, context_tokens: int) -> int:
     """Tokens kept free for the reply: the persona's max_new_tokens, but at most half the context, so a
     small context still leaves the conversation room."""
     return min(max_new_tokens, context_tokens // 2)
+
+
+def _not_overlong_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_OVERLONG_WARNING)
+
+
+def quiet_overlong_warning() -> None:
+    """Drop transformers' "Token indices sequence length is longer than the specified maximum ... will result
+    in indexing errors": encode_messages encodes the whole history, then trims it to the context, so no
+    such sequence reaches the model. A filter on the logger that warns (adding it again is a no-op)."""
+    logging.getLogger("transformers.tokenization_utils_base").addFilter(_not_overlong_warning)
 
 
 def encode_messages(

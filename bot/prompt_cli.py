@@ -6,9 +6,16 @@ import json
 import sys
 from typing import Any, TextIO
 
-from bot.config import Settings
+from bot.config import TOKENIZER_FILES, Settings, local_model_dir
 from bot.personas import PersonaRegistry
-from bot.prompt import ChatTurn, build_messages, encode_messages, render_text, stop_strings
+from bot.prompt import (
+    ChatTurn,
+    build_messages,
+    encode_messages,
+    quiet_overlong_warning,
+    render_text,
+    stop_strings,
+)
 
 _MAX_SANE_CONTEXT = 10_000_000  # tokenizers without a limit report ~1e30
 
@@ -48,12 +55,18 @@ def load_tokenizer(model: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model)
+        local = local_model_dir(model, TOKENIZER_FILES)
+    except ValueError as exc:
+        raise ConversationInputError(f"cannot load the tokenizer of {model!r}: {exc}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local or model))
     except (OSError, ValueError) as exc:
         raise ConversationInputError(
             f"cannot load the tokenizer of {model!r}: {str(exc).splitlines()[0]} "
             "(use a local path, or a Hugging Face id with network access or a filled cache)"
         ) from None
+    quiet_overlong_warning()
+    return tokenizer
 
 
 def context_window(tokenizer: Any, settings: Settings) -> int:

@@ -211,3 +211,90 @@ def test_url_passwords_are_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sorted(load_settings(discord_token="tok").secrets()) == ["r3dis", "s3c/r@t%40pw", "s3c/r@t@pw", "tok"]
     default = "postgresql+asyncpg://hermes:hermes@postgres:5432/hermes"
     assert load_settings(database_url=default, queue_url="memory://").secrets() == []
+
+
+def test_home_is_expanded_in_path_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The shell expands `~` in an export, but .env and hermes.yaml pass it on: a folder named `~` was looked for."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "conf.yaml").write_text("HERMES_DEFAULT_PERSONA: edward_elric\n")
+    (tmp_path / ".env").write_text("HERMES_PERSONAS_DIR=~/p\nHERMES_CONFIG_FILE=~/conf.yaml\n")
+    s = load_settings()
+    assert s.personas_dir == tmp_path / "p" and s.default_persona == "edward_elric"
+
+
+def test_an_unknown_name_in_dotenv_is_named_as_in_hermes_yaml(tmp_path: Path) -> None:
+    """A misspelt HERMES_* name in .env ran on the defaults without a word; compose's own names stay allowed."""
+    (tmp_path / ".env").write_text(
+        "POSTGRES_PASSWORD=pw\nTORCH_CUDA=cu128\nhermes_model=lowercase-works\nHERMES_DEFAULT_PERSONNA=edward_elric\n"
+        "export HERMES_MODLE=x\n"
+    )
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert raised.value.lines == [
+        ".env: unknown setting HERMES_DEFAULT_PERSONNA (did you mean HERMES_DEFAULT_PERSONA?)",
+        ".env: unknown setting HERMES_MODLE (did you mean HERMES_MODEL?)",
+    ]
+    (tmp_path / ".env").write_text("POSTGRES_PASSWORD=pw\nTORCH_CUDA=cu128\nhermes_model=lowercase-works\n")
+    assert load_settings().model == "lowercase-works"
+
+
+def test_a_setting_given_twice_in_dotenv_is_an_error(tmp_path: Path) -> None:
+    """python-dotenv keeps the last silently; hermes.yaml refuses a key given twice, and so does .env now."""
+    (tmp_path / ".env").write_text("HERMES_MODEL=a\nPOSTGRES_PASSWORD=x\nPOSTGRES_PASSWORD=y\n\n# note\n\nHERMES_MODEL=b\n")
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert raised.value.lines == [".env:7: duplicate setting HERMES_MODEL (first on line 1)"]
+
+
+def test_hermes_config_file_may_be_set_in_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """.env is where people put what they would export; the yaml source read only the environment."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "bot.yaml").write_text("HERMES_MODEL: from-named-yaml\n")
+    (tmp_path / "hermes.yaml").write_text("HERMES_MODEL: from-default-yaml\n")
+    (tmp_path / ".env").write_text("HERMES_CONFIG_FILE=conf/bot.yaml\n")
+    assert load_settings().model == "from-named-yaml"
+    monkeypatch.setenv("HERMES_CONFIG_FILE", "hermes.yaml")  # the environment still comes first
+    assert load_settings().model == "from-default-yaml"
+    monkeypatch.delenv("HERMES_CONFIG_FILE")
+    (tmp_path / ".env").write_text("HERMES_CONFIG_FILE=conf/missing.yaml\n")
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert raised.value.lines == ["HERMES_CONFIG_FILE: no such file: conf/missing.yaml"]
+
+
+def test_an_empty_value_means_the_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`# HERMES_SHARD_COUNT=` in .env.example, uncommented, was "not a valid integer"; empty text was unset."""
+    (tmp_path / ".env").write_text("HERMES_SHARD_COUNT=\nHERMES_CONTEXT_TOKENS=\nHERMES_OPENAI_BASE_URL=\nDISCORD_TOKEN=\"\"\n")
+    (tmp_path / "hermes.yaml").write_text("HERMES_HISTORY_TURNS:\nHERMES_LOG_LEVEL: ''\n")
+    monkeypatch.setenv("HERMES_MAX_BATCH_SIZE", "")
+    s = load_settings()
+    assert (s.shard_count, s.context_tokens, s.openai_base_url, s.discord_token) == (None, 8192, None, None)
+    assert (s.history_turns, s.log_level, s.max_batch_size) == (50, "INFO", 32)
+    monkeypatch.setenv("DISCORD_TOKEN", "")
+    assert main(["run"]) == 2
+    assert "DISCORD_TOKEN is not set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("localhost:1234", "must be an http:// or https:// URL with a host"),
+    ("localhost:1234/v1", "must be an http:// or https:// URL with a host"),
+    ("ftp://host/v1", "must be an http:// or https:// URL with a host"),
+    ("http:///v1", "must be an http:// or https:// URL with a host"),
+])
+def test_an_openai_base_url_without_scheme_or_host_is_refused_at_load(
+    monkeypatch: pytest.MonkeyPatch, url: str, problem: str
+) -> None:
+    """`localhost:1234` was accepted, then every request failed: "cannot reach ... at localhost:1234/chat/completions"."""
+    monkeypatch.setenv("HERMES_OPENAI_BASE_URL", url)
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    [line] = raised.value.lines
+    assert line.startswith(f"invalid setting HERMES_OPENAI_BASE_URL: {problem}") and line.endswith(f"(got {url!r})")
+
+
+@pytest.mark.parametrize("url", ["http://localhost:1234/v1", "https://api.example.com/v1", "http://u:p@[::1]:8080"])
+def test_an_http_openai_base_url_is_accepted(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("HERMES_OPENAI_BASE_URL", url)
+    assert load_settings().openai_base_url == url

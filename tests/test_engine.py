@@ -595,3 +595,51 @@ def test_a_process_stopping_while_the_model_loads_does_not_wait_for_the_load(
         assert loading.is_set() and not finished.is_set()  # returned while the load still ran
     finally:
         release.set()
+
+
+def test_a_model_path_that_holds_no_model_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """transformers took a missing folder for a malformed hub id ("Repo id must use alphanumeric chars"), after
+    the no-GPU warning meant for a download, and an empty one for a model that needs sentencepiece."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weights.gguf").write_bytes(b"GGUF")
+    for model, problem in [("./tiny-mdl", "no such directory"), ("../tiny-mdl", "no such directory"),
+                           (str(tmp_path / "tiny-mdl"), "no such directory"), ("~/no-such-hermes-model", "no such directory"),
+                           ("empty", "holds no model (no config.json)"), ("weights.gguf", "not a directory")]:
+        with pytest.raises(EngineError) as raised:
+            load_model(Settings(model=model, device="cpu"))
+        assert str(raised.value) == f"HERMES_MODEL {model}: {problem}"
+    assert "no GPU" not in caplog.text
+
+
+def test_a_model_path_under_home_is_expanded(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> None:
+    """`HERMES_MODEL=~/models/x` in .env or hermes.yaml, where no shell expands `~`."""
+    monkeypatch.setenv("HOME", str(tiny_model_dir.parent))
+    tokenizer, model, _ = load_model(Settings(model=f"~/{tiny_model_dir.name}", device="cpu"))
+    assert model.config.vocab_size == len(tokenizer)
+
+
+def test_a_history_longer_than_the_model_is_trimmed_without_transformers_warning(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
+) -> None:
+    """encode_messages encodes the whole history before it trims it to the context: transformers' "Token indices
+    sequence length is longer than ... will result in indexing errors" on stderr alarmed for nothing."""
+    import logging
+
+    warner = logging.getLogger("transformers.tokenization_utils_base")
+    monkeypatch.setattr(warner, "filters", [])  # only what load_model installs counts
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("transformers").addHandler(handler)  # transformers' loggers do not propagate to the root
+    try:
+        tokenizer, _, _ = load_model(Settings(model=str(tiny_model_dir), device="cpu"))
+        history = chat("hello world " * 3000)  # about 6,000 tokens; the tiny model's limit is 4,096
+        encoded = encode_messages(tokenizer, history, context_tokens=1024, max_new_tokens=24)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert encoded.truncated_newest and len(encoded.ids) <= 1024
+    assert not [r for r in records if "Token indices sequence length" in r.getMessage()]

@@ -301,3 +301,32 @@ def test_a_lore_entry_needs_keys_and_content(tmp_path: Path) -> None:
     path.write_text("name: Keeper\nsystem_prompt: You keep the inn.\nlore:\n  - keys: []\n    content: x\n")
     with pytest.raises(PersonaError, match=r"keeper.yaml:4: field 'lore.0.keys'"):
         load_persona_file(path)
+
+
+def test_prompt_command_names_a_model_path_that_holds_no_tokenizer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """transformers took a missing folder for a malformed hub id, and an empty one for a tokenizer that needs
+    sentencepiece or tiktoken (five lines); `~` is expanded where no shell did it (`--model=~/x`)."""
+    import io
+
+    from bot.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "nomodel").mkdir()
+    for model, problem in [("./tiny-mdl", "no such directory"), ("~/tiny-mdl", "no such directory"),
+                           ("./nomodel", "holds no model (no tokenizer_config.json or tokenizer.json or config.json)")]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO("[]"))
+        assert main(["prompt", "--persona", "hermes", f"--model={model}"]) == 2
+        assert capsys.readouterr().err == f"hermes-bot: cannot load the tokenizer of {model!r}: {problem}\n"
+
+
+def test_prompt_command_trims_a_long_history_without_transformers_warning(tiny_model_dir: Path) -> None:
+    """The whole history is encoded before it is trimmed: transformers warned "Token indices sequence length is
+    longer than the specified maximum sequence length ... will result in indexing errors" on stderr."""
+    conversation = json.dumps([{"author": "Ann", "content": "hello world " * 3000}])  # ~6,000 tokens; limit 4,096
+    cmd = [sys.executable, "-m", "bot", "prompt", "--persona", "hermes", "--model", str(tiny_model_dir)]
+    done = subprocess.run(cmd, input=conversation, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "Token indices sequence length" not in done.stderr, done.stderr

@@ -19,12 +19,11 @@ import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from bot.config import Settings
+from bot.config import Settings, local_model_dir
 from bot.daemon_thread import in_daemon_thread
 from bot.engine.base import (
     Engine,
@@ -46,7 +45,7 @@ from bot.engine.kv import (
 )
 from bot.engine.sampling import apply_repetition_penalty, sample_next
 from bot.engine.text import IncrementalDetokenizer, StopMatcher
-from bot.prompt import PromptTooLong, encode_messages
+from bot.prompt import PromptTooLong, encode_messages, quiet_overlong_warning
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +97,24 @@ def load_model(settings: Settings) -> tuple[Any, Any, torch.device]:
     """Tokenizer and model from settings.model (HF id or local path), on the configured device/dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        local = local_model_dir(settings.model)
+    except ValueError as exc:
+        raise EngineError(f"HERMES_MODEL {settings.model}: {exc}") from None
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     quant = quantization_config(settings.quantization)
-    if device.type == "cpu" and not Path(settings.model).exists():
+    if device.type == "cpu" and local is None:  # a hub id: the download is about to start
         log.warning(
             "no GPU: HERMES_MODEL=%s will run on the CPU in %s. A 7B model needs about 30 GiB of RAM that way "
             "and answers slowly; without a GPU, HERMES_ENGINE=openai with LM Studio, llama.cpp or Ollama is "
             "the fast path (README: Without a GPU)", settings.model, str(dtype).removeprefix("torch."),
         )
+    source = str(local or settings.model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(
-            settings.model, dtype=dtype, attn_implementation="sdpa", quantization_config=quant,
+            source, dtype=dtype, attn_implementation="sdpa", quantization_config=quant,
             device_map=str(device) if quant is not None else None,
         )
     except OSError as exc:
@@ -120,6 +124,7 @@ def load_model(settings: Settings) -> tuple[Any, Any, torch.device]:
     if quant is None:
         model.to(device)
     model.eval()
+    quiet_overlong_warning()
     return tokenizer, model, device
 
 
