@@ -1,7 +1,7 @@
 """`hermes-bot chat`: talk to a persona in the terminal through the same store, queue and engine as Discord.
 
 Lines are read from stdin (a pipe works: EOF ends the chat); `/reset` clears this conversation's
-history, `/quit` leaves. Replies stream to stdout as they are generated; the banner, notices and
+history, `/quit` or `/exit` leaves, `/help` lists these; another single `/word` is an unknown command, not a message. Replies stream to stdout as they are generated; the banner, notices and
 errors go to stderr, so `echo hi | hermes-bot chat > reply.txt` captures only the conversation.
 
 With `HERMES_QUEUE_URL=memory://` (the default) a worker runs in this process; with redis:// the
@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import re
+import signal
 import sys
 import zlib
 
@@ -27,6 +29,7 @@ from bot.store.keys import ConversationKey
 from bot.worker import Worker
 
 USER_NAME = "you"
+COMMANDS = "/reset clears the history, /quit (or /exit) leaves, /help shows this."
 
 
 def console_key(persona_id: str) -> ConversationKey:
@@ -41,7 +44,11 @@ def _note(text: str) -> None:
 def run_chat(settings: Settings, persona_id: str) -> int:
     """The `hermes-bot chat` entry point; returns the exit status."""
     personas = PersonaRegistry.load(settings.personas_dir)  # its errors are reported by cli.main
-    return asyncio.run(_chat(settings, personas, personas.get(persona_id)))
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        return asyncio.run(_chat(settings, personas, personas.get(persona_id)))
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 async def _chat(settings: Settings, personas: PersonaRegistry, persona: Persona) -> int:
@@ -66,6 +73,7 @@ async def _chat(settings: Settings, personas: PersonaRegistry, persona: Persona)
         await _converse(service, queue, persona)
     finally:
         if worker is not None and worker_task is not None and not worker_task.done():
+            _ignore_further_interrupts()
             await worker.shutdown()
             await worker_task
         await queue.close()
@@ -73,9 +81,16 @@ async def _chat(settings: Settings, personas: PersonaRegistry, persona: Persona)
     return 0
 
 
+def _ignore_further_interrupts() -> None:
+    """Once the chat is stopping (Ctrl-C, EOF, /quit), Ctrl-C again is ignored until the process is gone:
+    a second press ended it while the in-process engine's thread was inside torch, which aborts the
+    interpreter ("terminate called without an active exception"). The stop takes a second or two."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 async def _converse(service: ChatService, queue: JobQueue, persona: Persona) -> None:
     key = console_key(persona.id)
-    _note(f"Chatting with {persona.name} ({persona.id}). /reset clears the history, /quit leaves.")
+    _note(f"Chatting with {persona.name} ({persona.id}). {COMMANDS}")
     if await service.store.window(key, 1):
         _note("(continuing the conversation from last time)")
     elif persona.greeting:  # kept as the persona's first turn, as in a Discord channel: the model sees it
@@ -90,11 +105,14 @@ async def _converse(service: ChatService, queue: JobQueue, persona: Persona) -> 
         text = line.strip()
         if not text:
             continue
-        if text == "/quit":
+        if text in ("/quit", "/exit"):
             break
         if text == "/reset":
             await service.store.reset(key)
             _note("(history cleared)")
+            continue
+        if re.fullmatch(r"/\w+", text):  # a mistyped command must not reach the persona as a message
+            _note(COMMANDS if text == "/help" else f"(unknown command {text}; /help lists them)")
             continue
         await service.record_user_turn(key, message_id=None, author_id=None, author_name=USER_NAME, content=text)
         reply = await _reply(service, key, persona)
@@ -125,6 +143,7 @@ async def _reply(service: ChatService, key: ConversationKey, persona: Persona) -
             elif isinstance(event, Done) and event.finish_reason in ("cancelled", "deadline"):
                 _note(f"({event.finish_reason})")
     except asyncio.CancelledError:  # Ctrl-C: the worker's shutdown must not wait for this reply to end
+        _ignore_further_interrupts()
         with contextlib.suppress(Exception):
             await pending.cancel()
         raise

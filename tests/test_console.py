@@ -6,16 +6,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bot.console import console_key
+from bot.devtools import write_tiny_model
 from bot.store.repository import ConversationStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def chat(stdin: str | bytes, tmp_path: Path, model: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
+def chat_env(tmp_path: Path, model: Path) -> dict[str, str]:
+    return {
         **os.environ,
         "HERMES_MODEL": str(model),
         "HERMES_DEVICE": "cpu",
@@ -24,18 +26,24 @@ def chat(stdin: str | bytes, tmp_path: Path, model: Path, *args: str) -> subproc
         "HERMES_QUEUE_URL": "memory://",
         "HERMES_LOG_LEVEL": "WARNING",
     }
+
+
+def chat(stdin: str | bytes, tmp_path: Path, model: Path, *args: str) -> subprocess.CompletedProcess[str]:
     # Bytes, decoded here: text=True would turn a "\r" in the random model's reply into "\n".
     done = subprocess.run(
         [sys.executable, "-m", "bot", "chat", *args], input=stdin if isinstance(stdin, bytes) else stdin.encode(),
         capture_output=True,
-        env=env, cwd=tmp_path, timeout=120,
+        env=chat_env(tmp_path, model), cwd=tmp_path, timeout=120,
     )
     return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
 async def test_chat_through_stdin(tmp_path: Path, tiny_model_dir: Path) -> None:
-    result = chat("hello there\n/reset\n\nhi again\n", tmp_path, tiny_model_dir, "--persona", "hermes")
+    script = "hello there\n/reset\n\n/hlep\n/help\nhi again\n/exit\nnever sent\n"
+    result = chat(script, tmp_path, tiny_model_dir, "--persona", "hermes")
     assert result.returncode == 0, result.stderr
+    assert "(unknown command /hlep; /help lists them)" in result.stderr  # a typo is no message to the persona
+    assert result.stderr.count("/quit (or /exit) leaves") == 2  # the banner, then /help
     lines = result.stdout.split("\n")
     assert lines[0] == "Hermes 2: Hi there! My name is Hermes 2. How can I help you today?"
     assert sum(line.startswith("Hermes 2: ") for line in lines) >= 3  # greeting + two streamed replies
@@ -77,14 +85,9 @@ def test_unknown_persona_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) 
 
 def test_ctrl_c_at_the_prompt_ends_the_chat(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Ctrl-C while chat waits for a line: it exits (130) at once, not after the next Enter."""
-    env = {
-        **os.environ, "HERMES_MODEL": str(tiny_model_dir), "HERMES_DEVICE": "cpu",
-        "HERMES_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}", "HERMES_PERSONAS_DIR": str(ROOT / "personas"),
-        "HERMES_QUEUE_URL": "memory://", "HERMES_LOG_LEVEL": "WARNING",
-    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "bot", "chat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=env, cwd=tmp_path,
+        env=chat_env(tmp_path, tiny_model_dir), cwd=tmp_path,
     )
     try:
         assert proc.stderr is not None
@@ -95,3 +98,35 @@ def test_ctrl_c_at_the_prompt_ends_the_chat(tmp_path: Path, tiny_model_dir: Path
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_ctrl_c_pressed_again_while_the_chat_stops_ends_it_quietly(tmp_path: Path) -> None:
+    """One Ctrl-C mid-reply takes a second or two to stop, which invites more presses: the next one ended the
+    process while the engine's thread was inside torch, and it aborted ("terminate called without an active
+    exception", 3 runs in 4) or printed a KeyboardInterrupt traceback. A model slow enough to still be writing."""
+    model = write_tiny_model(tmp_path / "model", hidden_size=512, layers=8, heads=8, kv_heads=4)
+    for attempt in range(2):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bot", "chat", "--persona", "hermes"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+            env={**chat_env(tmp_path / f"run{attempt}", model), "HERMES_CPU_THREADS": "1"},
+        )
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(b"tell me a long story\n")
+            proc.stdin.flush()
+            shown = b""
+            while shown.count(b"Hermes 2: ") < 2:  # the greeting, then the reply being written
+                chunk = os.read(proc.stdout.fileno(), 100)
+                assert chunk, "chat ended before its reply"
+                shown += chunk
+            time.sleep(0.8)
+            for _ in range(3):
+                proc.send_signal(signal.SIGINT)
+                time.sleep(0.07)
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 130, err.decode()[-2000:]
+            assert b"Traceback" not in err and b"terminate" not in err, err.decode()[-2000:]
+        finally:
+            proc.kill()
+            proc.wait()
