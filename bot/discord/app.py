@@ -55,6 +55,10 @@ def intents() -> discord.Intents:
     return wanted
 
 
+# The bot never joins voice: discord.py's start-up warnings that voice will not work say nothing to its users.
+discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
+
+
 class HermesBot(commands.AutoShardedBot):
     """A discord.py bot with the chat and command cogs; it has no prefix commands.
 
