@@ -80,7 +80,11 @@ def render_prompt_from_stdin(
     """Print the prompt; bad personas, input or tokenizers raise errors that name what is wrong."""
     registry = PersonaRegistry.load(settings.personas_dir)
     persona = registry.get(persona_id)
-    turns = parse_conversation((stdin or sys.stdin).read(), persona.name)
+    source = stdin or sys.stdin
+    if source.isatty():  # typed by hand: say what it waits for instead of hanging silently
+        print('hermes-bot: reading the conversation as JSON on stdin ([{"author": "alice", "content": "hi"}]), '
+              "then Ctrl-D", file=sys.stderr)
+    turns = parse_conversation(source.read(), persona.name)
     tokenizer = load_tokenizer(model)
     names = {p.id: p.name for p in registry}
     messages = build_messages(persona, turns, persona_names=names)
@@ -92,8 +96,10 @@ def render_prompt_from_stdin(
         print(json.dumps(encoded.ids))
     else:
         sys.stdout.write(render_text(tokenizer, encoded.messages))
-    if encoded.dropped or encoded.truncated_newest:
+    if encoded.dropped:
         print(f"hermes-bot: {encoded.dropped} oldest turn(s) dropped to fit the token budget", file=sys.stderr)
+    if encoded.truncated_newest:
+        print("hermes-bot: the newest turn alone is too long: its beginning was cut to fit", file=sys.stderr)
     stops = stop_strings(persona, turns, persona_names=names)
     if stops:
         print(f"hermes-bot: stop strings: {json.dumps(stops)}", file=sys.stderr)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -330,3 +332,25 @@ def test_prompt_command_trims_a_long_history_without_transformers_warning(tiny_m
     done = subprocess.run(cmd, input=conversation, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "Token indices sequence length" not in done.stderr, done.stderr
+    # No turn was dropped: it said "0 oldest turn(s) dropped" for a newest turn cut short.
+    assert "the newest turn alone is too long: its beginning was cut to fit" in done.stderr
+    assert "oldest turn(s) dropped" not in done.stderr
+
+
+def test_prompt_command_at_a_terminal_says_what_it_reads(tiny_model_dir: Path) -> None:
+    """Typed at a terminal it waited silently for JSON, which looked like a hang."""
+    controller, terminal = pty.openpty()
+    cmd = [sys.executable, "-m", "bot", "prompt", "--persona", "hermes", "--model", str(tiny_model_dir)]
+    proc = subprocess.Popen(cmd, stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    os.close(terminal)
+    try:
+        assert proc.stderr is not None
+        ready, _, _ = select.select([proc.stderr], [], [], 30)  # without the hint, nothing ever comes
+        assert ready and b"reading the conversation as JSON on stdin" in proc.stderr.readline()
+        os.write(controller, b'[{"author": "Ann", "content": "Hi"}]\n\x04')  # Ctrl-D at a line's start: EOF
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and out.startswith(b"<|im_start|>system\n")
+    finally:
+        os.close(controller)
+        proc.kill()
+        proc.wait()
