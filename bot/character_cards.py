@@ -74,7 +74,7 @@ def read_card(path: Path) -> dict[str, Any]:
         raise CardError(path, f"larger than {MAX_CARD_FILE // 2**20} MiB, too large for a character card")
     if not raw.startswith(PNG_SIGNATURE):
         return _card_fields(path, raw.decode("utf-8-sig", errors="replace"))
-    chunks = _png_card_chunks(raw)
+    chunks = _png_card_chunks(path, raw)
     problems: list[CardError] = []
     for keyword in (k for k in CARD_CHUNKS if k in chunks):
         try:
@@ -129,16 +129,21 @@ def _base64_text(path: Path, keyword: str, value: bytes) -> str:
         raise CardError(path, f"the PNG's {keyword!r} chunk is not base64 JSON ({exc})") from None
 
 
-def _png_card_chunks(raw: bytes) -> dict[str, tuple[bytes, bytes]]:
+def _png_card_chunks(path: Path, raw: bytes) -> dict[str, tuple[bytes, bytes]]:
     """The first text chunk (`tEXt`, `zTXt`, `iTXt`) of each keyword in CARD_CHUNKS, as its type and value;
     SillyTavern too reads the first. None is inflated here, and other chunks never are: a small PNG can hold
-    many that each inflate to MAX_CARD_TEXT. A card is read inflating one chunk at a time, two at most."""
+    many that each inflate to MAX_CARD_TEXT. A card is read inflating one chunk at a time, two at most.
+    A file cut short before its card chunks is said to be so (its card text would not decode)."""
     found: dict[str, tuple[bytes, bytes]] = {}
     offset = len(PNG_SIGNATURE)
     while offset + 8 <= len(raw):
         length, kind = struct.unpack(">I4s", raw[offset : offset + 8])
         body = raw[offset + 8 : offset + 8 + length]
         offset += 12 + length
+        if len(body) < length:
+            if found:
+                break
+            raise CardError(path, "the PNG is cut short (a chunk runs past the end of the file); download it again")
         if kind not in TEXT_CHUNKS or b"\x00" not in body:
             continue
         keyword, value = body.split(b"\x00", 1)

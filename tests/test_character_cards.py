@@ -456,3 +456,12 @@ def test_a_card_file_name_cannot_write_yaml_keys(tmp_path: Path, personas_dir: P
     card.write_text(json.dumps(CARD_V2))
     assert main(["personas", "import", str(card)]) == 0
     assert PersonaRegistry.load(personas_dir).get("captain_mira_vance").name == "Captain Mira Vance"
+
+
+def test_a_png_cut_short_says_so(tmp_path: Path, personas_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A download that stopped early: it said the card chunk was "not base64 JSON (Incorrect padding)"."""
+    cut = tmp_path / "cut.png"
+    cut.write_bytes((REAL_CARDS / "baseline_v3_small.png").read_bytes()[:300])
+    assert main(["personas", "import", str(cut)]) == 2
+    assert f"{cut}: the PNG is cut short (a chunk runs past the end of the file)" in capsys.readouterr().err
+    assert not personas_dir.exists()
