@@ -355,13 +355,16 @@ def local_model_dir(model: str, needs: tuple[str, ...] = MODEL_FILES) -> Path | 
     return path
 
 
-def _not_utf8(path: Path, exc: UnicodeDecodeError) -> SettingsError:
-    """The file and where its first undecodable byte is: a file saved as Latin-1 or UTF-16 by an editor."""
+def not_utf8(exc: UnicodeDecodeError) -> tuple[int, str]:
+    """The line of a text file's first byte that is not UTF-8, and the problem: a file saved as Latin-1 or
+    UTF-16 by an editor (settings and persona files say it alike)."""
     line = exc.object.count(b"\n", 0, exc.start) + 1
-    return SettingsError(
-        [f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}, line {line}); "
-         "save it as UTF-8"]
-    )
+    return line, f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> SettingsError:
+    line, problem = not_utf8(exc)
+    return SettingsError([f"{path}:{line}: {problem}"])
 
 
 def _did_you_mean(name: str, known: list[str]) -> str:

@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from bot.config import DEFAULT_PERSONAS_DIR
+from bot.config import DEFAULT_PERSONAS_DIR, not_utf8
 from bot.strict_yaml import StrictLoader, where_and_what
 
 PERSONA_SUFFIXES = (".yaml", ".yml")
@@ -264,20 +264,13 @@ def parse_persona(text: str, path: Path) -> Persona:
         raise PersonaError(path, *problems[0], more=problems[1:]) from None
 
 
-def _not_utf8(exc: UnicodeDecodeError) -> tuple[int, str]:
-    """The line of the first byte that is not UTF-8, and the problem: a file saved as Latin-1 or UTF-16 by an
-    editor."""
-    line = exc.object.count(b"\n", 0, exc.start) + 1
-    return line, f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
-
-
 def load_persona_file(path: Path) -> Persona:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PersonaError(path, None, None, f"cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        line, problem = _not_utf8(exc)
+        line, problem = not_utf8(exc)
         raise PersonaError(path, line, None, problem) from None
     return parse_persona(text, path)
 

@@ -113,7 +113,7 @@ def test_a_hermes_yaml_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     result = hermes(tmp_path, "personas", "list")
     assert result.returncode == 2
     assert one_line_error(result) == (
-        "hermes-bot: hermes.yaml: not UTF-8 text (byte 0xff at offset 0, line 1); save it as UTF-8\n"
+        "hermes-bot: hermes.yaml:1: not UTF-8 text (byte 0xff at offset 0); save it as UTF-8\n"
     )
 
 

@@ -180,7 +180,7 @@ def test_a_settings_file_that_is_not_utf8_is_named_with_the_offset(tmp_path: Pat
     (tmp_path / name).write_bytes(b"HERMES_MODEL: a\n# caf\xe9\n")  # Latin-1, from an editor
     with pytest.raises(SettingsError) as raised:
         load_settings()
-    assert raised.value.lines == [f"{name}: not UTF-8 text (byte 0xe9 at offset 21, line 2); save it as UTF-8"]
+    assert raised.value.lines == [f"{name}:2: not UTF-8 text (byte 0xe9 at offset 21); save it as UTF-8"]
 
 
 @pytest.mark.parametrize("name", ["hermes.yaml", ".env"])
