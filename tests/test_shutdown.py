@@ -265,7 +265,7 @@ async def test_bot_exits_with_an_error_when_its_model_does_not_load(
         HERMES_MODEL=str(tmp_path / "no-such-model"), HF_HUB_OFFLINE="1",
     )
     assert code == 1, log
-    assert "the model cannot serve replies: cannot load HERMES_MODEL=" in log
+    assert f"the model cannot serve replies: HERMES_MODEL {tmp_path / 'no-such-model'}: no such directory" in log
     assert "Traceback" not in log, log
 
 
