@@ -26,7 +26,7 @@ from bot.store.keys import ConversationKey
 from bot.store.migrate import upgrade_async
 from tests.fakediscord import FakeDiscord, World
 from tests.fakediscord.models import Channel, User
-from tests.fakediscord.server import DROP_CONNECTION
+from tests.fakediscord.server import DROP_CONNECTION, LOSE_ANSWER
 from tests.openai_test_server import OpenAITestServer, Reply
 from tests.waiting import eventually
 
@@ -604,6 +604,41 @@ async def test_a_connection_dropped_mid_reply_does_not_end_it(env: Env) -> None:
         return any(m.role == "assistant" and m.content == text for m in await env.store.window(key, 10))
 
     assert await eventually(stored)
+
+
+async def test_a_persona_message_whose_answer_was_lost_is_not_sent_twice(env: Env) -> None:
+    """Discord stored the message but its answer was lost on the way: sending it again left a stray copy
+    in the channel (webhooks take no nonce), and the reply's later edits went to the copy only."""
+    w = env.world
+    text = " ".join(f"word{i}" for i in range(30))
+    env.llm.script(Reply(text, chunk_chars=6, delay_s=0.05))
+    env.fake.inject_disconnect("POST", "/webhooks/{webhook_id}/{token}", after_handling=True)
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} talk for a while")
+    await env.fake.wait_for_message(w.general, lambda m: m.content == text, timeout=15)
+    key = ConversationKey(w.guild.id, w.general.id)
+
+    async def stored() -> bool:
+        return any(m.role == "assistant" and m.content == text for m in await env.store.window(key, 10))
+
+    assert await eventually(stored)
+    persona_messages = [m for m in env.fake.channel_messages(w.general) if m.webhook_id is not None]
+    assert [m.content for m in persona_messages] == [text]
+    assert env.fake.requests_to("POST", "/webhooks/{webhook_id}/{token}")[0].status == LOSE_ANSWER
+
+
+async def test_a_bot_message_whose_answer_was_lost_is_not_sent_twice(env: Env) -> None:
+    """The same in a DM, where a persona speaks as the bot itself."""
+    w = env.world
+    text = " ".join(f"word{i}" for i in range(30))
+    env.llm.script(Reply(text, chunk_chars=6, delay_s=0.05))
+    dm = await env.fake.open_dm(w.alice)
+    env.fake.inject_disconnect("POST", "/channels/{channel_id}/messages", after_handling=True)
+    await env.fake.send_message(dm, w.alice, "talk for a while")
+    await env.fake.wait_for_message(dm, lambda m: m.content == f"**Hermes 2:** {text}", timeout=15)
+    await asyncio.sleep(0.5)  # a stray copy would have been sent by now
+    ours = [m.content for m in env.fake.channel_messages(dm) if m.author.id == env.fake.bot_user.id]
+    assert ours == [f"**Hermes 2:** {text}"]
+    assert env.fake.requests_to("POST", "/channels/{channel_id}/messages")[0].status == LOSE_ANSWER
 
 
 async def test_a_message_delivered_twice_is_answered_once(env: Env) -> None:

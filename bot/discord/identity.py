@@ -13,7 +13,10 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
+from datetime import timedelta
 
+import aiohttp
 import discord
 from discord.utils import MISSING, escape_markdown
 
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 
 WEBHOOK_NAME = "hermes-personas"
 RECHECK_AFTER_S = 600.0
+LOST_ANSWER_LOOKBACK_S = 60.0  # how far back a send whose answer was lost looks for the message it stored
 CHANNELS_REMEMBERED = 10_000
 
 # Untrusted text (user input echoed by the model) must never ping everyone, here, a role or a user: a
@@ -41,24 +45,50 @@ def webhook_username(name: str) -> str:
     return _RESERVED_IN_WEBHOOK_NAMES.sub(lambda m: m.group(0).translate(_LOOK_ALIKES), name)
 
 
+async def sent_despite_lost_answer(
+    channel: discord.abc.Messageable, content: str, sent_by: Callable[[discord.Message], bool]
+) -> int | None:
+    """The id of the message `sent_by` someone with exactly `content` in the last LOST_ANSWER_LOOKBACK_S, if
+    any: a send whose answer was lost on the network may have been stored, and sending it again (webhooks
+    take no nonce) would leave a stray copy that the reply's edits then pass by. None when there is none, or
+    the bot may not read the channel's history (the caller then sends again)."""
+    since = discord.utils.time_snowflake(discord.utils.utcnow() - timedelta(seconds=LOST_ANSWER_LOOKBACK_S))
+    try:
+        async for message in channel.history(limit=20, after=discord.Object(since)):
+            if sent_by(message) and message.content == content:
+                return message.id
+    except (discord.HTTPException, aiohttp.ClientError, OSError):
+        return None
+    return None
+
+
 class WebhookOutlet:
     """A persona speaking through the channel's webhook (name and avatar set per message)."""
 
     overhead = 0
 
-    def __init__(self, webhook: discord.Webhook, persona: Persona, thread: discord.abc.Snowflake | None) -> None:
-        self.webhook, self.persona = webhook, persona
+    def __init__(
+        self, webhook: discord.Webhook, persona: Persona, channel: discord.abc.Messageable,
+        thread: discord.abc.Snowflake | None,
+    ) -> None:
+        self.webhook, self.persona, self.channel = webhook, persona, channel
         self.thread = thread if thread is not None else MISSING
 
     async def send(self, content: str) -> int:
-        message = await self.webhook.send(
-            content,
-            username=webhook_username(self.persona.name),
-            avatar_url=self.persona.avatar_url or MISSING,
-            allowed_mentions=SAFE_MENTIONS,
-            thread=self.thread,
-            wait=True,
-        )
+        try:
+            message = await self.webhook.send(
+                content,
+                username=webhook_username(self.persona.name),
+                avatar_url=self.persona.avatar_url or MISSING,
+                allowed_mentions=SAFE_MENTIONS,
+                thread=self.thread,
+                wait=True,
+            )
+        except (aiohttp.ClientError, OSError):  # no answer: Discord may have stored it all the same
+            found = await sent_despite_lost_answer(self.channel, content, lambda m: m.webhook_id == self.webhook.id)
+            if found is None:
+                raise
+            return found
         return message.id
 
     async def edit(self, message_id: int, content: str) -> None:
@@ -79,7 +109,15 @@ class BotOutlet:
         self.overhead = len(self.prefix)
 
     async def send(self, content: str) -> int:
-        message = await self.channel.send(self.prefix + content, allowed_mentions=SAFE_MENTIONS)
+        text = self.prefix + content
+        try:
+            message = await self.channel.send(text, allowed_mentions=SAFE_MENTIONS)
+        except (aiohttp.ClientError, OSError):  # no answer: Discord may have stored it all the same
+            me = self.channel.me if isinstance(self.channel, discord.DMChannel) else self.channel.guild.me  # type: ignore[attr-defined]
+            found = await sent_despite_lost_answer(self.channel, text, lambda m: m.author.id == me.id)
+            if found is None:
+                raise
+            return found
         return message.id
 
     async def edit(self, message_id: int, content: str) -> None:
@@ -109,7 +147,7 @@ class Identities:
         if not isinstance(parent, discord.TextChannel | discord.ForumChannel):
             return BotOutlet(channel, persona)  # DMs and channel kinds without webhooks
         webhook = await self._webhook(parent)
-        return WebhookOutlet(webhook, persona, thread) if webhook else BotOutlet(channel, persona)
+        return WebhookOutlet(webhook, persona, channel, thread) if webhook else BotOutlet(channel, persona)
 
     async def replace(
         self, gone: PersonaOutlet, channel: discord.abc.Messageable, persona: Persona

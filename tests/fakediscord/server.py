@@ -49,6 +49,7 @@ API_PREFIX = "/api/v10"
 
 
 DROP_CONNECTION = 599  # a fault's status that means: no answer at all, the connection closes
+LOSE_ANSWER = 598  # a fault's status that means: the call is carried out, then its answer is lost on the way
 
 
 @dataclass
@@ -262,10 +263,11 @@ class FakeDiscord:
         """Answer the next `times` calls of METHOD route with an error in Discord's JSON shape."""
         self._faults.append(_Fault(method, route, times, status, {"message": message, "code": code}, {}))
 
-    def inject_disconnect(self, method: str, route: str, *, times: int = 1) -> None:
+    def inject_disconnect(self, method: str, route: str, *, times: int = 1, after_handling: bool = False) -> None:
         """Drop the connection of the next `times` calls of METHOD route without an answer (a reset on
-        the way: the client gets a network error, not an HTTP status)."""
-        self._faults.append(_Fault(method, route, times, DROP_CONNECTION, {}, {}))
+        the way: the client gets a network error, not an HTTP status). `after_handling`: Discord carried the
+        call out (a message was stored) and only its answer was lost."""
+        self._faults.append(_Fault(method, route, times, LOSE_ANSWER if after_handling else DROP_CONNECTION, {}, {}))
 
     # ---- building the world ----------------------------------------------------------------
 
@@ -727,10 +729,11 @@ class FakeDiscord:
         self.requests.append(rec)
         request[RECORD] = rec
         response = self._fault_for(rec)
+        lose_answer = response is not None and response.status == LOSE_ANSWER
         if response is not None and response.status == DROP_CONNECTION:
             assert request.transport is not None
             request.transport.close()
-        elif response is None:
+        elif response is None or lose_answer:
             try:
                 if _needs_bot_auth(rec.route) and request.headers.get("Authorization") != f"Bot {self.token}":
                     raise ApiError(401, 0, "401: Unauthorized")
@@ -746,7 +749,10 @@ class FakeDiscord:
                 log.exception("fake Discord failed on %s %s", request.method, rec.path)
                 message = f"fake Discord error on {request.method} {rec.path}: {exc!r}"
                 response = json_response({"message": message, "code": 0}, 400)
-        rec.status = response.status
+            if lose_answer:
+                assert request.transport is not None
+                request.transport.close()
+        rec.status = LOSE_ANSWER if lose_answer else response.status
         self._notify()
         return response
 
@@ -754,8 +760,8 @@ class FakeDiscord:
         for fault in self._faults:
             if fault.matches(rec):
                 fault.remaining -= 1
-                if fault.status == DROP_CONNECTION:
-                    return web.Response(status=DROP_CONNECTION)
+                if fault.status in (DROP_CONNECTION, LOSE_ANSWER):
+                    return web.Response(status=fault.status)
                 return json_response(fault.body, fault.status, fault.headers)
         return None
 
