@@ -925,3 +925,26 @@ async def test_connections_a_burst_of_replies_opened_are_closed_once_idle(
     await worker.publish(Done(job_id=later.job_id, finish_reason="stop"))
     await collect(bot, later.job_id)
     assert await bot_connections() <= 3
+
+
+async def test_closing_idle_connections_never_fails_a_call(
+    redis_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing the stale ones awaited while another caller took the last idle connection: the call whose
+    connection went back to the list then failed with IndexError after Redis had carried it out."""
+    monkeypatch.setattr(redis_streams, "IDLE_CONNECTION_S", 0.005)
+    bot = redis_harness.start(queue_max_waiting=1000, queue_max_per_conversation=100)
+    failures: list[BaseException] = []
+
+    async def caller(n: int) -> None:
+        for i in range(15):
+            try:
+                j = job(f"chan-{n}")
+                await bot.submit(j)
+                await bot.cancel(j.job_id)
+            except Exception as exc:
+                failures.append(exc)
+            await asyncio.sleep(0.003 * (i % 3))
+
+    await asyncio.gather(*(caller(n) for n in range(16)))
+    assert failures == []

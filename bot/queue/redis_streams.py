@@ -201,11 +201,18 @@ class RedisStreamsQueue(JobQueue):
         """Return `conn` for reuse, closing those idle past IDLE_CONNECTION_S: a burst of replies
         streaming at once opens one connection each, which would otherwise stay open for good."""
         now = time.monotonic()
-        self._idle.append((conn, now))
-        while now - self._idle[0][1] > IDLE_CONNECTION_S:
-            stale, _ = self._idle.popleft()
-            self._direct_conns.discard(stale)
-            await stale.disconnect()
+        stale: list[AbstractConnection] = []
+        if self._closing.is_set():  # close() has let go of the idle list already
+            stale.append(conn)
+        else:
+            self._idle.append((conn, now))
+        # Taken off the list before any await: another caller may take an idle connection meanwhile.
+        while self._idle and now - self._idle[0][1] > IDLE_CONNECTION_S:
+            stale.append(self._idle.popleft()[0])
+        for old in stale:
+            self._direct_conns.discard(old)
+            with contextlib.suppress(RedisConnectionError, OSError):
+                await old.disconnect(nowait=True)
 
     def _new_direct(self) -> AbstractConnection:
         pool = self._redis.connection_pool
