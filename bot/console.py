@@ -1,7 +1,7 @@
 """`hermes-bot chat`: talk to a persona in the terminal through the same store, queue and engine as Discord.
 
 Lines are read from stdin (a pipe works: EOF ends the chat); `/reset` clears this conversation's
-history, `/quit` or `/exit` leaves, `/help` lists these; another single `/word` is an unknown command, not a message. Replies stream to stdout as they are generated; the banner, notices and
+history, `/quit` or `/exit` leaves, `/help` lists these; another single `/word` (letters only) is an unknown command, not a message. Replies stream to stdout as they are generated; the banner, notices and
 errors go to stderr, so `echo hi | hermes-bot chat > reply.txt` captures only the conversation.
 
 With `HERMES_QUEUE_URL=memory://` (the default) a worker runs in this process; with redis:// the
@@ -73,16 +73,21 @@ async def _chat(settings: Settings, personas: PersonaRegistry, persona: Persona)
         await _converse(service, queue, persona)
     finally:
         if worker is not None and worker_task is not None and not worker_task.done():
-            _ignore_further_interrupts()
-            await worker.shutdown()
-            await worker_task
+            if worker.started.is_set():
+                _ignore_further_interrupts()
+                await worker.shutdown()
+                await worker_task
+            else:  # Ctrl-C while the model loads (a 7B download): its daemon thread is left behind, not waited for
+                worker_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await worker_task
         await queue.close()
         await store.close()
     return 0
 
 
 def _ignore_further_interrupts() -> None:
-    """Once the chat is stopping (Ctrl-C, EOF, /quit), Ctrl-C again is ignored until the process is gone:
+    """Once a chat whose model runs is stopping (Ctrl-C, EOF, /quit), Ctrl-C again is ignored until the process is gone:
     a second press ended it while the in-process engine's thread was inside torch, which aborts the
     interpreter ("terminate called without an active exception"). The stop takes a second or two."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -111,7 +116,7 @@ async def _converse(service: ChatService, queue: JobQueue, persona: Persona) -> 
             await service.store.reset(key)
             _note("(history cleared)")
             continue
-        if re.fullmatch(r"/\w+", text):  # a mistyped command must not reach the persona as a message
+        if re.fullmatch(r"/[A-Za-z]+", text):  # a mistyped command must not reach the persona ("/10" may)
             _note(COMMANDS if text == "/help" else f"(unknown command {text}; /help lists them)")
             continue
         await service.record_user_turn(key, message_id=None, author_id=None, author_name=USER_NAME, content=text)

@@ -130,3 +130,30 @@ def test_ctrl_c_pressed_again_while_the_chat_stops_ends_it_quietly(tmp_path: Pat
         finally:
             proc.kill()
             proc.wait()
+
+
+SLOW_LOAD = """
+import sys, time
+import bot.engine.transformers_engine as engine
+engine.load_model = lambda settings: time.sleep(60)  # a 7B download, which cannot run here
+from bot.cli import main
+sys.exit(main(["chat"]))
+"""
+
+
+def test_ctrl_c_while_the_model_loads_ends_the_chat_at_once(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The first model load downloads gigabytes: Ctrl-C must not wait for it to finish."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_LOAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**chat_env(tmp_path, tiny_model_dir), "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
+    )
+    try:
+        assert proc.stderr is not None
+        while b"loading" not in (line := proc.stderr.readline()):
+            assert line, "chat ended before loading its model"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 130
+    finally:
+        proc.kill()
+        proc.wait()
