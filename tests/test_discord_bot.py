@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import asyncpg
 import pytest
@@ -18,7 +19,7 @@ from bot.config import Settings
 from bot.discord import app as app_module
 from bot.discord import chat as chat_module
 from bot.discord.app import BotApp
-from bot.discord.commands import fit_lines, persona_choice
+from bot.discord.commands import admin_role_name, fit_lines, persona_choice
 from bot.discord.identity import Identities
 from bot.discord.sync import command_signature
 from bot.personas import Persona, UnknownPersona
@@ -424,14 +425,21 @@ async def test_an_admin_role_given_by_id_cannot_be_forged_by_name(
     w = discord_world
     helpers = await fake_discord.add_role(w.guild, "bot-admins")
     forged = await fake_discord.add_role(w.guild, "bot-admins")
+    named_like_its_id = await fake_discord.add_role(w.guild, str(helpers.id))
     await fake_discord.add_member(w.guild, w.bob, roles=[helpers])
-    await fake_discord.add_member(w.guild, w.alice, roles=[forged])
+    await fake_discord.add_member(w.guild, w.alice, roles=[forged, named_like_its_id])
     settings = make_settings(fake_discord, llm, tmp_path, admin_role=str(helpers.id))
     async with BotApp(settings, guild_ready_timeout=0.1) as app:
         env = Env(fake_discord, w, llm, app)
         assert "on" in await slash(env, "autorespond", {"mode": "on"}, user=w.bob)
         refused = await slash(env, "autorespond", {"mode": "off"}, user=w.alice)
         assert refused == "You need the Manage Channels permission or the bot-admins role to change this channel's settings."
+
+
+def test_an_admin_role_named_with_other_digits_is_a_name() -> None:
+    """"²".isdigit() is true but int("²") fails: the refusal crashed and the command kept "thinking" forever."""
+    guild = SimpleNamespace(get_role=lambda role_id: None)
+    assert admin_role_name(SimpleNamespace(guild=guild), "²") == "²"  # type: ignore[arg-type]
 
 
 async def _window_of(env: Env, key: ConversationKey, turns: int):  # type: ignore[no-untyped-def]

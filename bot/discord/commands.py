@@ -73,19 +73,27 @@ def persona_choice(persona: Persona) -> app_commands.Choice[str]:
 
 
 def may_change(interaction: discord.Interaction, admin_role: str | None) -> bool:
-    """Manage Channels in this channel, the admin role (by id, or by name: anyone who may create roles
-    can make one of that name), or a DM."""
+    """Manage Channels in this channel, the admin role (by id when HERMES_ADMIN_ROLE is digits, else by name:
+    anyone who may create roles can make one of that name), or a DM."""
     if interaction.guild is None:
         return True
     if interaction.permissions.manage_channels:
         return True
     roles = getattr(interaction.user, "roles", [])
-    return admin_role is not None and any(admin_role in (role.name, str(role.id)) for role in roles)
+    if admin_role is None:
+        return False
+    if _is_role_id(admin_role):  # by id only: a role *named* with those digits is anyone's to make
+        return any(str(role.id) == admin_role for role in roles)
+    return any(role.name == admin_role for role in roles)
+
+
+def _is_role_id(admin_role: str) -> bool:
+    return admin_role.isascii() and admin_role.isdigit()
 
 
 def admin_role_name(interaction: discord.Interaction, admin_role: str) -> str:
     """The admin role as people see it: its name, also when HERMES_ADMIN_ROLE gives its id."""
-    role = interaction.guild.get_role(int(admin_role)) if admin_role.isdigit() and interaction.guild else None
+    role = interaction.guild.get_role(int(admin_role)) if _is_role_id(admin_role) and interaction.guild else None
     return role.name if role else admin_role
 
 
