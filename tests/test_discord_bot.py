@@ -1150,16 +1150,21 @@ async def test_webhooks_are_remembered_for_the_channels_used_last_only(env: Env)
     identities = Identities(remembered=2)
     persona = Persona(id="hermes", name="Hermes 2", system_prompt="You are Hermes.")
 
-    async def outlet_in(channel: Channel) -> None:
-        await identities.outlet(env.app.bot.get_channel(channel.id), persona)  # type: ignore[union-attr, arg-type]
+    async def outlet_in(channel: Channel):  # type: ignore[no-untyped-def]
+        return await identities.outlet(env.app.bot.get_channel(channel.id), persona)  # type: ignore[union-attr, arg-type]
 
     def lookups(channel: Channel) -> int:
         return sum(r.path.endswith(f"/channels/{channel.id}/webhooks") for r in env.fake.requests_to(
             "GET", "/channels/{channel_id}/webhooks"))
 
-    for channel in channels:
+    first = await outlet_in(channels[0])  # a reply holds this outlet while the others come and go
+    for channel in channels[1:]:
         await outlet_in(channel)
     await outlet_in(channels[2])  # remembered
     await outlet_in(channels[0])  # forgotten for the two used after it
     assert [lookups(c) for c in channels] == [2, 1, 1]
     assert len(env.fake.requests_to("POST", "/channels/{channel_id}/webhooks")) == 3  # one webhook each, reused
+    # A moderator deletes that webhook: the reply holding the first lookup's object must make it forgotten,
+    # though the registry now holds another object for it (looked up again), or every reply would reuse it.
+    await identities.replace(first, env.app.bot.get_channel(channels[0].id), persona)  # type: ignore[union-attr, arg-type]
+    assert lookups(channels[0]) == 3

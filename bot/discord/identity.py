@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 import time
+import weakref
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -139,7 +140,8 @@ class Identities:
     def __init__(self, remembered: int = CHANNELS_REMEMBERED) -> None:
         self._webhooks: LRU[int, discord.Webhook] = LRU(remembered)
         self._denied: LRU[int, float] = LRU(remembered)  # channel id -> when webhooks were refused
-        self._locks: LRU[int, asyncio.Lock] = LRU(remembered)
+        # A channel's lock lives while someone holds or awaits it: an LRU could drop one in use.
+        self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def outlet(self, channel: discord.abc.Messageable, persona: Persona) -> PersonaOutlet:
         thread = channel if isinstance(channel, discord.Thread) else None
@@ -156,7 +158,8 @@ class Identities:
         other reply replaced it already) and find or create another."""
         if isinstance(gone, WebhookOutlet):
             channel_id = gone.webhook.channel_id
-            if channel_id is not None and self._webhooks.get(channel_id) is gone.webhook:
+            current = self._webhooks.get(channel_id) if channel_id is not None else None
+            if current is not None and current.id == gone.webhook.id:  # by id: a lookup after eviction is a new object
                 del self._webhooks[channel_id]
         return await self.outlet(channel, persona)
 
