@@ -53,8 +53,8 @@ def _alias(name: str) -> AliasChoices:
 class Settings(BaseSettings):
     """All runtime configuration. Field aliases are the public setting names."""
 
-    # env_ignore_empty: `HERMES_SHARD_COUNT=` (an .env.example line uncommented) means the default, as an empty
-    # text setting always did, rather than "not a valid integer"; `DISCORD_TOKEN=` stays "not set".
+    # env_ignore_empty: `HERMES_SHARD_COUNT=` (an .env.example line uncommented) counts as not set there (the next
+    # source or the default applies) rather than "not a valid integer"; `DISCORD_TOKEN=` stays "not set".
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True, env_ignore_empty=True
     )
@@ -243,9 +243,10 @@ class Settings(BaseSettings):
         percent-decoded (the form clients send, and may print, once they have parsed the URL)."""
         found = [s.get_secret_value() for s in (self.discord_token, self.openai_api_key) if s is not None]
         for url in (self.openai_base_url, self.database_url, self.queue_url):
-            # A password that is its user's name (compose's default hermes:hermes) is shown with the user anyway;
-            # redacting it would only hide that word (a persona's name) everywhere else.
-            if url and (match := _URL_PASSWORD.search(url)) and match[2] != match[1].removeprefix("://"):
+            # Redacted wherever it appears only when long enough to mean nothing else: "hermes" (compose's
+            # default) or "0" would blank a persona's name or every zero. In a URL any password is masked
+            # (logging_setup's URL pattern).
+            if url and (match := _URL_PASSWORD.search(url)) and len(match[2]) >= MIN_REDACTED_PASSWORD:
                 found.extend({match[2], unquote(match[2])})
         return [s for s in found if s]
 
@@ -286,7 +287,7 @@ class _CheckedDotEnv(DotEnvSettingsSource):
                 problems.append(f"{file_path}: unknown setting {binding.key}{_did_you_mean(name, known)}")
             elif name in first_line:
                 problems.append(f"{file_path}:{line}: duplicate setting {binding.key} (first on line {first_line[name]})")
-            elif name in known:
+            elif name in known and binding.value:  # an empty line from .env.example may be filled in further down
                 first_line[name] = line
         if problems:
             raise SettingsError(problems)
@@ -389,6 +390,7 @@ _SECRET_SETTINGS = {"DISCORD_TOKEN", "HERMES_OPENAI_API_KEY"}
 
 # A URL's user and password; greedy up to the last "@", as a password may hold "/" or "@" (base64 secrets do).
 _URL_PASSWORD = re.compile(r"(://[^/@:]*):(.*)@")
+MIN_REDACTED_PASSWORD = 8
 
 
 def without_password(value: Any) -> Any:

@@ -31,6 +31,7 @@ REDACTED = "[REDACTED]"
 TOKEN_PATTERNS = (
     re.compile(r"(/(?:webhooks|interactions)/\d+/)[^/?#\s'\"]+"),
     re.compile(r"""((["'])token\2\s*:\s*["'])[^"']+"""),
+    re.compile(r"(://[^/@:\s'\"]*:)[^@/\s'\"]+(?=@)"),  # any URL's password, however short (secrets() skips those)
 )
 
 # Immutable (a tuple of pairs), so a task can never change the ids its parent logs with.

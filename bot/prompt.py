@@ -2,7 +2,8 @@
 
 The model sees ChatML through the tokenizer's own chat template. Three rules keep it honest:
 - untrusted text (users, stored model output) never becomes control tokens: token ids are made with
-  `apply_chat_template(..., sanitize_control_tokens=True)`, and text sent to remote servers is defanged;
+  `apply_chat_template(..., sanitize_control_tokens=True)`, and look-alikes of control tokens are defanged for
+  both engines (a remote server tokenizes text itself; a template may write its markers as plain text);
 - with several people in a conversation every user line carries its speaker's display name, and the
   persona is stopped when it starts writing another participant's line;
 - the prompt fits the context minus the reply's max tokens: the oldest turns go first, the system

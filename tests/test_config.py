@@ -203,12 +203,13 @@ def test_a_settings_file_that_cannot_be_read_is_one_line(
 
 
 def test_url_passwords_are_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The log filter redacts what secrets() lists: a password whole (even with "/" or "@" in it), also decoded;
-    a URL without one, or with its user's name for one (compose's default), adds nothing."""
+    """The log filter redacts what secrets() lists wherever it appears: a password whole (even with "/" or "@"
+    in it), also decoded. A short one ("r3dis", compose's "hermes") would blank ordinary words and numbers
+    everywhere: it is masked inside URLs only (test_logging)."""
     monkeypatch.setenv("HERMES_OPENAI_BASE_URL", "http://proxy-user@proxy:8080/v1")
     monkeypatch.setenv("HERMES_DATABASE_URL", "postgresql+asyncpg://hermes:s3c/r@t%40pw@db:5432/hermes")
     monkeypatch.setenv("HERMES_QUEUE_URL", "redis://:r3dis@redis:6379/0")
-    assert sorted(load_settings(discord_token="tok").secrets()) == ["r3dis", "s3c/r@t%40pw", "s3c/r@t@pw", "tok"]
+    assert sorted(load_settings(discord_token="tok").secrets()) == ["s3c/r@t%40pw", "s3c/r@t@pw", "tok"]
     default = "postgresql+asyncpg://hermes:hermes@postgres:5432/hermes"
     assert load_settings(database_url=default, queue_url="memory://").secrets() == []
 
@@ -236,6 +237,13 @@ def test_an_unknown_name_in_dotenv_is_named_as_in_hermes_yaml(tmp_path: Path) ->
     ]
     (tmp_path / ".env").write_text("POSTGRES_PASSWORD=pw\nTORCH_CUDA=cu128\nhermes_model=lowercase-works\n")
     assert load_settings().model == "lowercase-works"
+
+
+def test_an_empty_line_from_env_example_may_be_filled_in_further_down(tmp_path: Path) -> None:
+    """`cp .env.example .env` then appending the token: the template's `DISCORD_TOKEN=` is no first value."""
+    (tmp_path / ".env").write_text("DISCORD_TOKEN=\nHERMES_LOG_LEVEL=INFO\nDISCORD_TOKEN=abc.def\n")
+    token = load_settings().discord_token
+    assert token is not None and token.get_secret_value() == "abc.def"
 
 
 def test_a_setting_given_twice_in_dotenv_is_an_error(tmp_path: Path) -> None:

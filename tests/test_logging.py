@@ -151,6 +151,19 @@ def test_a_password_in_any_url_setting_is_redacted() -> None:
     assert out.count(REDACTED) == 4
 
 
+def test_a_short_url_password_is_masked_in_urls_and_nowhere_else() -> None:
+    """Redacted everywhere, a password of "0" blanked every zero ("job 123[REDACTED]") and compose's "hermes"
+    every persona named Hermes."""
+    settings = Settings(queue_url="redis://:0@redis:6379/0",
+                        database_url="postgresql+asyncpg://postgres:hermes@db/hermes")
+    with logging_to_buffer(settings) as buffer:
+        logging.getLogger("bot").info("job 1230 took 0.50 s for persona hermes")
+        logging.getLogger("bot").info("cannot reach redis://:0@redis:6379/0 or postgresql+asyncpg://postgres:hermes@db/x")
+    out = buffer.getvalue()
+    assert "job 1230 took 0.50 s for persona hermes" in out
+    assert f"redis://:{REDACTED}@redis:6379/0 or postgresql+asyncpg://postgres:{REDACTED}@db/x" in out
+
+
 def test_a_token_field_in_json_text_is_redacted(stream: io.StringIO) -> None:
     """discord.py logs a body as text when its content type is not exactly application/json."""
     body = '{"id": "1576", "type": 1, "token": "2ilskj8GeheZSWb1yOOPT8sZ", "name": "hermes-personas"}'
