@@ -10,7 +10,7 @@ import logging
 import re
 import time
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -50,17 +50,26 @@ class Sampling(BaseModel):
     max_new_tokens: int = Field(400, ge=1, le=8192)
 
 
-# Control characters (Unicode Cc) other than tab and newline: a NUL cannot be stored in PostgreSQL text, and
-# escape sequences printed by `personas list` would drive the operator's terminal (title, clipboard). Lone
-# surrogates (a card's JSON may escape one, "\ud800") cannot be written as UTF-8 at all.
-CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+# Control characters (Unicode Cc) other than tab, newline and carriage return: a NUL cannot be stored in
+# PostgreSQL text, and escape sequences printed by `personas list` would drive the operator's terminal (title,
+# clipboard). Lone surrogates (a card's JSON may escape one, "\ud800") cannot be written as UTF-8 at all.
+CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+SURROGATES = re.compile("[\ud800-\udfff]")
 LINE_BREAKS = re.compile("[\n\t\u2028\u2029]")
 
 
+def without_controls(text: str) -> str:
+    """`text` without control characters (tab, newline and carriage return stay) or lone surrogates. An emoji
+    written as a surrogate pair ("\ud83d\ude00", as JSON escapes it and YAML keeps it) is joined, not lost."""
+    if SURROGATES.search(text):
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
+    return CONTROL_CHARS.sub("", text)
+
+
 def plain_text(text: str) -> str:
-    r"""`text` without control characters or lone surrogates; `\r\n` and a lone `\r` become `\n`. Format characters (Cf) stay:
-    the zero-width joiner inside an emoji sequence, the direction marks of a right-to-left name."""
-    return CONTROL_CHARS.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+    r"""`without_controls`, and `\r\n` and a lone `\r` become `\n`. Format characters (Cf) stay: the zero-width
+    joiner inside an emoji sequence, the direction marks of a right-to-left name."""
+    return without_controls(text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
 def one_line(text: str) -> str:
@@ -69,17 +78,15 @@ def one_line(text: str) -> str:
     return LINE_BREAKS.sub(" ", plain_text(text)).strip()
 
 
-def _plain(value: Any) -> Any:
-    return plain_text(value) if isinstance(value, str) else value
+def _cleaned(clean: Callable[[str], str]) -> BeforeValidator:
+    return BeforeValidator(lambda value: clean(value) if isinstance(value, str) else value)
 
 
-def _one_line(value: Any) -> Any:
-    return one_line(value) if isinstance(value, str) else value
-
-
-# Cleaned before the length checks, so a value of control characters only is an empty one.
-Text = Annotated[str, BeforeValidator(_plain)]
-OneLine = Annotated[str, BeforeValidator(_one_line)]
+# Cleaned before the length checks, so a value of control characters only is an empty one. A stop string keeps
+# its "\r": a model that writes CRLF line ends must still match "\r\nUser:".
+Text = Annotated[str, _cleaned(plain_text)]
+OneLine = Annotated[str, _cleaned(one_line)]
+StopText = Annotated[str, _cleaned(without_controls)]
 
 
 class ExampleTurn(BaseModel):
@@ -98,6 +105,7 @@ def _without_blank_entries(value: list[str]) -> list[str]:
 
 
 NonBlankStrings = Annotated[list[Text], AfterValidator(_without_blank_entries)]
+StopStrings = Annotated[list[StopText], AfterValidator(_without_blank_entries)]
 
 # Scripts that run words together (Chinese, Japanese, Thai) or attach particles to them (Korean): a lore key
 # written in them has no word boundary around it in a sentence.
@@ -144,7 +152,7 @@ class Persona(BaseModel):
     greeting: Text | None = None
     examples: list[ExampleTurn] = Field(default_factory=list)
     sampling: Sampling = Field(default_factory=Sampling)
-    stop: NonBlankStrings = Field(default_factory=list)
+    stop: StopStrings = Field(default_factory=list)
     wake_words: NonBlankStrings = Field(default_factory=list)
     lore: list[LoreEntry] = Field(default_factory=list)
     # Read right before the newest turn of every reply (SillyTavern's post-history instructions): rules

@@ -318,3 +318,17 @@ def test_a_file_that_cannot_be_read_is_named_once(tmp_path: Path) -> None:
     with pytest.raises(PersonaError) as raised:
         load_persona_file(path)
     assert str(raised.value) == f"{path}: cannot read: No such file or directory"
+
+
+def test_an_emoji_escaped_as_a_surrogate_pair_is_kept(tmp_path: Path) -> None:
+    """YAML keeps "\\ud83d\\ude00" (text copied from JSON) as two lone surrogates: both were dropped."""
+    path = write(tmp_path, 'name: "Sparkle \\ud83d\\ude00"\nsystem_prompt: "You love \\ud83d\\ude00 and \\ud800."\n',
+                 "sparkle.yaml")
+    persona = load_persona_file(path)
+    assert persona.name == "Sparkle 😀" and persona.system_prompt == "You love 😀 and ."
+
+
+def test_a_stop_string_keeps_its_carriage_return(tmp_path: Path) -> None:
+    """A model writing CRLF line ends must still be stopped by the persona's "\\r\\n\\r\\nUser:"."""
+    path = write(tmp_path, 'name: X\nsystem_prompt: hi\nstop: ["\\r\\n\\r\\nUser:", "a\\u0007b"]\n', "x.yaml")
+    assert load_persona_file(path).stop == ["\r\n\r\nUser:", "ab"]
