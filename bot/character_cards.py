@@ -133,7 +133,7 @@ def _png_card_chunks(path: Path, raw: bytes) -> dict[str, tuple[bytes, bytes]]:
     """The first text chunk (`tEXt`, `zTXt`, `iTXt`) of each keyword in CARD_CHUNKS, as its type and value;
     SillyTavern too reads the first. None is inflated here, and other chunks never are: a small PNG can hold
     many that each inflate to MAX_CARD_TEXT. A card is read inflating one chunk at a time, two at most.
-    A file cut short before its card chunks is said to be so (its card text would not decode)."""
+    A file cut short before its card chunks is said to be so (its card text would not decode, or be missing)."""
     found: dict[str, tuple[bytes, bytes]] = {}
     offset = len(PNG_SIGNATURE)
     while offset + 8 <= len(raw):
@@ -141,14 +141,16 @@ def _png_card_chunks(path: Path, raw: bytes) -> dict[str, tuple[bytes, bytes]]:
         body = raw[offset + 8 : offset + 8 + length]
         offset += 12 + length
         if len(body) < length:
-            if found:
-                break
-            raise CardError(path, "the PNG is cut short (a chunk runs past the end of the file); download it again")
+            break
+        if kind == b"IEND":
+            return found
         if kind not in TEXT_CHUNKS or b"\x00" not in body:
             continue
         keyword, value = body.split(b"\x00", 1)
         if (name := keyword.decode("latin-1").lower()) in CARD_CHUNKS:
             found.setdefault(name, (kind, value))
+    if not found:  # no IEND: the file stops early, maybe right before its card
+        raise CardError(path, "the PNG is cut short (it ends before its last chunk); download it again")
     return found
 
 
@@ -177,7 +179,8 @@ def _inflate(path: Path, keyword: str, data: bytes) -> bytes:
 def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:
     """Persona fields (as a persona YAML file holds them) for a card's fields. A V3 card's `nickname`,
     what the character is called in chat, is the persona's name and its `{{char}}` (the spec's rule)."""
-    name = one_line(str(card.get("nickname") or "")) or one_line(str(card["name"]))
+    nickname = card.get("nickname")  # text only: a list or mapping would become the name "['Mira']"
+    name = (one_line(nickname) if isinstance(nickname, str) else "") or one_line(card["name"])
 
     def plain(field: str, user: str = "the user") -> str:
         return _fill(plain_text(str(card.get(field) or "")).strip(), name, user)

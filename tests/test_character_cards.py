@@ -218,6 +218,9 @@ def test_a_name_that_is_not_text_is_a_card_error(
     assert main(["personas", "import", str(card)]) == 2
     assert "list.json: not a character card: its name is not text (got list)" in capsys.readouterr().err
     assert not personas_dir.exists()
+    card.write_text('{"name": "Mira Vance", "nickname": ["Mira", "Cap"], "description": "x"}')  # V3's nickname
+    assert main(["personas", "import", str(card)]) == 0
+    assert PersonaRegistry.load(personas_dir).get("mira_vance").name == "Mira Vance"
 
 
 def test_a_lone_surrogate_in_a_card_is_dropped(tmp_path: Path, personas_dir: Path) -> None:
@@ -460,8 +463,11 @@ def test_a_card_file_name_cannot_write_yaml_keys(tmp_path: Path, personas_dir: P
 
 def test_a_png_cut_short_says_so(tmp_path: Path, personas_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A download that stopped early: it said the card chunk was "not base64 JSON (Incorrect padding)"."""
+    whole = (REAL_CARDS / "baseline_v3_small.png").read_bytes()
+    chara = whole.index(b"tEXtchara") - 4  # where the card's chunk begins: a cut there leaves whole chunks only
     cut = tmp_path / "cut.png"
-    cut.write_bytes((REAL_CARDS / "baseline_v3_small.png").read_bytes()[:300])
-    assert main(["personas", "import", str(cut)]) == 2
-    assert f"{cut}: the PNG is cut short (a chunk runs past the end of the file)" in capsys.readouterr().err
+    for size in (300, chara, chara + 5):  # inside the card chunk, at a chunk boundary, inside its header
+        cut.write_bytes(whole[:size])
+        assert main(["personas", "import", str(cut)]) == 2
+        assert f"{cut}: the PNG is cut short (it ends before its last chunk)" in capsys.readouterr().err
     assert not personas_dir.exists()
