@@ -537,7 +537,7 @@ async def test_a_forwarded_persona_message_is_not_a_reply_to_it(env: Env) -> Non
 
 
 async def test_a_forwarded_message_reads_mentions_as_names(env: Env) -> None:
-    """Discord resolves no mentions in a forward's snapshot: raw ids would reach the model, which reads
+    """discord.py reads no mentions from a forward's snapshot: raw ids would reach the model, which reads
     names everywhere else (and could repeat an id as a mention). Without the members intent the bot
     knows no member's name, so a user is "@someone"."""
     w = env.world

@@ -447,7 +447,8 @@ _RAW_MENTION = re.compile(r"<(@!?|@&|#)(\d+)>")
 
 def _readable_mentions(text: str, guild: discord.Guild | None) -> str:
     """A forward's raw `<@id>`, `<@&id>`, `<#id>` as names, the way `clean_content` shows a typed message:
-    Discord resolves no mentions in a forwarded snapshot, and the model should read names, not ids."""
+    discord.py 2.7 reads no mentions from a forwarded snapshot, and the model should read names, not ids.
+    Without the members intent a user is "@someone"; a channel of another server "#channel"."""
     def name(match: re.Match[str]) -> str:
         kind, snowflake = match[1], int(match[2])
         if kind == "#":
