@@ -69,6 +69,7 @@ RETRY_DELAYS_S = (0.05, 0.5, 2.0)
 # the job stays queued and its worker goes on, so giving up at once would lose a reply in progress.
 STREAM_OUTAGE_S = 30.0
 STREAM_RETRY_S = 1.0
+OLD_DEAD_LETTERS = 10_000  # the most dead letters the older format kept (MAXLEN ~ 10000)
 # A per-job connection left idle this long is closed: replies streaming at once take one each.
 IDLE_CONNECTION_S = 60.0
 
@@ -384,7 +385,18 @@ class RedisStreamsQueue(JobQueue):
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        await self._erase_dead_letters_with_messages()
         self._group_ready = True
+
+    async def _erase_dead_letters_with_messages(self) -> None:
+        """Dead letters from before they were kept without the conversation hold its messages (users' text
+        that /forget-me cannot reach there): each worker erases them once at start, also those an older
+        worker wrote during a rolling upgrade before it was replaced."""
+        dead = f"{self._p}:dead"
+        old = [entry_id for entry_id, fields in await self._redis.xrange(dead, count=OLD_DEAD_LETTERS) if "job" in fields]
+        if old:
+            await self._redis.xdel(dead, *old)
+            log.info("erased %d dead letters that held their conversation's messages", len(old))
 
     async def _reclaim(self, max_jobs: int) -> list[tuple[str, dict[str, str]]]:
         """Jobs whose worker stopped heartbeating (or released them), at most every claim_idle/4;
