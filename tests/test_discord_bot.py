@@ -1074,7 +1074,12 @@ async def test_forget_me_erases_what_the_user_wrote_everywhere(env: Env) -> None
     await env.fake.send_message(w.thread, w.bob, f"{mention(env)} bob was here")
     await persona_reply(env, w.thread, "Noted too.")
     await env.fake.send_message(w.thread, w.alice, "and another thing")
-    await eventually(lambda: _last_is(env, "and another thing", ConversationKey(w.guild.id, w.general.id, w.thread.id)))
+    thread_key = ConversationKey(w.guild.id, w.general.id, w.thread.id)
+
+    async def stored() -> bool:  # the reply is stored just after it is shown: it may come after her line
+        return {"and another thing", "Noted too."} <= {m.content for m in await env.store.window(thread_key, 10)}
+
+    await eventually(stored)
     answer = await slash(env, "forget-me", user=w.alice)
     assert "erased 2 messages of yours" in answer
     channel = await env.store.window(ConversationKey(w.guild.id, w.general.id), 10)
