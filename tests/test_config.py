@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from bot.cli import main
-from bot.config import SettingsError, load_settings
+from bot.config import SettingsError, load_settings, without_password
 
 CONTRACT = {
     "DISCORD_TOKEN", "HERMES_DATABASE_URL", "HERMES_QUEUE_URL", "HERMES_ENGINE", "HERMES_MODEL",
@@ -157,22 +157,31 @@ def test_run_without_token_explains_and_points_to_chat(capsys: pytest.CaptureFix
     assert "DISCORD_TOKEN is not set" in err and "hermes-bot chat" in err
 
 
-@pytest.mark.parametrize(("url", "problem"), [
-    ("sqlite+aiosqlite://data/hermes.db", "a SQLite URL names a file after three slashes"),
-    ("sqlite+aiosqlite:///:memory:", "names no file"),
-    ("sqlite+aiosqlite:///", "names no file"),
-    ("sqlite+aiosqlite:///file::memory:?cache=shared&uri=true", "names no file"),
-    ("postgresql+asyncpg://hermes:pw@db:notaport/hermes", "the port after host: must be a number"),
-    ("postgresql+asyncpg://hermes:pw@db:99999/hermes", "port 99999 is not a TCP port (1-65535)"),
+NO_HTTP_URL = "must be an http:// or https:// URL with a host"
+
+
+@pytest.mark.parametrize(("name", "url", "problem"), [
+    ("HERMES_DATABASE_URL", "sqlite+aiosqlite://data/hermes.db", "a SQLite URL names a file after three slashes"),
+    ("HERMES_DATABASE_URL", "sqlite+aiosqlite:///:memory:", "names no file"),
+    ("HERMES_DATABASE_URL", "sqlite+aiosqlite:///", "names no file"),
+    ("HERMES_DATABASE_URL", "sqlite+aiosqlite:///file::memory:?cache=shared&uri=true", "names no file"),
+    ("HERMES_DATABASE_URL", "postgresql+asyncpg://hermes:pw@db:notaport/hermes", "the port after host: must be a number"),
+    ("HERMES_DATABASE_URL", "postgresql+asyncpg://hermes:pw@db:99999/hermes", "port 99999 is not a TCP port (1-65535)"),
+    # `localhost:1234` was accepted, then every request failed: "cannot reach ... at localhost:1234/chat/completions".
+    ("HERMES_OPENAI_BASE_URL", "localhost:1234", NO_HTTP_URL),
+    ("HERMES_OPENAI_BASE_URL", "localhost:1234/v1", NO_HTTP_URL),
+    ("HERMES_OPENAI_BASE_URL", "ftp://host/v1", NO_HTTP_URL),
+    ("HERMES_OPENAI_BASE_URL", "http:///v1", NO_HTTP_URL),
 ])
-def test_a_database_url_no_driver_can_use_is_refused_at_load(
-    monkeypatch: pytest.MonkeyPatch, url: str, problem: str
+def test_a_url_no_client_can_use_is_refused_at_load(
+    monkeypatch: pytest.MonkeyPatch, name: str, url: str, problem: str
 ) -> None:
-    monkeypatch.setenv("HERMES_DATABASE_URL", url)
+    monkeypatch.setenv(name, url)
     with pytest.raises(SettingsError) as raised:
         load_settings()
     [line] = raised.value.lines
-    assert line.startswith(f"invalid setting HERMES_DATABASE_URL: {problem}"), line
+    assert line.startswith(f"invalid setting {name}: {problem}"), line
+    assert line.endswith(f"(got {without_password(url)!r})"), line
 
 
 @pytest.mark.parametrize("name", ["hermes.yaml", ".env"])
@@ -283,23 +292,6 @@ def test_an_empty_value_means_the_default(
     monkeypatch.setenv("DISCORD_TOKEN", "")
     assert main(["run"]) == 2
     assert "DISCORD_TOKEN is not set" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(("url", "problem"), [
-    ("localhost:1234", "must be an http:// or https:// URL with a host"),
-    ("localhost:1234/v1", "must be an http:// or https:// URL with a host"),
-    ("ftp://host/v1", "must be an http:// or https:// URL with a host"),
-    ("http:///v1", "must be an http:// or https:// URL with a host"),
-])
-def test_an_openai_base_url_without_scheme_or_host_is_refused_at_load(
-    monkeypatch: pytest.MonkeyPatch, url: str, problem: str
-) -> None:
-    """`localhost:1234` was accepted, then every request failed: "cannot reach ... at localhost:1234/chat/completions"."""
-    monkeypatch.setenv("HERMES_OPENAI_BASE_URL", url)
-    with pytest.raises(SettingsError) as raised:
-        load_settings()
-    [line] = raised.value.lines
-    assert line.startswith(f"invalid setting HERMES_OPENAI_BASE_URL: {problem}") and line.endswith(f"(got {url!r})")
 
 
 @pytest.mark.parametrize("url", ["http://localhost:1234/v1", "https://api.example.com/v1", "http://u:p@[::1]:8080"])
