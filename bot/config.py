@@ -333,7 +333,7 @@ class _YamlSource(PydanticBaseSettingsSource):
         unknown = [str(key) for key in data if str(key) not in {*public, *Settings.model_fields}]
         if unknown:
             raise SettingsError([f"{self.path}: unknown setting {key}{_did_you_mean(key, public)}" for key in unknown])
-        # An empty value means the default, as in the environment and .env (env_ignore_empty).
+        # An empty value counts as not set, as in the environment and .env (env_ignore_empty): the default applies.
         return {str(key): value for key, value in data.items() if value not in (None, "")}
 
 
