@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     queue_max_per_conversation: int = Field(
         2, ge=1, validation_alias=_alias("HERMES_QUEUE_MAX_PER_CONVERSATION")
     )
+    queue_max_per_user: int = Field(3, ge=1, validation_alias=_alias("HERMES_QUEUE_MAX_PER_USER"))
     queue_supersede: bool = Field(
         False, validation_alias=_alias("HERMES_QUEUE_SUPERSEDE")
     )

@@ -7,25 +7,60 @@ store the user turn -> load the history window -> persona messages + stops -> Ge
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from bot.config import Settings
 from bot.personas import Persona, PersonaRegistry
 from bot.prompt import ChatTurn, build_messages, stop_strings
-from bot.queue.base import JobQueue
+from bot.queue.base import JobQueue, QueueBusy
 from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
 from bot.store.keys import ConversationKey
 from bot.store.repository import ConversationStore, StoredMessage
 
 
+class UserShares:
+    """Replies on the way (waiting or being written) per user who asked, over every conversation.
+
+    The queue's per-conversation share keeps one channel from filling the line; one person writing in
+    many threads or DMs could still fill it for everyone, so each user gets `limit` places at a time.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: Counter[int] = Counter()
+
+    def take(self, user: int | None) -> Callable[[], None]:
+        """Hold a place for one more reply to `user` (None: nobody's, e.g. a persona handing off); raises
+        QueueBusy when they hold `limit`. The result gives the place back; calling it again does nothing."""
+        if user is None:
+            return lambda: None
+        if self._held[user] >= self.limit:
+            raise QueueBusy(self._held[user], "user", self.limit)
+        self._held[user] += 1
+        given_back = False
+
+        def give_back() -> None:
+            nonlocal given_back
+            if not given_back:
+                given_back = True
+                self._held[user] -= 1
+                if not self._held[user]:
+                    del self._held[user]
+
+        return give_back
+
+
 @dataclass
 class PendingReply:
-    """A submitted job: its place in line, its event stream, and a way to stop it."""
+    """A submitted job: its place in line, its event stream, a way to stop it, and `finished` to call
+    when its reply has ended (it gives the asker's place back)."""
 
     job: GenerationJob
     position: int
     queue: JobQueue
+    finished: Callable[[], None] = lambda: None
 
     async def events(self) -> AsyncIterator[TextDelta | Done | ErrorEvent]:
         async for _event_id, event in self.queue.stream(self.job.job_id):
@@ -53,6 +88,7 @@ class ChatService:
         self.store = store
         self.queue = queue
         self.personas = personas
+        self.shares = UserShares(settings.queue_max_per_user)
 
     async def record_user_turn(
         self,
@@ -89,14 +125,20 @@ class ChatService:
             deadline=time.time() + self.settings.job_timeout_s,
         )
 
-    async def start_reply(self, key: ConversationKey, persona: Persona) -> PendingReply:
-        """Submit a reply job; raises QueueBusy when the queue (or this conversation's share) is full.
+    async def start_reply(self, key: ConversationKey, persona: Persona, *, asker: int | None = None) -> PendingReply:
+        """Submit a reply job; raises QueueBusy when the queue, this conversation's share or the share of
+        `asker` (the user whose message or command it answers) is full.
 
         With HERMES_QUEUE_SUPERSEDE the new job replaces the conversation's older waiting ones instead.
         """
-        job = await self.build_job(key, persona)
-        position = await self.queue.submit(job, supersede=self.settings.queue_supersede)
-        return PendingReply(job=job, position=position, queue=self.queue)
+        give_back = self.shares.take(asker)
+        try:
+            job = await self.build_job(key, persona)
+            position = await self.queue.submit(job, supersede=self.settings.queue_supersede)
+        except BaseException:
+            give_back()
+            raise
+        return PendingReply(job=job, position=position, queue=self.queue, finished=give_back)
 
     async def store_reply(
         self, key: ConversationKey, persona: Persona, text: str, message_ids: Sequence[int] = ()

@@ -67,3 +67,33 @@ async def test_conversation_share_is_busy_unless_superseding(store: Conversation
     events = [event async for event in first.events()]
     assert isinstance(events[-1], Done) and events[-1].finish_reason == "superseded"
     assert await newest_wins.queue.position(second.job.job_id) == 1
+
+
+async def test_one_user_holds_a_limited_share_over_every_conversation(store: ConversationStore) -> None:
+    """One person asking in many threads cannot fill the line: past HERMES_QUEUE_MAX_PER_USER replies on the
+    way they are busy, others are not, and a place is free again once one of their replies has ended."""
+    chat = service(store, queue_max_per_user=2)
+    persona = chat.personas.get("hermes")
+    keys = [ConversationKey(guild_id=1, channel_id=100 + i) for i in range(6)]
+    first = await chat.start_reply(keys[0], persona, asker=7)
+    await chat.start_reply(keys[1], persona, asker=7)
+    with pytest.raises(QueueBusy) as refused:
+        await chat.start_reply(keys[2], persona, asker=7)
+    assert "You already have 2 replies on the way (limit 2)" in str(refused.value)
+    assert await chat.queue.depth() == 2  # the refused one was never queued
+    await chat.start_reply(keys[2], persona, asker=8)  # another user
+    await chat.start_reply(keys[3], persona)  # nobody's (a persona handing off)
+    first.finished()
+    first.finished()  # twice gives back one place only
+    await chat.start_reply(keys[4], persona, asker=7)
+    with pytest.raises(QueueBusy):
+        await chat.start_reply(keys[5], persona, asker=7)
+
+
+async def test_a_reply_that_is_not_queued_gives_its_place_back(store: ConversationStore) -> None:
+    chat = service(store, queue_max_per_user=1)
+    persona = chat.personas.get("hermes")
+    await chat.start_reply(KEY, persona, asker=1)
+    with pytest.raises(QueueBusy, match="This conversation"):  # the conversation's share is full
+        await chat.start_reply(KEY, persona, asker=2)
+    await chat.start_reply(ConversationKey(guild_id=1, channel_id=9), persona, asker=2)  # user 2 kept their place

@@ -825,6 +825,30 @@ async def test_queue_full_gets_a_friendly_message(
         assert [m.content for m in fake_discord.bot_messages(dm)] == [busy.content]
 
 
+async def test_one_user_asking_in_many_channels_gets_a_share_of_the_line(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
+) -> None:
+    """Past HERMES_QUEUE_MAX_PER_USER replies on the way, a user's next message elsewhere gets a notice,
+    another user is answered, and the first user is answered again once their reply has ended."""
+    w = discord_world
+    settings = make_settings(fake_discord, llm, tmp_path, queue_max_per_user=1)
+    async with BotApp(settings, guild_ready_timeout=0.1) as app:
+        env = Env(fake_discord, w, llm, app)
+        llm.script(Reply("slow answer for alice", chunk_chars=2, delay_s=0.1), Reply("for bob"), Reply("alice again"))
+        await fake_discord.send_message(w.general, w.alice, f"{mention(env)} one")
+        await fake_discord.wait_for(lambda: llm.requests, what="alice's first job in generation")
+        await fake_discord.send_message(w.thread, w.alice, f"{mention(env)} two")
+        busy = await fake_discord.wait_for_message(w.thread, lambda m: "on the way" in m.content, timeout=10)
+        assert "You already have 1 reply on the way (limit 1)" in busy.content
+        await fake_discord.send_message(w.thread, w.bob, f"{mention(env)} three")
+        await persona_reply(env, w.thread, "for bob")
+        await persona_reply(env, w.general, "slow answer for alice")
+        await eventually(lambda: _last_is(env, "slow answer for alice"))  # stored: that reply has ended
+        await fake_discord.send_message(w.thread, w.alice, f"{mention(env)} four")
+        await persona_reply(env, w.thread, "alice again")
+        assert len(llm.requests) == 3  # "two" never reached the model
+
+
 async def test_a_notice_discord_refuses_is_logged_not_raised(
     fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,

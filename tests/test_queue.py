@@ -472,6 +472,7 @@ def test_busy_text_counts_in_words() -> None:
     assert "1 reply is already waiting" in str(QueueBusy(1, "queue", 1))
     assert "3 replies are already waiting" in str(QueueBusy(3, "queue", 3))
     assert "already has 2 replies on the way (limit 2)" in str(QueueBusy(2, "conversation", 2))
+    assert str(QueueBusy(1, "user", 1)).startswith("You already have 1 reply on the way (limit 1).")
 
 
 async def test_cli_lists_dead_letters_from_redis(

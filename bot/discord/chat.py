@@ -152,7 +152,7 @@ class ChatCog(commands.Cog):
                 await self.chat.store.delete_message(message.id)
                 return
         if persona is not None and recorded:  # not recorded: Discord sent this message again; it had its answer
-            await self.reply(message.channel, key, persona)
+            await self.reply(message.channel, key, persona, asker=message.author.id)
 
     @contextlib.asynccontextmanager
     async def _in_arrival_order(self, key: ConversationKey) -> AsyncIterator[None]:
@@ -237,10 +237,12 @@ class ChatCog(commands.Cog):
     # ----- replying -----
 
     async def reply(
-        self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona, *, hand_offs: int | None = None
+        self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona, *,
+        asker: int | None = None, hand_offs: int | None = None,
     ) -> None:
-        """Generate and stream one reply of `persona`; never raises for queue, worker or Discord trouble
-        (a reply started by a command runs in the background, where nobody would see the error).
+        """Generate and stream one reply of `persona` to `asker` (the user whose message or command it
+        answers: it counts in their HERMES_QUEUE_MAX_PER_USER); never raises for queue, worker or Discord
+        trouble (a reply started by a command runs in the background, where nobody would see the error).
 
         A finished reply that starts with another active persona's name or wake word ("Sherlock, what do
         you make of this?") hands the turn to that persona, up to HERMES_PERSONA_HAND_OFFS times in a row.
@@ -251,7 +253,7 @@ class ChatCog(commands.Cog):
         self._in_flight += 1
         self._idle.clear()
         try:
-            text = await self._reply(channel, key, persona)
+            text = await self._reply(channel, key, persona, asker)
             left = self.settings.persona_hand_offs if hand_offs is None else hand_offs
             handing_off = text is not None and left > 0 and self.accepting  # no new reply once shutdown began
             if handing_off and (addressed := await self._addressed_persona(key, persona, text)):
@@ -303,12 +305,14 @@ class ChatCog(commands.Cog):
         active = active_personas(channel, personas, self.settings.default_persona)
         return addressed if addressed.id in active else None
 
-    async def _reply(self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona) -> str | None:
+    async def _reply(
+        self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona, asker: int | None
+    ) -> str | None:
         """Stream one reply; its text when it finished normally and was shown, else None."""
         live = await self._live_reply(channel, persona)
         text, stored = None, False
         try:
-            text, stored = await self._write_reply(channel, key, persona, live)
+            text, stored = await self._write_reply(channel, key, persona, live, asker)
         finally:
             if stored:
                 self.unstored.pop(key, None)
@@ -317,12 +321,13 @@ class ChatCog(commands.Cog):
         return text
 
     async def _write_reply(
-        self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona, live: LiveReply
+        self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona, live: LiveReply,
+        asker: int | None,
     ) -> tuple[str | None, bool]:
         """Generate, show and store one reply through `live`: its text when it finished normally and was
         shown (else None), and whether its text was stored."""
         try:
-            pending = await self.chat.start_reply(key, persona)
+            pending = await self.chat.start_reply(key, persona, asker=asker)
         except QueueBusy as exc:
             metrics.count_error("busy")
             if self._busy_notice_due(key):
@@ -354,6 +359,7 @@ class ChatCog(commands.Cog):
             await pending.cancel()
             ending = FAILED
         finally:
+            pending.finished()
             self.running[key].remove(pending)
             if not self.running[key]:
                 del self.running[key]

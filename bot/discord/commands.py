@@ -321,7 +321,9 @@ class CommandsCog(commands.Cog):
         kept = [message_id for message_id in ids if not await _remove(deleters, message_id)]
         if turn is not None and turn.discord_message_id is not None:
             await self.store.delete_message(turn.discord_message_id)  # erases the whole turn, every part
-        task = asyncio.create_task(self.chat.reply(interaction.channel, key, persona))  # type: ignore[arg-type]
+        task = asyncio.create_task(
+            self.chat.reply(interaction.channel, key, persona, asker=interaction.user.id)  # type: ignore[arg-type]
+        )
         self.chat.background.add(task)
         task.add_done_callback(self.chat.background.discard)
         note = " The old one stays in the channel: removing it needs the Manage Messages permission." if kept else ""

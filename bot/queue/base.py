@@ -49,7 +49,7 @@ def resume_point(events: Iterable[QueueEvent]) -> tuple[str, int]:
 class QueueBusy(Exception):
     """The job was not queued; `str(exc)` can be shown to the user as it is."""
 
-    def __init__(self, depth: int, scope: Literal["queue", "conversation"], limit: int) -> None:
+    def __init__(self, depth: int, scope: Literal["queue", "conversation", "user"], limit: int) -> None:
         self.depth = depth
         self.scope = scope
         self.limit = limit
@@ -58,10 +58,8 @@ class QueueBusy(Exception):
             waiting = "is" if depth == 1 else "are"
             text = f"I'm busy right now: {replies} {waiting} already waiting. Please try again in a moment."
         else:
-            text = (
-                f"This conversation already has {replies} on the way (limit {limit}). "
-                "Please wait for them before asking again."
-            )
+            whose = "This conversation already has" if scope == "conversation" else "You already have"
+            text = f"{whose} {replies} on the way (limit {limit}). Please wait for them before asking again."
         super().__init__(text)
 
 
