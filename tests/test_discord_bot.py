@@ -849,6 +849,29 @@ async def test_one_user_asking_in_many_channels_gets_a_share_of_the_line(
         assert len(llm.requests) == 3  # "two" never reached the model
 
 
+async def test_shutdown_waits_for_a_message_still_being_stored(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message that arrived right before SIGTERM and is still being stored is answered before the bot
+    closes; it was not counted, so the bot closed under it ("Session is closed", no reply)."""
+    w = env.world
+    env.llm.script(Reply("answered before closing"))
+    get_settings, reading = env.store.get_settings, asyncio.Event()
+
+    async def slow_settings(*args: object, **kwargs: object) -> object:
+        reading.set()
+        await asyncio.sleep(0.5)
+        return await get_settings(*args, **kwargs)
+
+    monkeypatch.setattr(env.store, "get_settings", slow_settings)
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} hi, right before a deploy")
+    await asyncio.wait_for(reading.wait(), 10)  # the message is being handled
+    with caplog.at_level(logging.WARNING):
+        await env.app.close()
+    assert [m.content for m in env.fake.bot_messages(w.general)] == ["answered before closing"]
+    assert "Ignoring exception" not in caplog.text
+
+
 async def test_a_notice_discord_refuses_is_logged_not_raised(
     fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,

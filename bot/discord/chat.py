@@ -85,7 +85,8 @@ class ChatCog(commands.Cog):
         self._idle.set()
 
     async def drain(self, grace_s: float) -> bool:
-        """Stop taking messages and wait up to `grace_s` for replies in flight; True when all finished."""
+        """Stop taking messages and wait up to `grace_s` for those being stored and the replies in flight;
+        True when all finished."""
         self.accepting = False
         try:
             async with asyncio.timeout(grace_s):
@@ -104,7 +105,8 @@ class ChatCog(commands.Cog):
             return
         metrics.count_discord_event("message")
         try:
-            await self._handle(message)
+            with self._working():  # from here: shutdown waits for this message to be stored and answered
+                await self._handle(message)
         except StoreUnavailable as exc:
             metrics.count_error("store_unavailable")
             log.warning("database unavailable; message %s not handled: %s", message.id, exc)
@@ -250,20 +252,27 @@ class ChatCog(commands.Cog):
         if not may_speak(channel):
             log.info("not replying in %s: the bot may not send messages there", key)
             return
-        self._in_flight += 1
-        self._idle.clear()
         try:
-            text = await self._reply(channel, key, persona, asker)
-            left = self.settings.persona_hand_offs if hand_offs is None else hand_offs
-            handing_off = text is not None and left > 0 and self.accepting  # no new reply once shutdown began
-            if handing_off and (addressed := await self._addressed_persona(key, persona, text)):
-                await self.reply(channel, key, addressed, hand_offs=left - 1)
+            with self._working():
+                text = await self._reply(channel, key, persona, asker)
+                left = self.settings.persona_hand_offs if hand_offs is None else hand_offs
+                handing_off = text is not None and left > 0 and self.accepting  # no new reply once shutdown began
+                if handing_off and (addressed := await self._addressed_persona(key, persona, text)):
+                    await self.reply(channel, key, addressed, hand_offs=left - 1)
         except DISCORD_FAILURES as exc:  # e.g. Discord refused the busy notice: nothing to show it on
             log.warning("could not deliver a reply or notice in %s: %s", key, exc)
         except StoreUnavailable as exc:
             log.warning("database unavailable; no hand-off in %s: %s", key, exc)
         except QueueUnavailable as exc:  # e.g. cancelling a job after Discord refused its message
             log.warning("queue unavailable in %s: %s", key, exc)
+
+    @contextlib.contextmanager
+    def _working(self) -> Iterator[None]:
+        """Counts as work in flight, which `drain` waits for (nested uses count once each)."""
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
