@@ -872,6 +872,34 @@ async def test_shutdown_waits_for_a_message_still_being_stored(
     assert "Ignoring exception" not in caplog.text
 
 
+async def test_a_reply_whose_message_a_moderator_deletes_stops_being_written(env: Env) -> None:
+    """Its job is cancelled at once: it held a worker slot and the asker's share for the rest of the reply
+    (about 6 s of text here), with a warning per failed edit."""
+    w = env.world
+    env.llm.script(Reply("word " * 300, chunk_chars=5, delay_s=0.02))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} say something")
+    shown = await env.fake.wait_for_message(w.general, lambda m: m.webhook_id is not None)
+    await env.fake.delete_message(shown)
+    assert env.app.bot is not None
+    cog = env.app.bot.get_cog("ChatCog")
+    await eventually(lambda: not cog.running, timeout=3)
+    key = ConversationKey(w.guild.id, w.general.id)
+    assert [m.role for m in await env.store.window(key, 5)] == ["user"]  # the deleted reply stays out of the context
+
+
+async def test_a_reply_to_a_dm_that_closes_stops_being_written(env: Env) -> None:
+    w = env.world
+    env.llm.script(Reply("word " * 300, chunk_chars=5, delay_s=0.02))
+    dm = await env.fake.open_dm(w.alice)
+    await env.fake.send_message(dm, w.alice, "a long story please")
+    await env.fake.wait_for_message(dm, lambda m: m.author.id == env.fake.bot_user.id, timeout=10)
+    env.fake.inject_error("PATCH", "/channels/{channel_id}/messages/{message_id}", status=403, code=50007,
+                          message="Cannot send messages to this user", times=1000)
+    assert env.app.bot is not None
+    cog = env.app.bot.get_cog("ChatCog")
+    await eventually(lambda: not cog.running, timeout=3)
+
+
 async def test_a_notice_discord_refuses_is_logged_not_raised(
     fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,

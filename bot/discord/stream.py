@@ -100,8 +100,9 @@ class LiveReply:
         """Bring Discord closer to `text` without waiting: skip edits that are not due yet. While the
         newest message is not due, nothing is split at all (text arrives far more often than edits).
 
-        A failed update is left for the next show or finish to catch up, except a first message that
-        Discord refuses outright (no permission to post here): that raises, as nothing can be shown."""
+        A failed update is left for the next show or finish to catch up, except a refusal that will not
+        pass (no permission to post, the channel, thread or message gone, DMs closed): that raises, so the
+        reply stops at once instead of being written to the end for nobody."""
         await self._starting_over_if_reopened(self._show, text)
 
     async def _show(self, text: str) -> None:
@@ -116,7 +117,7 @@ class LiveReply:
                 elif chunk != self._shown[index] and self._due_in(index) <= 0:
                     await self._edit(index, chunk)
             except DISCORD_FAILURES as exc:
-                if sending and not self.ids and not _retryable(exc):
+                if not _retryable(exc):
                     raise
                 if sending:
                     self._sends_paused_until = time.monotonic() + self.interval
