@@ -467,15 +467,43 @@ async def test_edits_and_deletes_are_mirrored_and_reset_starts_fresh(env: Env) -
     assert await env.store.window(ConversationKey(w.guild.id, w.general.id), 10) == []
 
 
-async def test_a_reply_deleted_while_it_streams_stays_out_of_the_context(env: Env) -> None:
-    """The deletion arrives before the reply is stored (nothing to delete yet): the stored turn must
-    still end up deleted, or the moderated text returns in every later prompt."""
+async def test_a_reply_deleted_while_it_streams_stops_and_stays_out_of_the_context(env: Env) -> None:
+    """A moderator deletes the reply being written: it stops at once (its job held a worker slot and the
+    asker's share to the end, about 6 s of text here, with a warning per failed edit), and the moderated
+    text never returns in a later prompt."""
     w = env.world
-    env.llm.script(Reply("something a moderator removes " * 6, chunk_chars=6, delay_s=0.05))
+    env.llm.script(Reply("word " * 300, chunk_chars=5, delay_s=0.02))
     await env.fake.send_message(w.general, w.alice, f"{mention(env)} say something")
     shown = await env.fake.wait_for_message(w.general, lambda m: m.webhook_id is not None)
     await env.fake.delete_message(shown)
-    assert await eventually(lambda: _deleted(env, shown.id), timeout=15)
+    assert env.app.bot is not None
+    cog = env.app.bot.get_cog("ChatCog")
+    await eventually(lambda: not cog.running, timeout=3)
+    key = ConversationKey(w.guild.id, w.general.id)
+    assert [m.role for m in await env.store.window(key, 10)] == ["user"]
+
+
+async def test_a_reply_deleted_after_it_was_shown_but_before_it_was_stored_stays_out_of_the_context(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deletion finds nothing stored yet: the turn stored right after must still end up deleted, or the
+    moderated text returns in every later prompt."""
+    w = env.world
+    env.llm.script(Reply("something a moderator removes"))
+    append, storing = env.store.append, asyncio.Event()
+
+    async def slow_reply_append(*args: object, **kwargs: object) -> bool:
+        if kwargs.get("role") == "assistant":
+            storing.set()
+            await asyncio.sleep(0.5)
+        return await append(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(env.store, "append", slow_reply_append)
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} say something")
+    shown = await persona_reply(env, w.general, "something a moderator removes")
+    await asyncio.wait_for(storing.wait(), 10)
+    await env.fake.delete_message(shown)
+    assert await eventually(lambda: _deleted(env, shown.id))
     key = ConversationKey(w.guild.id, w.general.id)
     assert [m.role for m in await env.store.window(key, 10)] == ["user"]
 
@@ -872,21 +900,6 @@ async def test_shutdown_waits_for_a_message_still_being_stored(
     assert "Ignoring exception" not in caplog.text
 
 
-async def test_a_reply_whose_message_a_moderator_deletes_stops_being_written(env: Env) -> None:
-    """Its job is cancelled at once: it held a worker slot and the asker's share for the rest of the reply
-    (about 6 s of text here), with a warning per failed edit."""
-    w = env.world
-    env.llm.script(Reply("word " * 300, chunk_chars=5, delay_s=0.02))
-    await env.fake.send_message(w.general, w.alice, f"{mention(env)} say something")
-    shown = await env.fake.wait_for_message(w.general, lambda m: m.webhook_id is not None)
-    await env.fake.delete_message(shown)
-    assert env.app.bot is not None
-    cog = env.app.bot.get_cog("ChatCog")
-    await eventually(lambda: not cog.running, timeout=3)
-    key = ConversationKey(w.guild.id, w.general.id)
-    assert [m.role for m in await env.store.window(key, 5)] == ["user"]  # the deleted reply stays out of the context
-
-
 async def test_a_reply_to_a_dm_that_closes_stops_being_written(env: Env) -> None:
     w = env.world
     env.llm.script(Reply("word " * 300, chunk_chars=5, delay_s=0.02))
@@ -898,6 +911,45 @@ async def test_a_reply_to_a_dm_that_closes_stops_being_written(env: Env) -> None
     assert env.app.bot is not None
     cog = env.app.bot.get_cog("ChatCog")
     await eventually(lambda: not cog.running, timeout=3)
+
+
+async def test_a_message_deleted_while_its_reply_waits_in_line_gets_no_reply(
+    fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path
+) -> None:
+    """A moderator removes spam that mentioned the bot while its reply waits: the reply is never written
+    (it was written from the deleted text, posted and stored, its question erased)."""
+    w = discord_world
+    settings = make_settings(fake_discord, llm, tmp_path, max_batch_size=1)
+    async with BotApp(settings, guild_ready_timeout=0.1) as app:
+        env = Env(fake_discord, w, llm, app)
+        slow = "a slow answer, " * 3 + "done"
+        llm.script(Reply(slow, chunk_chars=2, delay_s=0.03), Reply("answer to the deleted spam"))
+        await fake_discord.send_message(w.general, w.alice, f"{mention(env)} one")
+        await fake_discord.wait_for(lambda: llm.requests, what="the first job in generation")
+        spam = await fake_discord.send_message(w.thread, w.mod, f"{mention(env)} BUY CHEAP STUFF at scam.example")
+        assert app.queue is not None
+        await eventually(app.queue.depth)  # the spam's reply waits in line
+        await fake_discord.delete_message(spam)
+        await persona_reply(env, w.general, slow)
+        assert app.bot is not None
+        cog = app.bot.get_cog("ChatCog")
+        await eventually(lambda: not cog.running)
+        assert len(llm.requests) == 1 and fake_discord.bot_messages(w.thread) == []
+        thread_key = ConversationKey(w.guild.id, w.general.id, w.thread.id)
+        assert await env.store.window(thread_key, 5) == []
+
+
+async def test_a_message_deleted_while_its_reply_is_written_takes_the_reply_with_it(env: Env) -> None:
+    w = env.world
+    env.llm.script(Reply("word " * 300, chunk_chars=5, delay_s=0.02))
+    asked = await env.fake.send_message(w.general, w.alice, f"{mention(env)} something a mod will delete")
+    await env.fake.wait_for_message(w.general, lambda m: m.webhook_id is not None)
+    await env.fake.delete_message(asked)
+    assert env.app.bot is not None
+    cog = env.app.bot.get_cog("ChatCog")
+    await eventually(lambda: not cog.running, timeout=3)
+    assert env.fake.bot_messages(w.general) == []
+    assert await env.store.window(ConversationKey(w.guild.id, w.general.id), 5) == []
 
 
 async def test_a_notice_discord_refuses_is_logged_not_raised(

@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
 
 import discord
 from discord.ext import commands
@@ -49,6 +50,15 @@ STOPPED = " *(stopped)*"
 SUPERSEDED = "superseded"  # not shown: the reply gives way to the one for a newer message
 
 
+@dataclass(frozen=True)
+class Asked:
+    """What a reply answers: the user who asked (their HERMES_QUEUE_MAX_PER_USER share) and their message
+    (None for a command)."""
+
+    user_id: int
+    message_id: int | None = None
+
+
 def conversation_key(channel: discord.abc.Messageable | discord.abc.GuildChannel | None) -> ConversationKey:
     """Threads are their own conversation (under their parent channel); DMs have no guild."""
     if isinstance(channel, discord.Thread):
@@ -76,6 +86,7 @@ class ChatCog(commands.Cog):
         # _store_shown), or a user's message waiting its turn (see _handle; an edit needs no such record, as
         # discord.py edits the cached message that the waiting handler reads).
         self._deleted: LRU[int, None] = LRU(REMEMBERED_DELETIONS)
+        self._answering: dict[int, PendingReply] = {}  # the reply being written to each message
         self._arrivals: dict[ConversationKey, tuple[asyncio.Lock, int]] = {}  # lock, handlers using it
         self.background: set[asyncio.Task[None]] = set()  # replies started by commands
         self._busy_noticed: dict[ConversationKey, float] = {}  # when each last got a "busy" line
@@ -154,7 +165,7 @@ class ChatCog(commands.Cog):
                 await self.chat.store.delete_message(message.id)
                 return
         if persona is not None and recorded:  # not recorded: Discord sent this message again; it had its answer
-            await self.reply(message.channel, key, persona, asker=message.author.id)
+            await self.reply(message.channel, key, persona, asked=Asked(message.author.id, message.id))
 
     @contextlib.asynccontextmanager
     async def _in_arrival_order(self, key: ConversationKey) -> AsyncIterator[None]:
@@ -212,20 +223,26 @@ class ChatCog(commands.Cog):
 
     @commands.Cog.listener()
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
-        self._note_deleted([payload.message_id])
+        await self._note_deleted([payload.message_id])
         with _store_trouble_logged("a deletion"):
             await self.chat.store.delete_message(payload.message_id)
 
     @commands.Cog.listener()
     async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
-        self._note_deleted(payload.message_ids)
+        await self._note_deleted(payload.message_ids)
         with _store_trouble_logged("a bulk deletion"):
             for message_id in payload.message_ids:
                 await self.chat.store.delete_message(message_id)
 
-    def _note_deleted(self, message_ids: Iterable[int]) -> None:
+    async def _note_deleted(self, message_ids: Iterable[int]) -> None:
+        """Remember deletions, and stop the replies being written to deleted messages."""
         for message_id in message_ids:
             self._deleted[message_id] = None
+            if (pending := self._answering.get(message_id)) is not None:
+                try:
+                    await pending.cancel()
+                except QueueUnavailable as exc:  # the reply is still withdrawn when it ends
+                    log.warning("could not stop the reply to deleted message %s: %s", message_id, exc)
 
     async def _store_shown(self, key: ConversationKey, persona: Persona, text: str, message_ids: list[int]) -> None:
         """Store a reply shown in `message_ids`. A moderator may have deleted one of them while it was being
@@ -240,11 +257,11 @@ class ChatCog(commands.Cog):
 
     async def reply(
         self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona, *,
-        asker: int | None = None, hand_offs: int | None = None,
+        asked: Asked | None = None, hand_offs: int | None = None,
     ) -> None:
-        """Generate and stream one reply of `persona` to `asker` (the user whose message or command it
-        answers: it counts in their HERMES_QUEUE_MAX_PER_USER); never raises for queue, worker or Discord
-        trouble (a reply started by a command runs in the background, where nobody would see the error).
+        """Generate and stream one reply of `persona` to what was `asked` (None: a persona's hand-off); never
+        raises for queue, worker or Discord trouble (a reply started by a command runs in the background,
+        where nobody would see the error).
 
         A finished reply that starts with another active persona's name or wake word ("Sherlock, what do
         you make of this?") hands the turn to that persona, up to HERMES_PERSONA_HAND_OFFS times in a row.
@@ -254,7 +271,7 @@ class ChatCog(commands.Cog):
             return
         try:
             with self._working():
-                text = await self._reply(channel, key, persona, asker)
+                text = await self._reply(channel, key, persona, asked)
                 left = self.settings.persona_hand_offs if hand_offs is None else hand_offs
                 handing_off = text is not None and left > 0 and self.accepting  # no new reply once shutdown began
                 if handing_off and (addressed := await self._addressed_persona(key, persona, text)):
@@ -315,13 +332,13 @@ class ChatCog(commands.Cog):
         return addressed if addressed.id in active else None
 
     async def _reply(
-        self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona, asker: int | None
+        self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona, asked: Asked | None
     ) -> str | None:
         """Stream one reply; its text when it finished normally and was shown, else None."""
         live = await self._live_reply(channel, persona)
         text, stored = None, False
         try:
-            text, stored = await self._write_reply(channel, key, persona, live, asker)
+            text, stored = await self._write_reply(channel, key, persona, live, asked)
         finally:
             if stored:
                 self.unstored.pop(key, None)
@@ -331,12 +348,14 @@ class ChatCog(commands.Cog):
 
     async def _write_reply(
         self, channel: discord.abc.Messageable, key: ConversationKey, persona: Persona, live: LiveReply,
-        asker: int | None,
+        asked: Asked | None,
     ) -> tuple[str | None, bool]:
         """Generate, show and store one reply through `live`: its text when it finished normally and was
-        shown (else None), and whether its text was stored."""
+        shown (else None), and whether its text was stored. A reply whose message is deleted while it is
+        written (a moderator removing spam) is stopped and withdrawn, and not stored."""
+        trigger = asked.message_id if asked else None
         try:
-            pending = await self.chat.start_reply(key, persona, asker=asker)
+            pending = await self.chat.start_reply(key, persona, asker=asked.user_id if asked else None)
         except QueueBusy as exc:
             metrics.count_error("busy")
             if self._busy_notice_due(key):
@@ -354,9 +373,16 @@ class ChatCog(commands.Cog):
             await live.finish(STORE_DOWN)
             return None, False
         self.running.setdefault(key, []).append(pending)
+        if trigger is not None:
+            self._answering[trigger] = pending
+            if trigger in self._deleted:  # deleted between being stored and now
+                await pending.cancel()
         text, ending = "", FAILED
         try:
             text, ending = await self._stream(channel, live, pending)
+            if trigger in self._deleted:
+                await live.withdraw()
+                return None, False
             if ending is SUPERSEDED:  # no "stopped" nobody asked for; a job that never started shows nothing
                 if not text.strip():
                     await live.withdraw()
@@ -369,6 +395,8 @@ class ChatCog(commands.Cog):
             ending = FAILED
         finally:
             pending.finished()
+            if trigger is not None:
+                del self._answering[trigger]
             self.running[key].remove(pending)
             if not self.running[key]:
                 del self.running[key]

@@ -19,7 +19,7 @@ from discord.ext import commands
 
 from bot import metrics
 from bot.config import Settings
-from bot.discord.chat import STORE_DOWN, ChatCog, conversation_key
+from bot.discord.chat import STORE_DOWN, Asked, ChatCog, conversation_key
 from bot.discord.identity import BotOutlet, PersonaOutlet
 from bot.discord.split import clip
 from bot.discord.stream import DISCORD_FAILURES
@@ -322,7 +322,7 @@ class CommandsCog(commands.Cog):
         if turn is not None and turn.discord_message_id is not None:
             await self.store.delete_message(turn.discord_message_id)  # erases the whole turn, every part
         task = asyncio.create_task(
-            self.chat.reply(interaction.channel, key, persona, asker=interaction.user.id)  # type: ignore[arg-type]
+            self.chat.reply(interaction.channel, key, persona, asked=Asked(interaction.user.id))  # type: ignore[arg-type]
         )
         self.chat.background.add(task)
         task.add_done_callback(self.chat.background.discard)
