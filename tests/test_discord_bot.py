@@ -508,6 +508,30 @@ async def test_a_reply_deleted_after_it_was_shown_but_before_it_was_stored_stays
     assert [m.role for m in await env.store.window(key, 10)] == ["user"]
 
 
+async def test_a_message_edited_while_it_is_being_stored_is_stored_as_edited(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edit finds nothing stored yet (a loaded database); the old text stayed in every later prompt."""
+    w = env.world
+    env.llm.script(Reply("ok"))
+    append, storing = env.store.append, asyncio.Event()
+
+    async def slow_user_append(*args: object, **kwargs: object) -> bool:
+        if kwargs.get("role") == "user":
+            storing.set()
+            await asyncio.sleep(0.5)
+        return await append(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(env.store, "append", slow_user_append)
+    asked = await env.fake.send_message(w.general, w.alice, f"{mention(env)} dragnos?")
+    await asyncio.wait_for(storing.wait(), 10)
+    await env.fake.edit_message(asked, f"{mention(env)} dragons?")
+    await persona_reply(env, w.general, "ok")
+    assert env.llm.requests[-1]["messages"][-1]["content"] == "dragons?"
+    stored = await eventually(lambda: _window_of(env, ConversationKey(w.guild.id, w.general.id), 2))
+    assert [(m.role, m.content) for m in stored] == [("user", "dragons?"), ("assistant", "ok")]
+
+
 async def test_a_message_deleted_or_edited_while_it_waits_its_turn_is_stored_as_it_ends(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """A moderation bot deletes a message at once, while its arrival waits behind a reply whose lookup is
     slow (a loaded database): the deletion found nothing stored, and the text used to stay in the context.

@@ -84,7 +84,7 @@ class ChatCog(commands.Cog):
         self._takes_part_in: LRU[ConversationKey, bool] = LRU(REMEMBERED_CONVERSATIONS)
         # Recent deletions, for messages they reached before they were stored: a reply being written (see
         # _store_shown), or a user's message waiting its turn (see _handle; an edit needs no such record, as
-        # discord.py edits the cached message that the waiting handler reads).
+        # discord.py edits the cached message, which the handler reads again once it is stored).
         self._deleted: LRU[int, None] = LRU(REMEMBERED_DELETIONS)
         self._answering: dict[int, PendingReply] = {}  # the reply being written to each message
         self._arrivals: dict[ConversationKey, tuple[asyncio.Lock, int]] = {}  # lock, handlers using it
@@ -164,6 +164,9 @@ class ChatCog(commands.Cog):
             if recorded and message.id in self._deleted:  # deleted (a moderation bot) while it waited its turn
                 await self.chat.store.delete_message(message.id)
                 return
+            me = self.bot.user
+            if recorded and me and (edited := message_text(message, me.id)) != signals.text:  # edited meanwhile
+                await self.chat.store.edit_message(message.id, edited)
         if persona is not None and recorded:  # not recorded: Discord sent this message again; it had its answer
             await self.reply(message.channel, key, persona, asked=Asked(message.author.id, message.id))
 
