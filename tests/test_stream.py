@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import discord
 import pytest
 
-from bot.discord.stream import LiveReply
+from bot.discord import stream
+from bot.discord.stream import LiveReply, deliver
 
 MESSAGE_IDS = itertools.count(1)  # unique across outlets, like Discord's snowflakes
 
@@ -94,6 +95,41 @@ async def test_final_text_survives_rate_limits_and_server_errors() -> None:
     outlet.fail_next = [429, 503, 429]
     await reply.finish("the complete answer")
     assert list(outlet.messages.values()) == ["the complete answer"] and reply.ids == list(outlet.messages)
+
+
+async def test_a_final_update_gives_up_once_its_patience_is_spent() -> None:
+    """Discord failing for minutes: one call already took discord.py's own retries (about 25 s for a
+    webhook); no further round starts past the patience, where six rounds held the channel for minutes."""
+    calls = 0
+
+    async def failing() -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)  # discord.py's own retries, shortened
+        raise discord.DiscordServerError(SimpleNamespace(status=503, reason="test", headers={}), "down")  # type: ignore[arg-type]
+
+    with pytest.raises(discord.HTTPException):
+        await deliver(failing, patience_s=0.2)  # backoff 0.5 s after the first failure: past the patience
+    assert calls == 1
+
+
+async def test_a_huge_retry_after_is_waited_at_most_a_few_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy's 429 may say Retry-After: 3600; the reply does not wait an hour for it."""
+    waited: list[float] = []
+
+    async def no_wait(delay: float) -> None:
+        waited.append(delay)
+
+    monkeypatch.setattr(stream.asyncio, "sleep", no_wait)
+    failures = [SimpleNamespace(status=429, reason="test", headers={"Retry-After": "3600"})]
+
+    async def rate_limited_once() -> str:
+        if failures:
+            raise discord.HTTPException(failures.pop(), {"message": "slow down", "code": 0})  # type: ignore[arg-type]
+        return "sent"
+
+    assert await deliver(rate_limited_once) == "sent"
+    assert waited == [stream.MAX_RETRY_AFTER_S]
 
 
 async def test_streaming_edit_failure_is_skipped_not_raised() -> None:

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 EDIT_INTERVAL_S = 1.0
 FINAL_ATTEMPTS = 6
+FINAL_PATIENCE_S = 20.0  # no new attempt at a final update once this long has passed
+MAX_RETRY_AFTER_S = 10.0  # a Retry-After beyond this (a proxy's, not Discord's) is waited this long at most
 UNKNOWN_WEBHOOK = 10015  # Discord's error code once a moderator deleted the webhook
 MAX_REOPENS = 3  # new outlets one reply may take; after that a deleted webhook fails the reply
 T = TypeVar("T")
@@ -57,8 +59,13 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, DISCORD_FAILURES)
 
 
-async def deliver(call: Callable[[], Awaitable[T]], *, attempts: int = FINAL_ATTEMPTS) -> T:
-    """Run a Discord call until it succeeds; 429s and 5xx are retried with backoff, others raise."""
+async def deliver(
+    call: Callable[[], Awaitable[T]], *, attempts: int = FINAL_ATTEMPTS, patience_s: float = FINAL_PATIENCE_S
+) -> T:
+    """Run a Discord call until it succeeds; 429s, 5xx and network errors are retried with backoff while
+    `patience_s` lasts, others raise. discord.py itself retries a webhook's 5xx for about 25 s within one
+    call: six rounds of that held a reply, and every other reply in its channel, for minutes."""
+    started = time.monotonic()
     for attempt in range(attempts):
         try:
             return await call()
@@ -66,7 +73,9 @@ async def deliver(call: Callable[[], Awaitable[T]], *, attempts: int = FINAL_ATT
             if not _retryable(exc) or attempt == attempts - 1:
                 raise
             retry_after = getattr(getattr(exc, "response", None), "headers", {}).get("Retry-After")
-            delay = float(retry_after) if retry_after else min(0.5 * 2**attempt, 8.0)
+            delay = min(float(retry_after), MAX_RETRY_AFTER_S) if retry_after else min(0.5 * 2**attempt, 8.0)
+            if time.monotonic() - started + delay > patience_s:
+                raise
             log.warning("discord call failed (%s); retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
