@@ -467,6 +467,21 @@ async def test_edits_and_deletes_are_mirrored_and_reset_starts_fresh(env: Env) -
     assert await env.store.window(ConversationKey(w.guild.id, w.general.id), 10) == []
 
 
+async def test_reset_stops_the_reply_being_written_and_keeps_it_out_of_the_fresh_start(env: Env) -> None:
+    """People reset when a persona went off the rails mid-reply: that reply was stored after the reset
+    point, as the first turn of the new story."""
+    w = env.world
+    env.llm.script(Reply("The dragon swallows the whole party. " * 20, chunk_chars=6, delay_s=0.05), Reply("Hello!"))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} what happens next?")
+    await env.fake.wait_for_message(w.general, lambda m: m.webhook_id is not None)
+    answer = await slash(env, "reset")
+    assert "Fresh start" in answer and "The reply being written was stopped." in answer
+    await env.fake.wait_for_message(w.general, lambda m: m.webhook_id is not None and m.content.endswith("*(stopped)*"))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} a new story: we're on a space station")
+    await persona_reply(env, w.general, "Hello!")
+    assert [m["role"] for m in env.llm.requests[-1]["messages"]] == ["system", "user"]
+
+
 async def test_a_reply_deleted_while_it_streams_stops_and_stays_out_of_the_context(env: Env) -> None:
     """A moderator deletes the reply being written: it stops at once (its job held a worker slot and the
     asker's share to the end, about 6 s of text here, with a warning per failed edit), and the moderated

@@ -87,6 +87,7 @@ class ChatCog(commands.Cog):
         # discord.py edits the cached message, which the handler reads again once it is stored).
         self._deleted: LRU[int, None] = LRU(REMEMBERED_DELETIONS)
         self._answering: dict[int, PendingReply] = {}  # the reply being written to each message
+        self._reset_at: LRU[ConversationKey, float] = LRU(REMEMBERED_REPLIES)  # by /reset, time.monotonic()
         self._arrivals: dict[ConversationKey, tuple[asyncio.Lock, int]] = {}  # lock, handlers using it
         self.background: set[asyncio.Task[None]] = set()  # replies started by commands
         self._busy_noticed: dict[ConversationKey, float] = {}  # when each last got a "busy" line
@@ -356,7 +357,7 @@ class ChatCog(commands.Cog):
         """Generate, show and store one reply through `live`: its text when it finished normally and was
         shown (else None), and whether its text was stored. A reply whose message is deleted while it is
         written (a moderator removing spam) is stopped and withdrawn, and not stored."""
-        trigger = asked.message_id if asked else None
+        trigger, began = (asked.message_id if asked else None), time.monotonic()
         try:
             pending = await self.chat.start_reply(key, persona, asker=asked.user_id if asked else None)
         except QueueBusy as exc:
@@ -403,7 +404,7 @@ class ChatCog(commands.Cog):
             self.running[key].remove(pending)
             if not self.running[key]:
                 del self.running[key]
-        if not (text.strip() and live.ids):
+        if not (text.strip() and live.ids) or self._reset_at.get(key, -1.0) >= began:
             return None, False
         try:
             await self._store_shown(key, persona, text.strip(), live.ids)
@@ -412,6 +413,15 @@ class ChatCog(commands.Cog):
             log.warning("reply shown in %s but not stored: %s", key, exc)
             return (None if ending else text.strip()), False
         return (None if ending else text.strip()), True
+
+    async def leave_out_running(self, key: ConversationKey) -> int:
+        """Stop the replies being written in `key` and keep them out of its history (after a /reset: they
+        answer the old conversation, and would be the first turn of the new one); how many there were."""
+        self._reset_at[key] = time.monotonic()
+        running = list(self.running.get(key, ()))
+        for pending in running:
+            await pending.cancel()
+        return len(running)
 
     def _busy_notice_due(self, key: ConversationKey) -> bool:
         """True at most once per BUSY_NOTICE_EVERY_S per conversation (and then counts it as sent)."""

@@ -243,8 +243,11 @@ class CommandsCog(commands.Cog):
         await self.answer(interaction, None, self.reset, managers_only=True)
 
     async def reset(self, interaction: discord.Interaction) -> str:
-        await self.store.reset(conversation_key(interaction.channel))
-        return "Fresh start: earlier messages here are no longer part of the conversation."
+        key = conversation_key(interaction.channel)
+        await self.store.reset(key)
+        stopped = await self.chat.leave_out_running(key)
+        note = " The reply being written was stopped." if stopped else ""
+        return f"Fresh start: earlier messages here are no longer part of the conversation.{note}"
 
     @app_commands.command(name="autorespond", description="Answer every message here, not only mentions")
     async def autorespond_command(self, interaction: discord.Interaction, mode: Literal["on", "off"]) -> None:
