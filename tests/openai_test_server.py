@@ -13,6 +13,9 @@ With nothing scripted, a request is answered with `default_reply` (by default: "
 user message). Streams end with `[DONE]`; a `usage` chunk is sent when the client asked for it.
 The server honours `stop` like real servers do (the text ends before the first stop string).
 `OpenAITestServer(unknown_paths_200=True)` answers other paths as LM Studio does: 200, with an error in JSON.
+`OpenAITestServer(max_model_len=2048)` answers 400 as vLLM does to a request longer than that context: its
+messages counted at `chars_per_token` (3: more tokens than the engine estimates for plain letters) plus
+its max_tokens; such a request uses up nothing scripted.
 """
 
 from __future__ import annotations
@@ -50,10 +53,11 @@ class Reply:
 
 @dataclass
 class Fail:
-    """Answer with an HTTP error and an OpenAI-style error body."""
+    """Answer with an HTTP error and an OpenAI-style error body (with `code`, when given)."""
 
     status: int
     message: str = "scripted failure"
+    code: str | int | None = None
 
 
 @dataclass
@@ -101,10 +105,12 @@ class OpenAITestServer:
     """Serves POST /v1/chat/completions (streaming and not) and GET /v1/models on 127.0.0.1."""
 
     def __init__(
-        self, default_reply: Callable[[dict[str, Any]], Behaviour] = _echo, *, unknown_paths_200: bool = False
+        self, default_reply: Callable[[dict[str, Any]], Behaviour] = _echo, *, unknown_paths_200: bool = False,
+        max_model_len: int | None = None, chars_per_token: float = 3.0,
     ) -> None:
         self.default_reply = default_reply
         self.unknown_paths_200 = unknown_paths_200
+        self.max_model_len, self.chars_per_token = max_model_len, chars_per_token
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.unknown: list[str] = []  # "METHOD /path" of each request to another path
@@ -158,11 +164,16 @@ class OpenAITestServer:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        if too_long := self._too_long(body):
+            return web.json_response(
+                {"error": {"message": too_long, "type": "BadRequestError", "param": None, "code": 400}}, status=400
+            )
         behaviour = self._script.popleft() if self._script else self.default_reply(body)
         if isinstance(behaviour, Fail):
-            return web.json_response(
-                {"error": {"message": behaviour.message, "type": "server_error"}}, status=behaviour.status
-            )
+            error = {"message": behaviour.message, "type": "server_error"}
+            if behaviour.code is not None:
+                error["code"] = behaviour.code
+            return web.json_response({"error": error}, status=behaviour.status)
         if isinstance(behaviour, Stall):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), behaviour.seconds)
@@ -204,6 +215,19 @@ class OpenAITestServer:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+    def _too_long(self, body: dict[str, Any]) -> str | None:
+        """vLLM's answer to a request longer than `max_model_len`, or None when it fits."""
+        if self.max_model_len is None:
+            return None
+        messages = body.get("messages") or []
+        prompt = sum(5 + int(len(m.get("content", "")) / self.chars_per_token) for m in messages) + 5
+        completion = int(body.get("max_tokens") or 0)
+        if prompt + completion <= self.max_model_len:
+            return None
+        return (f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the completion). "
+                "Please reduce the length of the messages or completion.")
 
     @staticmethod
     def _error_event(behaviour: StreamError) -> bytes:

@@ -231,6 +231,17 @@ def test_vllm_override_points_workers_at_the_vllm_service(with_vllm) -> None:
     assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
 
 
+@pytest.mark.parametrize("dotenv", [{}, {"HERMES_CONTEXT_TOKENS": "16384"}, {"HERMES_CONTEXT_TOKENS": "4096"}])
+def test_vllm_override_gives_workers_no_more_context_than_vllm_serves(with_vllm, dotenv: dict[str, str]) -> None:
+    """vLLM refuses (400) a prompt that with the reply is longer than --max-model-len: a worker fitting prompts
+    to a larger HERMES_CONTEXT_TOKENS (from .env, when the override does not set it) has long scenes fail."""
+    worker, vllm = with_vllm["services"]["worker"], with_vllm["services"]["vllm"]
+    assert "HERMES_CONTEXT_TOKENS" in worker["environment"], "the worker's context would come from .env, unchecked"
+    context = int(interpolate(str(worker["environment"]["HERMES_CONTEXT_TOKENS"]), dotenv))
+    command = [interpolate(str(arg), dotenv) for arg in vllm["command"]]
+    assert context <= int(command[command.index("--max-model-len") + 1])
+
+
 def test_healthchecks_probe_the_metrics_port(base) -> None:
     for name, service in app_services(base).items():
         if name == "migrate":

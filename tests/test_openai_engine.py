@@ -12,7 +12,7 @@ import pytest
 
 from bot.config import Settings
 from bot.engine.base import EngineError, Finish, GenerationRequest, TextChunk
-from bot.engine.openai_engine import OpenAIEngine
+from bot.engine.openai_engine import OpenAIEngine, estimated_tokens
 from bot.personas import Sampling
 from tests.openai_test_server import Drop, Fail, NotStreamed, OpenAITestServer, Reply, Stall, StreamError
 
@@ -25,8 +25,9 @@ async def server() -> AsyncIterator[OpenAITestServer]:
         yield srv
 
 
-async def started(base_url: str, **kw: float) -> OpenAIEngine:
-    settings = Settings(engine="openai", openai_base_url=base_url, openai_api_key="sk-test", model="hermes-test")
+async def started(base_url: str, *, context_tokens: int = 8192, **kw: float) -> OpenAIEngine:
+    settings = Settings(engine="openai", openai_base_url=base_url, openai_api_key="sk-test", model="hermes-test",
+                        context_tokens=context_tokens)
     engine = OpenAIEngine(settings, backoff_s=0.01, **kw)  # type: ignore[arg-type]
     await engine.start()
     return engine
@@ -97,8 +98,12 @@ async def test_retries_before_first_token(server: OpenAITestServer) -> None:
 
 
 async def test_client_error_is_not_retried(server: OpenAITestServer) -> None:
-    server.script(Fail(400, "model 'x' not found"))
-    await fails_with(server.base_url, "answered 400: model 'x' not found")
+    """Not even with a prompt that could be shorter: only a full context is worth that."""
+    server.script(Fail(400, "model 'x' not found"), Reply("should not be used"))
+    engine = await started(server.base_url, context_tokens=2048)
+    with pytest.raises(EngineError, match="answered 400: model 'x' not found$"):
+        await engine.generate_text(GenerationRequest("r", LONG_HISTORY, SAMPLING))
+    await engine.close()
     assert len(server.requests) == 1
 
 
@@ -167,6 +172,51 @@ def test_a_long_history_is_cut_to_the_context_oldest_turns_first() -> None:
         engine.payload(GenerationRequest("r", [{"role": "system", "content": "rule " * 20_000}, turns[-1]]))
 
 
+# The reviewer's samples of role-play text, with their real lengths in tokens: counted by Mistral-7B's
+# SentencePiece tokenizer (tokenizer.model.v1 from the mistral-common wheel, 32000 pieces, as
+# OpenHermes-2.5-Mistral-7B uses) with sentencepiece 0.2.3, `len(sp.encode(text))`. The estimate had been
+# up to 2.25 times too low (the URL): a long scene overflowed vLLM's 8192 tokens, and every reply failed.
+REAL_TOKENS = {
+    "The torch sputters to life, throwing long shadows across barrels stacked to the ceiling. Somewhere behind "
+    "them, something small scurries away, and a draft carries the smell of wet earth from a gap in the far wall. "
+    "What does Mira do?": 55,
+    "*Mira kicks the door open, boots thudding against the warped planks.* \"Who's buying?\" *She tosses a pouch "
+    "of coins onto the bar — it lands with a heavy clink.* \"Drinks for the crew, and don't water 'em down this "
+    "time, Gregor!\"": 68,
+    "lmao ok ok *sits down* wait who's Gregor?? 😂 also can we go to the Rift after this, I wanna see the "
+    "storms!!": 36,
+    "You have been in Afghanistan, I perceive. The tan of your face stops abruptly at the wrists; your left arm "
+    "has been injured, for you hold it stiffly and unnaturally. Elementary, my dear Watson — elementary!": 50,
+    "You are to roleplay as Sherlock Holmes, the consulting detective of 221B Baker Street, London, in the late "
+    "nineteenth century. Speak in his precise, confident Victorian English, notice small details and reason "
+    "aloud from them to bold conclusions, and show impatience with dull questions but delight in a good "
+    "puzzle.": 67,
+    "*Mira leans on the rail, coat snapping in the wind, and grins.* \"Since always, love. The Rift doesn't care "
+    "about your charts.\" *She taps the map — the ink shimmers, redrawing a coastline that wasn't there a moment "
+    "ago.* \"See? It's already changed its mind. Gregor! Reef the topsails, and tell Tam to stop eating the "
+    "biscuits!\" ": 97,
+    "*draws her cutlass and steps between Kit and the stranger* \"Nobody touches my crew. Not today.\"": 25,
+    "lol ok *sits on a barrel* so... are we gonna talk about the glowing map or what?? 👀": 25,
+    "*squints at the horizon* \"Storm's coming. Maybe an hour, maybe less. We should tie everything down.\"": 29,
+    "I check my pockets for the brass key we found yesterday, then hold it up to the lantern light.": 22,
+    "\"Wait—wait. You're telling me the Rift *moves*?\" *Bob's jaw drops.* \"Since when?!\"": 31,
+    "*Мира пинком открывает дверь.* «Кто угощает? Эй, Грегор, не разбавляй эль на этот раз!»": 42,
+    "*ミラはドアを蹴り開けた。*「誰がおごるんだ？グレゴール、今度はエールを薄めるなよ！」": 49,
+    "Ναι, βέβαια! *χαμογελάει* Πάμε στο λιμάνι πριν ξεσπάσει η καταιγίδα.": 68,
+    "hahaha 😂😂😂 ok ok *pats Kit* 10/10 would sail again!!! >:3": 27,
+    "https://cdn.discordapp.com/attachments/1234567890/9876543210/map_v2_FINAL.png": 45,
+}
+
+
+def test_the_length_estimate_is_not_below_the_real_count_of_role_play_text() -> None:
+    """Actions in asterisks, quotes, contractions, digits, emoji, Greek and URLs take more tokens than four
+    characters of English words each: the estimate must not fall short of the real count on any of them."""
+    short = {text[:40]: (estimated_tokens(text), real) for text, real in REAL_TOKENS.items()
+             if estimated_tokens(text) < real}
+    assert not short, f"estimated below the real count (estimate, real): {short}"
+    assert sum(map(estimated_tokens, REAL_TOKENS)) <= 1.25 * sum(REAL_TOKENS.values())  # and not far above
+
+
 @pytest.mark.parametrize(("text", "chars_per_token"), [("漢字かな" * 250, 1), ("Приветствую" * 100, 2)])
 def test_the_length_estimate_counts_scripts_that_take_more_tokens_a_character(text: str, chars_per_token: int) -> None:
     """A Mistral tokenizer spends a token or more on each CJK character and about one on two Cyrillic
@@ -208,6 +258,74 @@ async def test_a_stream_that_ends_without_saying_it_is_complete_is_an_error(serv
 
 CONTEXT_FULL = {"code": 400, "message": "the request exceeds the available context size, try increasing it",
                 "type": "exceed_context_size_error"}
+SAMPLING = Sampling(max_new_tokens=256)
+LONG_HISTORY = [{"role": "system", "content": "You are Hermes."}] + [
+    {"role": "user" if i % 2 else "assistant", "content": f"turn {i}: " + "the storm is coming " * 15} for i in range(40)
+]
+VLLM_CONTEXT_FULL = ("This model's maximum context length is 2048 tokens. However, you requested 2301 tokens (2045 in "
+                     "the messages, 256 in the completion). Please reduce the length of the messages or completion.")
+
+
+async def test_a_prompt_the_server_finds_too_long_is_sent_once_more_with_fewer_turns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """vLLM counts more tokens than the estimate and answers 400: the reply still comes, from the same
+    request with fewer turns, fitted to 3/4 of HERMES_CONTEXT_TOKENS; one warning names the likely cause."""
+    async with OpenAITestServer(max_model_len=2048) as srv:
+        engine = await started(srv.base_url, context_tokens=2048)
+        with caplog.at_level(logging.WARNING, logger="bot.engine.openai_engine"):
+            text, _ = await engine.generate_text(GenerationRequest("r", LONG_HISTORY, SAMPLING))
+        await engine.close()
+    first, second = srv.requests
+    assert text == "echo: " + LONG_HISTORY[-1]["content"]
+    assert second["messages"][0] == first["messages"][0] and second["messages"][-1] == first["messages"][-1]
+    assert len(second["messages"]) < len(first["messages"])
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "answered 400: This model's maximum context length is 2048 tokens" in warning
+    assert "retrying once with the prompt fitted to 1536 tokens: HERMES_CONTEXT_TOKENS=2048 is probably above" in warning
+
+
+@pytest.mark.parametrize("answer", [
+    Fail(400, VLLM_CONTEXT_FULL),  # vLLM
+    Fail(400, "Please reduce the length of the messages.", code="context_length_exceeded"),  # OpenAI
+    StreamError(CONTEXT_FULL, shape="error-line"),  # llama.cpp, in the stream
+    Fail(400, "request (2301 tokens) exceeds the available context size (2048 tokens)"),  # llama.cpp
+    Fail(200, "Trying to keep the first 2301 tokens when context the overflows. However, the model is loaded "
+              "with context length of only 2048 tokens, which is not enough."),  # LM Studio, with a 200
+], ids=["vllm", "openai", "llama.cpp-stream", "llama.cpp", "lm-studio"])
+async def test_each_servers_full_context_answer_is_retried_with_fewer_turns(
+    server: OpenAITestServer, answer: Fail | StreamError
+) -> None:
+    server.script(answer, Reply("ok now"))
+    engine = await started(server.base_url, context_tokens=2048)
+    text, _ = await engine.generate_text(GenerationRequest("r", LONG_HISTORY, SAMPLING))
+    await engine.close()
+    first, second = server.requests
+    assert text == "ok now" and len(second["messages"]) < len(first["messages"])
+
+
+async def test_a_second_full_context_answer_is_a_clear_error_not_a_loop(server: OpenAITestServer) -> None:
+    server.script(Fail(400, VLLM_CONTEXT_FULL), Fail(400, VLLM_CONTEXT_FULL), Reply("should not be used"))
+    engine = await started(server.base_url, context_tokens=2048)
+    with pytest.raises(EngineError, match=r"answered 400: This model's maximum context length is 2048 tokens\..* "
+                       r"\(also with the prompt fitted to 1536 tokens; HERMES_CONTEXT_TOKENS=2048 is probably above "
+                       r"the server's context: set it to the server's context size or below\)$"):
+        await engine.generate_text(GenerationRequest("r", LONG_HISTORY, SAMPLING))
+    await engine.close()
+    assert len(server.requests) == 2
+
+
+async def test_a_full_context_is_retried_only_before_any_text(server: OpenAITestServer) -> None:
+    """Before any text the shorter prompt goes out; after some (LM Studio: "Reached context length ...
+    mid-generation") a retry would repeat text the user has seen: an error, naming the setting."""
+    server.script(StreamError(CONTEXT_FULL, shape="event"), Reply("ok now"),
+                  StreamError(CONTEXT_FULL, shape="event", text_before="Hi"), Reply("should not be used"))
+    engine = await started(server.base_url, context_tokens=2048)
+    text, _ = await engine.generate_text(GenerationRequest("r", LONG_HISTORY, SAMPLING))
+    with pytest.raises(EngineError, match=r"exceeds the available context size.*\(HERMES_CONTEXT_TOKENS=2048 is"):
+        await engine.generate_text(GenerationRequest("r", LONG_HISTORY, SAMPLING))
+    await engine.close()
+    assert text == "ok now" and len(server.requests) == 3
 
 
 @pytest.mark.parametrize(("shape", "done"), [("error-line", True), ("error-line", False), ("event", True)])
@@ -215,7 +333,8 @@ async def test_an_error_the_server_reports_in_the_stream_is_its_error_and_a_400_
     server: OpenAITestServer, shape: str, done: bool
 ) -> None:
     """llama.cpp reports a full context as an `error:` line (then [DONE], or not), other servers as an
-    `event: error`: before, the reply ended empty as if complete, or was retried with the cause hidden."""
+    `event: error`: before, the reply ended empty as if complete, or was retried with the cause hidden.
+    With no turn to leave out, a shorter prompt is not to be had: the error comes at once."""
     server.script(StreamError(CONTEXT_FULL, shape=shape, done=done), Reply("should not be used"))  # type: ignore[arg-type]
     await fails_with(server.base_url, "reported an error: the request exceeds the available context size")
     assert len(server.requests) == 1

@@ -8,7 +8,9 @@ applied here, because servers differ in how many they honour.
 
 Retries: a refused connection, a timeout or a 429/5xx (an HTTP status, or the code of an error the server
 reports in the stream) is retried with exponential backoff, but only before the first token; after that a
-retry would repeat text the user has already seen.
+retry would repeat text the user has already seen. A prompt the server refuses as longer than its context
+(the estimate of its length fell short, or HERMES_CONTEXT_TOKENS is above the server's context) is sent once
+more with fewer turns, fitted to 3/4 of HERMES_CONTEXT_TOKENS, also only before the first token.
 
 Auth: HERMES_OPENAI_API_KEY goes as a Bearer token, or a user and password in HERMES_OPENAI_BASE_URL (a
 proxy's) as Basic auth; not both. Messages, which reach logs and Discord, show that password as `***`.
@@ -40,22 +42,38 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 MAX_SERVER_STOPS = 4  # OpenAI's own limit; we apply the rest ourselves
 READY_TIMEOUT_S = 1.5  # within the ops server's 2 s for a readiness check
-# Lengths in tokens are estimated from text: the server's tokenizer is not at hand. Llama/Mistral
-# tokenizers spend about a token on four characters of English, on two of Cyrillic, Greek or Arabic
-# (two-byte UTF-8), and on every CJK character or emoji (three or more bytes, often byte tokens). The
-# estimate weighs each character so (in quarters of a token): it overcounts a little rather than sending a
-# server more than its context. ChatML spends a few more tokens on each message's markers and role.
-TWO_BYTE_CHARS = re.compile("[\u0080-\u07ff]")  # half a token each
-WIDE_CHARS = re.compile("[\u0800-\U0010ffff]")  # a whole token each
+# Lengths in tokens are estimated from text: the server's tokenizer is not at hand. The estimate errs high,
+# as a server refuses (vLLM: 400) a prompt that with the reply is longer than its context. Its weights were
+# measured against Mistral-7B's SentencePiece tokenizer (v1, 32000 pieces: OpenHermes 2.5's, the default
+# model) on role-play lines, the personas and the README: it overestimates plain English by about 15% and
+# role-play by 5 to 20%; French, Spanish or German words split more than English ones and may be
+# underestimated by about 10%, which the retry with a smaller prompt after a context error covers.
+# ChatML spends a few more tokens on each message's markers and role.
 TOKENS_PER_MESSAGE = 5
+QUARTERS = tuple((re.compile(chars), extra) for chars, extra in (  # quarters of a token: 1 a character, plus
+    ("[^A-Za-z \u0080-\U0010ffff]", 3),  # ASCII digits, punctuation, symbols, newlines: a token each
+    ("[A-Z0-9]", 1),  # a capital often starts a new piece, a number takes one more for the space before it
+    ("[\u0400-\u04ff]", 1),  # Cyrillic: about two letters a token
+    ("[\u0080-\u03ff\u0500-\u07ff]", 4),  # accented Latin, Greek, Hebrew, Arabic: a token, and the space before
+    ("[\u0800-\uffff]", 5),  # CJK, kana, Hangul, typographic punctuation: a token, rarer CJK 3 byte tokens
+    ("[\U00010000-\U0010ffff]", 15),  # emoji: up to 4 byte tokens
+))
+# A server's answer to a prompt that with the reply is longer than its context (matched case-insensitively):
+# vLLM and OpenAI "This model's maximum context length is 8192 tokens. However, you requested ..." (OpenAI's
+# code: context_length_exceeded), vLLM's "... longer than the maximum model length of 8192", llama.cpp's
+# "the request exceeds the available context size" (exceed_context_size_error), LM Studio's "... the model
+# is loaded with context length of only 8192 tokens" (at times with status 200), MLX's "Context size has
+# been exceeded", Ollama's "exceeded max context length". Such a prompt is sent once more, fitted to
+# REFIT_CONTEXT of HERMES_CONTEXT_TOKENS: the estimate fell short, or the server's context is smaller.
+CONTEXT_EXCEEDED = re.compile(r"context[ _](length|size|window)|maximum model length", re.IGNORECASE)
+REFIT_CONTEXT = 3 / 4
 
 
 def _quarters(text: str) -> int:
-    if text.isascii():
-        return len(text)
-    return len(text) + len(TWO_BYTE_CHARS.findall(text)) + 3 * len(WIDE_CHARS.findall(text))
+    return len(text) + sum(extra * len(chars.findall(text)) for chars, extra in QUARTERS)
 
 
+@functools.lru_cache(maxsize=4096)  # fitting a prompt weighs the same turns again and again
 def estimated_tokens(text: str) -> int:
     return -(-_quarters(text) // 4)
 
@@ -72,14 +90,17 @@ class LengthEstimate:
         return {"input_ids": [0] * length}
 
     def encode(self, text: str, **_: Any) -> list[str]:
-        pieces, piece, quarters = [], "", 0
+        """`text` in as many pieces as it is estimated tokens, each as long as it takes to reach the next
+        token; a character of several tokens (an emoji) is followed by empty pieces."""
+        pieces: list[str] = []
+        quarters = 0
         for char in text:
-            weight = _quarters(char)
-            if quarters + weight > 4:
-                pieces.append(piece)
-                piece, quarters = "", 0
-            piece, quarters = piece + char, quarters + weight
-        return [*pieces, piece] if piece else pieces
+            quarters += _quarters(char)
+            if (tokens := -(-quarters // 4)) > len(pieces):
+                pieces += [char] + [""] * (tokens - len(pieces) - 1)
+            else:
+                pieces[-1] += char
+        return pieces
 
     def decode(self, pieces: list[str], **_: Any) -> str:
         return "".join(pieces)
@@ -87,6 +108,10 @@ class LengthEstimate:
 
 class _Retryable(Exception):
     """A failure before the first token that is worth another try."""
+
+
+class _ContextExceeded(Exception):
+    """The server refused the prompt as longer than its context: worth one try with a shorter one."""
 
 
 class OpenAIEngine(Engine):
@@ -188,10 +213,11 @@ class OpenAIEngine(Engine):
             message = f"the openai engine is shutting down: the reply from {self.shown_url} was cut off"
             stream.fail(EngineError(message))
 
-    def payload(self, request: GenerationRequest) -> dict[str, Any]:
-        """The JSON body for `request`, as sent to the server: the messages that fit the context with the
-        reply, and a `max_tokens` within what is left of both (a resumed reply's text counts as written)."""
-        s, context = request.sampling, self.settings.context_tokens
+    def payload(self, request: GenerationRequest, context: int | None = None) -> dict[str, Any]:
+        """The JSON body for `request`, as sent to the server: the messages that fit the context (by default
+        HERMES_CONTEXT_TOKENS) with the reply, and a `max_tokens` within what is left of both (a resumed
+        reply's text counts as written)."""
+        s, context = request.sampling, context or self.settings.context_tokens
         try:
             prompt = encode_messages(LengthEstimate(), request.messages, context_tokens=context,
                                      max_new_tokens=s.max_new_tokens)
@@ -237,18 +263,38 @@ class OpenAIEngine(Engine):
         body = self.payload(stream.request)
         stops = stream.request.stop_matcher()
         state = {"tokens": 0, "prompt_tokens": 0, "completion_tokens": 0, "reason": "stop"}
-        for attempt in range(self.attempts):
+        attempt, refitted = 0, False
+        while True:
             try:
                 await self._attempt(stream, body, stops, state)
                 break
+            except _ContextExceeded as exc:  # once, before any text, and only with a shorter prompt
+                smaller = None if refitted or state["tokens"] else self._refitted(stream.request, body)
+                context, refit = self.settings.context_tokens, int(self.settings.context_tokens * REFIT_CONTEXT)
+                if smaller is None:
+                    also = f"also with the prompt fitted to {refit} tokens; " if refitted else ""
+                    raise EngineError(f"{exc} ({also}HERMES_CONTEXT_TOKENS={context} is probably above the "
+                                      "server's context: set it to the server's context size or below)") from None
+                log.warning("openai engine: %s; retrying once with the prompt fitted to %d tokens: "
+                            "HERMES_CONTEXT_TOKENS=%d is probably above the server's context", exc, refit, context)
+                body, refitted = smaller, True
             except _Retryable as exc:
                 if state["tokens"] or attempt == self.attempts - 1:
                     raise EngineError(str(exc)) from None
                 delay = self.backoff_s * 2**attempt
                 log.warning("openai engine: %s; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
+                attempt += 1
         completion = state["completion_tokens"] or state["tokens"]
         stream.feed([Finish(state["reason"], int(state["prompt_tokens"]), int(completion))])
+
+    def _refitted(self, request: GenerationRequest, body: dict[str, Any]) -> dict[str, Any] | None:
+        """`body` with its prompt fitted to REFIT_CONTEXT of the context, or None when that is no shorter."""
+        try:
+            smaller = self.payload(request, int(self.settings.context_tokens * REFIT_CONTEXT))
+        except EngineError:  # even the system prompt does not fit
+            return None
+        return None if smaller == body else smaller
 
     async def _attempt(
         self, stream: GenerationStream, body: dict[str, Any], stops: StopMatcher, state: dict[str, Any]
@@ -257,16 +303,25 @@ class OpenAIEngine(Engine):
         try:
             async with self._session.post(self.url, json=body) as resp:
                 if resp.status != 200:
-                    detail = _error_detail(await resp.text())
+                    text = await resp.text()
+                    detail = _error_detail(text)
                     hint = self.base_url_hint if resp.status in (404, 405) else ""
                     message = (f"the OpenAI-compatible server at {self.shown_url} answered {resp.status}: "
                                f"{detail}{hint}")
                     if resp.status in RETRYABLE_STATUS:
                         raise _Retryable(message)
+                    if 400 <= resp.status < 500 and CONTEXT_EXCEEDED.search(text):
+                        raise _ContextExceeded(message)
                     raise EngineError(message)
                 if resp.content_type.endswith("json"):  # not an event stream: retrying would not change it
                     text = await resp.text()
-                    what = "JSON" if _error_field(_json(text)) is None else f"an error: {_error_detail(text)}"
+                    if _error_field(_json(text)) is None:
+                        what = "JSON"
+                    elif CONTEXT_EXCEEDED.search(text):  # LM Studio, at times: 200 and a context error
+                        raise _ContextExceeded(f"the server at {self.shown_url} answered an error: "
+                                               f"{_error_detail(text)}")
+                    else:
+                        what = f"an error: {_error_detail(text)}"
                     raise EngineError(
                         f"the server at {self.shown_url} answered {what} instead of an event stream"
                         f"{self.base_url_hint}"
@@ -320,9 +375,12 @@ class OpenAIEngine(Engine):
 
     def _reported_error(self, data: str) -> Exception:
         """The error the server reported in the stream, with its message; worth another try (before any
-        text) only when its code says the trouble passes (429, 5xx), not for a 400 such as a full context."""
+        text) when its code says the trouble passes (429, 5xx), or one with a shorter prompt when it says
+        the context is full (llama.cpp), not for another 400."""
         message = f"the server at {self.shown_url} reported an error: {_error_detail(data)}"
-        return _Retryable(message) if _error_code(data) in RETRYABLE_STATUS else EngineError(message)
+        if _error_code(data) in RETRYABLE_STATUS:
+            return _Retryable(message)
+        return _ContextExceeded(message) if CONTEXT_EXCEEDED.search(data) else EngineError(message)
 
 
 async def _events(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, str]]:
