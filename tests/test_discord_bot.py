@@ -302,6 +302,24 @@ async def test_a_bot_muted_in_a_channel_keeps_its_personas_quiet_there(env: Env)
     assert [m["content"] for m in asked["messages"][-2:]] == ["are you there?", "and now?"]  # one reply, to the second
 
 
+async def test_a_bot_muted_mid_reply_stops_writing_it(env: Env) -> None:
+    """The persona webhook would post the rest of the reply: Discord checks no channel permission for it."""
+    from tests.fakediscord import Perm
+
+    w = env.world
+    env.llm.script(Reply("word " * 150, chunk_chars=5, delay_s=0.02))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} a long story please")
+    await env.fake.wait_for_message(w.general, lambda m: m.webhook_id is not None)
+    muted = ~(Perm.SEND_MESSAGES | Perm.SEND_MESSAGES_IN_THREADS)
+    await env.fake.set_role_permissions(w.guild.everyone, Perm.EVERYONE_DEFAULT & muted)
+    await env.fake.set_bot_permissions(w.guild, Perm.BOT_DEFAULT & muted)
+    assert env.app.bot is not None
+    cog = env.app.bot.get_cog("ChatCog")
+    await eventually(lambda: not cog.running, timeout=2)  # the reply has about 3 s of text left
+    (shown,) = env.fake.bot_messages(w.general)
+    assert len(shown.content) < len("word " * 150) - 100
+
+
 async def test_a_message_superseded_while_waiting_gets_no_stopped_note(
     fake_discord: FakeDiscord, discord_world: World, llm: OpenAITestServer, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

@@ -50,6 +50,10 @@ STOPPED = " *(stopped)*"
 SUPERSEDED = "superseded"  # not shown: the reply gives way to the one for a newer message
 
 
+class Muted(Exception):
+    """The bot lost the permission to post in a channel while a reply was being written there."""
+
+
 @dataclass(frozen=True)
 class Asked:
     """What a reply answers: the user who asked (their HERMES_QUEUE_MAX_PER_USER share) and their message
@@ -393,7 +397,7 @@ class ChatCog(commands.Cog):
                     return None, False
                 ending = ""
             await live.finish(text + ending if text.strip() else ending or EMPTY)
-        except DISCORD_FAILURES as exc:  # e.g. no permission to post here: nothing to show it on
+        except (*DISCORD_FAILURES, Muted) as exc:  # e.g. no permission to post here: nothing to show it on
             log.warning("could not deliver reply in %s: %s", key, exc)
             await pending.cancel()
             ending = FAILED
@@ -444,6 +448,8 @@ class ChatCog(commands.Cog):
                     text += event.text
                     if text.strip():
                         typing.cancel()
+                        if not may_speak(channel):  # muted mid-reply: a webhook would go on posting
+                            raise Muted(f"the bot may no longer send messages in {channel}")
                         await live.show(text)
                 elif isinstance(event, Done):
                     ending = {"cancelled": STOPPED, "superseded": SUPERSEDED, "deadline": TOO_SLOW}.get(
