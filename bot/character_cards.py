@@ -265,22 +265,30 @@ def _first_line(text: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
 
 
-def _examples(text: str, name: str) -> list[dict[str, str]]:
-    """`<START>`-separated example chats whose lines start with `{{user}}:` or `{{char}}:`."""
+def _examples(text: str, name: str) -> list[dict[str, Any]]:
+    """`<START>`-separated example chats whose lines start with `{{user}}:` or `{{char}}:`. Each chat after
+    the first starts with a line marked `start: true`, so the prompt keeps them apart instead of running them
+    together as one conversation; text between a `<START>` and the chat's first line belongs to no line."""
     speaker = re.compile(r"^\s*(\{\{user\}\}|<USER>|\{\{char\}\}|<BOT>)\s*:\s*", re.I)
-    turns: list[dict[str, str]] = []
+    chats: list[list[dict[str, str]]] = [[]]
     for line in plain_text(text).splitlines():
         if line.strip().upper() == "<START>":
+            chats.append([])
             continue
         match = speaker.match(line)
         if match:
             role = "user" if match.group(1).lower() in ("{{user}}", "<user>") else "assistant"
-            turns.append({"role": role, "content": line[match.end() :]})
-        elif turns and line.strip():
-            turns[-1]["content"] += "\n" + line
-    for turn in turns:
-        turn["content"] = _fill(turn["content"], name, DIALOGUE_USER).strip()
-    return [turn for turn in turns if turn["content"]]
+            chats[-1].append({"role": role, "content": line[match.end() :]})
+        elif chats[-1] and line.strip():
+            chats[-1][-1]["content"] += "\n" + line
+    examples: list[dict[str, Any]] = []
+    for chat in chats:
+        turns = [{**turn, "content": _fill(turn["content"], name, DIALOGUE_USER).strip()} for turn in chat]
+        turns = [turn for turn in turns if turn["content"]]
+        if turns and examples:
+            turns[0] = {"start": True, **turns[0]}
+        examples += turns
+    return examples
 
 
 class _BlockDumper(yaml.SafeDumper):

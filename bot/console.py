@@ -23,6 +23,7 @@ from bot.config import Settings
 from bot.conversation import ChatService
 from bot.daemon_thread import in_daemon_thread
 from bot.personas import Persona, PersonaRegistry
+from bot.prompt import without_own_name
 from bot.queue.base import JobQueue, QueueBusy
 from bot.queue.jobs import Done, ErrorEvent, TextDelta
 from bot.store.keys import ConversationKey
@@ -126,7 +127,9 @@ async def _converse(service: ChatService, queue: JobQueue, persona: Persona) -> 
 
 
 async def _reply(service: ChatService, key: ConversationKey, persona: Persona) -> str:
-    """Stream one reply to stdout; returns its text ("" when it failed)."""
+    """Stream one reply to stdout; returns its text ("" when it failed). "Mira Vance: " is printed here before
+    the reply, so a label of the persona's own name that the model starts with ("Mira Vance: ...") is neither
+    printed again nor returned to be stored."""
     try:
         pending = await service.start_reply(key, persona)
     except QueueBusy as exc:
@@ -135,12 +138,12 @@ async def _reply(service: ChatService, key: ConversationKey, persona: Persona) -
     if pending.position > 1:
         _note(f"(you are number {pending.position} in line)")
     print(f"{persona.name}: ", end="", flush=True)
-    parts: list[str] = []
+    raw, shown = "", ""
     try:
         async for event in pending.events():
             if isinstance(event, TextDelta):
-                parts.append(event.text)
-                print(event.text, end="", flush=True)
+                raw += event.text
+                shown = _show(without_own_name(raw, persona.name, partial=True), shown)
             elif isinstance(event, ErrorEvent):
                 print(flush=True)
                 _note(f"(error: {event.message})")
@@ -152,5 +155,12 @@ async def _reply(service: ChatService, key: ConversationKey, persona: Persona) -
         with contextlib.suppress(Exception):
             await pending.cancel()
         raise
+    shown = _show(without_own_name(raw, persona.name), shown)  # a reply that is just "Mira" held back till now
     print(flush=True)
-    return "".join(parts)
+    return shown
+
+
+def _show(text: str, shown: str) -> str:
+    """Print what `text` adds to the `shown` text before it (a terminal takes nothing back); returns `text`."""
+    print(text[len(shown) :], end="", flush=True)
+    return text

@@ -96,6 +96,8 @@ class ExampleTurn(BaseModel):
 
     role: Literal["user", "assistant"]
     content: Text = Field(min_length=1)
+    # This line starts another example chat (a card's `<START>`): the prompt marks it off from the one before.
+    start: bool | None = None
 
 
 def _without_blank_entries(value: list[str]) -> list[str]:
@@ -419,18 +421,58 @@ class PersonaRegistry:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def find_addressed(self, text: str, candidates: Iterable[str] | None = None) -> Persona | None:
-        """The persona whose name or wake word starts `text` ("Edward, ..."), among `candidates`."""
+    def find_addressed(
+        self, text: str, candidates: Iterable[str] | None = None, *, speaker: Persona | None = None
+    ) -> Persona | None:
+        """The persona whose name or wake word starts `text` ("Edward, ..."), among `candidates`.
+
+        A person's message (no `speaker`) addresses a persona that its first word names, as people write on
+        Discord ("Edward how tall are you", "Hermes 2 help"). `text` from `speaker`, a persona handing the turn
+        on, must say the name to someone: past its own name as a label ("Mira Vance: ..."), *actions* and
+        opening quotes ("*turns to him* Sherlock, ...", "“Sherlock, ...”"), the name must be followed by a
+        vocative mark (`,` `!` `?` `:` `—`, the text's end), so that a line about someone ("Holmes was wrong
+        about the map", "Ed is too short") hands nobody the turn.
+        """
+        if speaker is not None:
+            from bot.prompt import without_own_name  # bot.prompt imports this module
+
+            text = _past_openers(without_own_name(text, speaker.name))
         lowered = text.lstrip().lower()
+        said_to = _said_to if speaker is not None else _ends_address
         pool = [self._by_id[c] for c in candidates if c in self._by_id] if candidates is not None else list(self)
         best: tuple[int, Persona] | None = None
         for persona in pool:
             for word in persona.addressed_by():
                 w = word.lower()
-                if lowered.startswith(w) and _ends_address(lowered, len(w)):
+                if lowered.startswith(w) and said_to(lowered, len(w)):
                     if best is None or len(w) > best[0]:
                         best = (len(w), persona)
         return best[1] if best else None
+
+
+OPENING_QUOTES = "\"“„«「『'‘"
+VOCATIVE_MARKS = ",!?:—–、，！？："
+_ACTION = re.compile(r"\*\*[^*\n]+\*\*|\*[^*\n]+\*|_[^_\n]+_")  # *turns to him*, **bold**, _sighs_
+
+
+def _past_openers(text: str) -> str:
+    """`text` past what comes before the words of a role-play line: *actions*, _actions_, opening quotes."""
+    while True:
+        text = text.lstrip()
+        if text[:1] and text[0] in OPENING_QUOTES:
+            text = text[1:]
+        elif action := _ACTION.match(text):
+            text = text[action.end() :]
+        else:
+            return text
+
+
+def _said_to(text: str, end: int) -> bool:
+    """Whether a name that starts `text` and ends at `end` is said to someone: followed, past an honorific
+    attached to it and any spaces, by a vocative mark or the text's end ("Sherlock, ...", "Ed!", "ミラさん、")."""
+    rest = text[end:]
+    rest = next((rest[len(h) :] for h in HONORIFICS if rest.startswith(h)), rest).lstrip()
+    return not rest or rest[0] in VOCATIVE_MARKS
 
 
 def _ends_address(text: str, end: int) -> bool:

@@ -18,6 +18,7 @@ import yaml
 from bot.character_cards import card_to_persona, read_card
 from bot.cli import main
 from bot.personas import PersonaRegistry
+from bot.prompt import EXAMPLES_END, ChatTurn, build_messages
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,11 +89,11 @@ def test_a_png_card_becomes_a_persona_the_registry_loads(
     assert "Captain Mira Vance commands the salvage ship Gull. She owes the user a favour." in persona.system_prompt
     assert "personality: dry, loyal" in persona.system_prompt and "Scenario: The Gull drifts" in persona.system_prompt
     assert persona.greeting == "*Captain Mira Vance glances up.* You're late, friend."
-    assert [(e.role, e.content) for e in persona.examples] == [
-        ("user", "What's our heading?"),
-        ("assistant", "Wherever the scrap is.\nAnd quickly."),
-        ("user", "Can we trust them?"),
-        ("assistant", "No, friend."),
+    assert [(e.role, e.content, e.start) for e in persona.examples] == [  # two example chats, kept apart
+        ("user", "What's our heading?", None),
+        ("assistant", "Wherever the scrap is.\nAnd quickly.", None),
+        ("user", "Can we trust them?", True),
+        ("assistant", "No, friend.", None),
     ]
     assert persona.description == "A salvage captain for sci-fi scenes."
     assert persona.wake_words == ["mira"]  # not the title "captain"
@@ -287,6 +288,26 @@ def test_bad_cards_and_existing_ids_are_clear_errors(
     assert main(["personas", "import", str(card), "--force"]) == 0
     assert main(["personas", "import", str(card), "--id", "Not An Id"]) == 2
     assert "--id 'Not An Id'" in capsys.readouterr().err and not (personas_dir / "Not An Id.yaml").exists()
+
+
+def test_example_chats_stay_apart_in_the_prompt(tmp_path: Path, personas_dir: Path) -> None:
+    """SillyTavern's <START> begins a new example chat: the prompt marks each one as an example instead of
+    running them together into one conversation, and text before a chat's first line joins no other chat."""
+    examples = ("<START>\n{{user}}: Heading?\n{{char}}: North.\n<START>\nA stray note.\n<START>\n"
+                "{{char}}: *waves*\n{{user}}: Hi\n<START>\n{{user}}: \n<START>\n{{user}}: Trust them?\n{{char}}: No.")
+    card = tmp_path / "mira.json"
+    card.write_text(json.dumps({**CARD_V2, "data": {**CARD_V2["data"], "mes_example": examples}}))
+    assert main(["personas", "import", str(card)]) == 0
+    assert "start: true" in (personas_dir / "captain_mira_vance.yaml").read_text()
+    persona = PersonaRegistry.load(personas_dir).get("captain_mira_vance")
+    messages = build_messages(persona, [ChatTurn("user", "Hello")])
+    intro = "[An example of how Captain Mira Vance talks, not part of the conversation]"
+    assert [(m["role"], m["content"]) for m in messages[1:]] == [
+        ("system", intro), ("user", "Heading?"), ("assistant", "North."),
+        ("system", intro), ("assistant", "*waves*"), ("user", "Hi"),
+        ("system", intro), ("user", "Trust them?"), ("assistant", "No."),
+        ("system", EXAMPLES_END), ("user", "Hello"),
+    ]
 
 
 def test_a_cards_lorebook_becomes_lore_and_constant_entries_join_the_prompt(

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
-from bot.console import console_key
+import pytest
+
+from bot.console import _converse, console_key
 from bot.devtools import write_tiny_model
+from bot.personas import Persona
+from bot.queue.jobs import Done, TextDelta
 from bot.store.repository import ConversationStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +82,60 @@ async def test_the_greeting_is_the_first_turn_and_a_later_session_continues(tmp_
         await store.close()
     assert [m.role for m in history] == ["assistant", "user", "assistant", "user", "assistant"]
     assert history[0].content.startswith("You have been in a hurry") and history[3].content == "caf\ufffd?"
+
+
+class ScriptedReplies:
+    """A ChatService stand-in whose persona replies with the given text, streamed in the given pieces."""
+
+    def __init__(self, *pieces: str) -> None:
+        self.pieces = pieces
+        self.stored: list[str] = []
+        self.store = self
+
+    async def window(self, key: Any, limit: int) -> list[Any]:
+        return []
+
+    async def record_user_turn(self, key: Any, **fields: Any) -> bool:
+        return True
+
+    async def start_reply(self, key: Any, persona: Persona) -> Any:
+        pieces = self.pieces
+
+        class Pending:
+            position = 1
+
+            async def events(self) -> AsyncIterator[TextDelta | Done]:
+                for seq, piece in enumerate(pieces):
+                    yield TextDelta(job_id="j", seq=seq, text=piece)
+                yield Done(job_id="j", finish_reason="stop")
+
+        return Pending()
+
+    async def store_reply(self, key: Any, persona: Persona, text: str) -> bool:
+        self.stored.append(text)
+        return True
+
+
+@pytest.mark.parametrize(
+    ("pieces", "shown"),
+    [
+        (("Mira", " Va", "nce", ": *grins*", " Aye."), "*grins* Aye."),
+        (("**Mira Vance:**", " Aye."), "Aye."),
+        (("Mira", " thinks so."), "Mira thinks so."),
+        (("Mira",), "Mira"),  # the whole reply: held back while it could become "Mira Vance:", then shown
+    ],
+)
+async def test_a_reply_is_shown_and_stored_without_a_label_of_its_own_name(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], pieces: tuple[str, ...], shown: str
+) -> None:
+    """The terminal prints "Mira Vance: " before each reply itself: a model that starts with its own name
+    too printed "Mira Vance: Mira Vance: ...", and stored it so for the next prompts."""
+    mira = Persona(id="mira", name="Mira Vance", system_prompt="You are Mira.")
+    service = ScriptedReplies(*pieces)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Ahoy\n"))
+    await _converse(service, None, mira)  # type: ignore[arg-type]
+    assert capsys.readouterr().out == f"Mira Vance: {shown}\n"
+    assert service.stored == [shown]
 
 
 def test_unknown_persona_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -97,6 +97,19 @@ async def test_mention_gets_a_streamed_reply_as_the_default_persona(env: Env) ->
     assert stored[0].discord_message_id == asked.id
 
 
+async def test_a_reply_that_opens_with_its_own_name_is_shown_and_stored_without_it(env: Env) -> None:
+    """The model copies the `Name:` that other speakers' lines carry; under a webhook that already shows the
+    name it read "Hermes 2: Hermes 2: ..." to the other personas. The label never flashes up while streaming."""
+    env.llm.script(Reply("Hermes 2: Hello Alice, nice to meet you.", chunk_chars=3, delay_s=0.02))
+    w = env.world
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} hi there")
+    await persona_reply(env, w.general, "Hello Alice, nice to meet you.")
+    written = [r.json["content"] for r in env.fake.requests if isinstance(r.json, dict) and "content" in r.json]
+    assert written and not any("Hermes" in text for text in written)
+    stored = await eventually(lambda: _window_of(env, ConversationKey(w.guild.id, w.general.id), 2))
+    assert stored[-1].content == "Hello Alice, nice to meet you."
+
+
 async def test_attachments_and_stickers_are_named_to_the_model(env: Env) -> None:
     w = env.world
     env.llm.script(Reply("What a cat!"))
@@ -1273,20 +1286,29 @@ async def test_forget_me_erases_what_the_user_wrote_everywhere(env: Env) -> None
     assert "nothing you wrote" in await slash(env, "forget-me", user=w.alice)
 
 
-async def test_a_persona_hands_the_turn_to_another_it_addresses(env: Env) -> None:
+@pytest.mark.parametrize("handing_off", ["Sherlock, what do you make of this?", '*turns* "Sherlock, what now?"'])
+async def test_a_persona_hands_the_turn_to_another_it_addresses(env: Env, handing_off: str) -> None:
     w = env.world
     assert "Sherlock" in await slash(env, "persona add", {"persona": "sherlock_holmes"})
-    env.llm.script(
-        Reply("Sherlock, what do you make of this?"), Reply("Hermes, it is elementary."), Reply("One too many.")
-    )
+    env.llm.script(Reply(handing_off), Reply("Hermes, it is elementary."), Reply("One too many."))
     await env.fake.send_message(w.general, w.alice, f"{mention(env)} someone stole the tarts")
-    assert (await persona_reply(env, w.general, "Sherlock, what do you make of this?")).username == "Hermes 2"
+    assert (await persona_reply(env, w.general, handing_off)).username == "Hermes 2"
     sherlock = await persona_reply(env, w.general, "Hermes, it is elementary.")
     assert sherlock.username == "Sherlock Holmes"
     asked = [m["content"] for m in env.llm.requests[1]["messages"]]
-    assert any("Sherlock, what do you make of this?" in text for text in asked)  # he saw what he was asked
+    assert any(handing_off in text for text in asked)  # he saw what he was asked
     await asyncio.sleep(0.3)
     assert len(env.llm.requests) == 2  # HERMES_PERSONA_HAND_OFFS=1: Sherlock's answer hands nothing on
+
+
+async def test_a_persona_mentioning_another_in_passing_keeps_the_floor(env: Env) -> None:
+    w = env.world
+    assert "Sherlock" in await slash(env, "persona add", {"persona": "sherlock_holmes"})
+    env.llm.script(Reply("Holmes was wrong about the map, of course."), Reply("must not be asked"))
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} where is the treasure?")
+    await persona_reply(env, w.general, "Holmes was wrong about the map, of course.")
+    await asyncio.sleep(0.3)
+    assert len(env.llm.requests) == 1
 
 
 async def test_no_hand_off_once_shutdown_began(env: Env) -> None:

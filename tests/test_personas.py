@@ -98,7 +98,7 @@ def test_malformed_files_name_file_line_and_field(
         ("greeting", r'"Hi\b!"', "Hi!"),
         ("reminder", r'"Short\v."', "Short."),
         ("wake_words", r'["ti\x00na"]', ["tina"]),
-        ("examples", r'[{role: user, content: "Hi\e"}]', [{"role": "user", "content": "Hi"}]),
+        ("examples", r'[{role: user, content: "Hi\e"}]', [{"role": "user", "content": "Hi", "start": None}]),
         ("lore", r'[{keys: ["te\aa"], content: "Tea\f."}]', [{"keys": ["tea"], "content": "Tea."}]),
     ],
 )
@@ -158,6 +158,36 @@ def test_addressing_by_name_or_wake_word() -> None:
     for opener in ("gm everyone!", "DM me the rules please", "helper functions in python?"):
         assert registry.find_addressed(opener) is None, opener
     assert registry.find_addressed("Game master, what do I see?").id == "narrator"  # type: ignore[union-attr]
+
+
+def test_a_persona_hands_the_turn_only_to_someone_it_speaks_to() -> None:
+    """A persona's reply hands the turn on when it says another persona's name to them, as role-play writes
+    it: past its own name as a label, *actions* and opening quotes, the name followed by a vocative mark.
+    A line about someone is no hand-off."""
+    registry = PersonaRegistry.load(ROOT / "personas")
+    edward = registry.get("edward_elric")
+    others = [p.id for p in registry if p.id != edward.id]
+
+    def handed_to(text: str) -> str | None:
+        found = registry.find_addressed(text, others, speaker=edward)
+        return found.id if found else None
+
+    for text in ("Sherlock, what do you make of this?", "Edward Elric: Sherlock, what do you make of this?",
+                 "**Edward Elric:** Sherlock, what do you make of this?",
+                 "*turns to Sherlock* Sherlock, what do you make of this?", '"Sherlock, what do you make of this?"',
+                 "*turns* _sighs_ “Holmes! Look.”", "« Sherlock ? »", "Holmes: your move.", "Sherlock Holmes — well?",
+                 "Sherlock?", "「Sherlock、見て」"):
+        assert handed_to(text) == "sherlock_holmes", text
+    for text in ("Holmes was wrong about the map, of course.", "Sherlock Holmes is a fraud.",
+                 "*points at Sherlock* He did it.", "Narrator describes storms badly.", "Sherlock's pipe is out.",
+                 "*Sherlock, what", "Hermes 2 help"):
+        assert handed_to(text) is None, text
+    assert handed_to("Narrator, describe the storm.") == "narrator"
+    assert handed_to("Game master! Roll.") == "narrator"
+    assert registry.find_addressed("Edward, you there?", others, speaker=edward) is None  # not to itself
+    # People keep waking a persona by a name at the start, as written on Discord, comma or none.
+    assert registry.find_addressed("Holmes was there?", others).id == "sherlock_holmes"  # type: ignore[union-attr]
+    assert registry.find_addressed("Edward how tall are you").id == "edward_elric"  # type: ignore[union-attr]
 
 
 def test_a_japanese_name_with_an_honorific_attached_addresses_its_persona(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from bot.personas import Persona, PersonaError, PersonaRegistry, load_persona_file
 from bot.prompt import (
+    EXAMPLES_END,
     LORE_HEADING,
     ChatTurn,
     PromptTooLong,
@@ -23,6 +24,7 @@ from bot.prompt import (
     encode_messages,
     render_text,
     stop_strings,
+    without_own_name,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,12 +146,41 @@ def test_single_speaker_is_not_prefixed(registry: PersonaRegistry) -> None:
 
 
 def test_a_user_named_like_the_persona_is_another_speaker(registry: PersonaRegistry) -> None:
-    """Two people, one of them called "Edward Elric": their lines still need names, but the persona's
-    own name is never a stop (it would cut the persona off whenever it names itself at a line start)."""
+    """Two people, one of them called "Edward Elric": their lines still need names, and that person is
+    "Edward Elric (player)", so the persona can tell them from itself and is stopped when it writes their
+    line; the persona's own name is never a stop (it would cut the persona off whenever it names itself
+    at a line start)."""
     ed = registry.get("edward_elric")
     turns = [ChatTurn("user", "I am Ed too", author="Edward Elric"), ChatTurn("user", "Hi both", author="Alice")]
-    assert [m["content"] for m in build_messages(ed, turns)[1:]] == ["Edward Elric: I am Ed too", "Alice: Hi both"]
-    assert stop_strings(ed, turns) == ["\nAlice:"]
+    assert [m["content"] for m in build_messages(ed, turns)[1:]] == [
+        "Edward Elric (player): I am Ed too", "Alice: Hi both",
+    ]
+    assert stop_strings(ed, turns) == ["\nEdward Elric (player):", "\nAlice:"]
+
+
+def test_a_user_named_like_another_persona_is_told_apart_from_it(registry: PersonaRegistry) -> None:
+    """A player called "narrator" beside the Narrator persona: in every persona's prompt the player is
+    "narrator (player)" and the persona "Narrator", and each has its own stop string, the Narrator's own
+    prompt included (its `\\nNarrator:` was dropped as its own name, so it could write the player's lines)."""
+    names = {p.id: p.name for p in registry}
+    turns = [
+        ChatTurn("assistant", "The cellar is dark.", persona_id="narrator"),
+        ChatTurn("user", "I light a torch.", author="narrator"),
+        ChatTurn("user", "Me too.", author="Alice"),
+    ]
+    mira_view = build_messages(registry.get("edward_elric"), turns, persona_names=names)
+    assert [m["content"] for m in mira_view[1:]] == [
+        "Narrator: The cellar is dark.", "narrator (player): I light a torch.", "Alice: Me too.",
+    ]
+    assert stop_strings(registry.get("edward_elric"), turns, persona_names=names) == [
+        "\nNarrator:", "\nnarrator (player):", "\nAlice:",
+    ]
+    narrator = registry.get("narrator")
+    own_view = build_messages(narrator, turns, persona_names=names)
+    assert own_view[-2:] == [
+        {"role": "user", "content": "narrator (player): I light a torch."}, {"role": "user", "content": "Alice: Me too."},
+    ]
+    assert "\nnarrator (player):" in stop_strings(narrator, turns, persona_names=names)
 
 
 def test_other_personas_speak_as_named_users(registry: PersonaRegistry) -> None:
@@ -165,11 +196,120 @@ def test_other_personas_speak_as_named_users(registry: PersonaRegistry) -> None:
     assert "\nSherlock Holmes:" in stop_strings(registry.get("edward_elric"), turns, persona_names=names)
 
 
-def test_examples_follow_the_system_prompt(registry: PersonaRegistry) -> None:
+def test_examples_are_marked_off_from_the_conversation(registry: PersonaRegistry) -> None:
+    """Example dialogue is no history: a system line says it is an example (SillyTavern's "[Example Chat]"),
+    another that the conversation starts after it."""
     narrator = registry.get("narrator")
     messages = build_messages(narrator, [ChatTurn("user", "I open the door", author="Mira")])
-    assert messages[1]["content"] == narrator.examples[0].content
-    assert messages[2]["role"] == "assistant"
+    assert messages[1:] == [
+        {"role": "system", "content": "[An example of how Narrator talks, not part of the conversation]"},
+        {"role": "user", "content": narrator.examples[0].content},
+        {"role": "assistant", "content": narrator.examples[1].content},
+        {"role": "system", "content": EXAMPLES_END},
+        {"role": "user", "content": "I open the door"},
+    ]
+
+
+CAPTAIN = Persona(
+    id="captain", name="Captain Vega", system_prompt="You are Captain Vega.",
+    examples=[
+        {"role": "user", "content": "Status report?"}, {"role": "assistant", "content": "All decks green."},
+        {"role": "user", "content": "Orders?", "start": True}, {"role": "assistant", "content": "Hold position."},
+        {"role": "user", "content": "Ensign Ro: Shields?"}, {"role": "assistant", "content": "Up."},
+    ],
+)
+
+
+def test_each_example_chat_is_marked_and_in_a_group_its_user_lines_carry_a_name() -> None:
+    """Separate example chats (a card's <START> blocks) are not run together into one conversation; where
+    real lines carry their speakers' names, an example's user line does too (unless it names one itself),
+    so it never reads as a real person's unnamed line. The block is the same whatever the conversation:
+    with the system prompt, one prefix for the KV cache."""
+    intro = {"role": "system", "content": "[An example of how Captain Vega talks, not part of the conversation]"}
+    alone = build_messages(CAPTAIN, [ChatTurn("user", "Hi", author="Ann")])
+    assert alone[1:10] == [
+        intro, {"role": "user", "content": "Status report?"}, {"role": "assistant", "content": "All decks green."},
+        intro, {"role": "user", "content": "Orders?"}, {"role": "assistant", "content": "Hold position."},
+        {"role": "user", "content": "Ensign Ro: Shields?"}, {"role": "assistant", "content": "Up."},
+        {"role": "system", "content": EXAMPLES_END},
+    ]
+    group = build_messages(CAPTAIN, [ChatTurn("user", "Hi", author="Ann"), ChatTurn("user", "Yo", author="Bob")])
+    assert [m["content"] for m in group[1:10] if m["role"] == "user"] == [
+        "friend: Status report?", "friend: Orders?", "Ensign Ro: Shields?",
+    ]
+    other = build_messages(CAPTAIN, [ChatTurn("user", "Hello", author="Cy"), ChatTurn("user", "Hey", author="Di"),
+                                     ChatTurn("assistant", "Welcome aboard.")])
+    assert other[:10] == group[:10]
+
+
+def test_trimming_keeps_or_drops_the_examples_whole(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The oldest turns go first and the examples stay, a constant prefix; when even the newest turn alone
+    leaves them no room, they go as a whole, never an example's user line kept without its reply."""
+    head = build_messages(CAPTAIN, [])
+    assert head[-1] == {"role": "system", "content": EXAMPLES_END} and len(head) == 10
+    messages = build_messages(CAPTAIN, _long_history(60))
+    roomy = encode_messages(tokenizer, messages, context_tokens=900, max_new_tokens=100)
+    assert 0 < roomy.dropped and roomy.messages[:10] == head and roomy.messages[-1] == messages[-1]
+    assert roomy.messages[10:] == messages[10 + roomy.dropped :] and len(roomy.ids) <= 800
+    newest = ChatTurn("user", " ".join(f"word{i}" for i in range(60)), author="Alice")
+    messages = build_messages(CAPTAIN, [*_long_history(60), newest])
+    examples = len(encode(tokenizer, head)) - len(encode(tokenizer, head[:1]))
+    budget = len(encode(tokenizer, [head[0], messages[-1]])) + examples // 2  # room for the newest, not the examples
+    tight = encode_messages(tokenizer, messages, context_tokens=2 * budget, max_new_tokens=budget)
+    assert tight.messages[0] == head[0] and not any(m in tight.messages for m in head[1:])
+    assert tight.messages[1:] == messages[10 + tight.dropped - 9 :]  # the history after the examples, newest last
+    assert len(tight.messages) > 2 and not tight.truncated_newest and len(tight.ids) <= budget  # their room is used
+
+
+def test_a_reply_loses_a_label_of_its_own_name() -> None:
+    """Other speakers' lines reach a persona as "Name: text", and a model often starts its reply with its own
+    name so: shown under a webhook that carries the name, and read by the others as "Mira Vance: Mira
+    Vance: ...". SillyTavern removes such a leading label too."""
+    for text in ("Mira Vance: *grins* Hi.", "**Mira Vance:** *grins* Hi.", "**Mira Vance**: *grins* Hi.",
+                 "  mira vance :\n*grins* Hi.", "** MIRA  VANCE ** : *grins* Hi."):
+        assert without_own_name(text, "Mira Vance") == "*grins* Hi.", text
+    for text in ("Mira Vance is here.", "Mira: hi", "Sherlock Holmes: hi", "I am Mira Vance: captain.",
+                 "Hi.\nMira Vance: again", "Mira Vancey: hi"):
+        assert without_own_name(text, "Mira Vance") == text, text  # a later line's label may be the persona's script
+    assert without_own_name("Dr. Who: hi", "Dr. Who") == "hi" and without_own_name("Dr! Who: hi", "Dr. Who") != "hi"
+
+
+@pytest.mark.parametrize(
+    ("reply", "final"),
+    [
+        ("Mira Vance: *grins* Sherlock, look.", "*grins* Sherlock, look."),
+        ("**Mira Vance**: Aye.", "Aye."),
+        ("**Mira Vance:** Aye.", "Aye."),
+        ("Mira thinks so.", "Mira thinks so."),
+        ("**Bold** move.", "**Bold** move."),
+        ("Mira", "Mira"),
+        ("  Mira Vance", "  Mira Vance"),
+    ],
+)
+def test_a_streamed_reply_never_shows_its_own_name_label_partly(reply: str, final: str) -> None:
+    """Applied to the text so far at every update: what could still become the label ("Mira Va") is held
+    back, what was shown is never taken back, and the finished reply loses the label or nothing."""
+    shown = ""
+    for end in range(len(reply) + 1):
+        now = without_own_name(reply[:end], "Mira Vance", partial=True)
+        assert now.startswith(shown) and final.startswith(now), (reply[:end], now)
+        assert not ("Vance" in now and final.startswith("*")), now
+        shown = now
+    assert without_own_name(reply, "Mira Vance") == final
+
+
+def test_a_stored_reply_with_its_own_name_is_read_without_it(registry: PersonaRegistry) -> None:
+    """Replies stored with a label of their own name (before it was removed) are not read doubled
+    ("Edward Elric: Edward Elric: ...") by the others, nor as the pattern to follow by the persona itself."""
+    names = {p.id: p.name for p in registry}
+    turns = [ChatTurn("user", "Ed?", author="Alice"),
+             ChatTurn("assistant", "Edward Elric: *shrugs* Sherlock, your turn.", persona_id="edward_elric")]
+    assert build_messages(registry.get("sherlock_holmes"), turns, persona_names=names)[-1] == {
+        "role": "user", "content": "Edward Elric: *shrugs* Sherlock, your turn.",
+    }
+    assert build_messages(registry.get("edward_elric"), turns, persona_names=names)[-1] == {
+        "role": "assistant", "content": "*shrugs* Sherlock, your turn.",
+    }
 
 
 def _long_history(n: int) -> list[ChatTurn]:

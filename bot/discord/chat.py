@@ -26,6 +26,7 @@ from bot.discord.stream import DISCORD_FAILURES, LiveReply, Outlet
 from bot.discord.triggers import Signals, active_personas, choose_persona
 from bot.lru import LRU
 from bot.personas import Persona
+from bot.prompt import without_own_name
 from bot.queue.base import QueueBusy, QueueUnavailable
 from bot.queue.jobs import Done, ErrorEvent, TextDelta
 from bot.store.db import StoreUnavailable
@@ -332,7 +333,7 @@ class ChatCog(commands.Cog):
         """Another persona active here that `text` addresses at its start, as a person would. Most
         replies address nobody, so the channel's settings are read only when a name starts the text."""
         personas = self.chat.personas
-        addressed = personas.find_addressed(text, [p.id for p in personas if p.id != speaker.id])
+        addressed = personas.find_addressed(text, [p.id for p in personas if p.id != speaker.id], speaker=speaker)
         if addressed is None:
             return None
         channel = await self.chat.store.get_settings(key)
@@ -387,7 +388,7 @@ class ChatCog(commands.Cog):
                 await pending.cancel()
         text, ending = "", FAILED
         try:
-            text, ending = await self._stream(channel, live, pending)
+            text, ending = await self._stream(channel, live, pending, persona.name)
             if trigger in self._deleted:
                 await live.withdraw()
                 return None, False
@@ -436,16 +437,21 @@ class ChatCog(commands.Cog):
         self._busy_noticed[key] = now
         return True
 
-    async def _stream(self, channel: discord.abc.Messageable, live: LiveReply, pending: PendingReply) -> tuple[str, str]:
-        """Show text as it arrives; returns the reply text and what to append (a notice) at the end."""
+    async def _stream(
+        self, channel: discord.abc.Messageable, live: LiveReply, pending: PendingReply, name: str
+    ) -> tuple[str, str]:
+        """Show text as it arrives, without a leading label of the persona's own `name` ("Mira: ...", which the
+        model copies from other speakers' lines); returns the reply text and what to append (a notice) at the
+        end."""
         if pending.position >= WAIT_NOTICE_POSITION:
             await live.show(WAITING.format(position=pending.position))
         typing = asyncio.create_task(_keep_typing(channel))
-        text, ending = "", ""
+        raw, text, ending = "", "", ""
         try:
             async for event in pending.events():
                 if isinstance(event, TextDelta):
-                    text += event.text
+                    raw += event.text
+                    text = without_own_name(raw, name, partial=True)
                     if text.strip():
                         typing.cancel()
                         if not may_speak(channel):  # muted mid-reply: a webhook would go on posting
@@ -465,6 +471,7 @@ class ChatCog(commands.Cog):
             ending = UNAVAILABLE
         finally:
             typing.cancel()
+        text = without_own_name(raw, name)
         if ending and ending not in (STOPPED, SUPERSEDED) and text.strip():
             ending = "\n\n" + ending
         return text, ending
