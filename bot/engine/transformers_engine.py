@@ -35,6 +35,7 @@ from bot.engine.base import (
     TextChunk,
 )
 from bot.engine.decode import PAD_ID, DecodeGraphs, decode_logits
+from bot.engine.hub import cache_only, offline_hub
 from bot.engine.kv import (
     Attention,
     PrefillCache,
@@ -110,15 +111,18 @@ def load_model(settings: Settings) -> tuple[Any, Any, torch.device]:
             "and answers slowly; without a GPU, HERMES_ENGINE=openai with LM Studio, llama.cpp or Ollama is "
             "the fast path (README: Without a GPU)", settings.model, str(dtype).removeprefix("torch."),
         )
+    offline = local is None and cache_only(settings.model)
     source = str(local or settings.model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation="sdpa", quantization_config=quant,
-            device_map=str(device) if quant is not None else None,
-        )
+        with offline_hub(offline):
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, attn_implementation="sdpa", quantization_config=quant,
+                device_map=str(device) if quant is not None else None,
+            )
     except OSError as exc:
-        raise EngineError(f"cannot load HERMES_MODEL={settings.model!r}: {exc}") from exc
+        where = " from the local Hugging Face cache" if offline else ""
+        raise EngineError(f"cannot load HERMES_MODEL={settings.model!r}{where}: {exc}") from exc
     except ValueError as exc:  # e.g. an architecture without SDPA attention, whose boolean masks the engine passes
         raise EngineError(f"HERMES_MODEL={settings.model!r} cannot run in this engine: {exc}") from exc
     if quant is None:
