@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -517,6 +518,66 @@ async def test_a_prompt_the_chat_template_refuses_fails_alone(
         )
     assert isinstance(refused, EngineError) and "roles must alternate" in str(refused)
     assert fine[0] == reference(engine, chat("Hello there"), 24)
+
+
+async def test_a_prompt_being_encoded_holds_up_no_reply_being_written(
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fitting a long history renders the chat template several times (50-100 ms at 8k tokens, seconds at
+    32k): on the engine thread every reply being written stood still meanwhile."""
+    encode = transformers_engine.encode_messages
+    encoding, release, threads = threading.Event(), threading.Event(), []
+
+    def slow_for_one(tokenizer: Any, messages: list[dict[str, str]], **kw: Any) -> Any:
+        if messages[-1]["content"] == "a very long history":
+            threads.append(threading.current_thread().name)
+            encoding.set()
+            release.wait(30)
+        return encode(tokenizer, messages, **kw)
+
+    monkeypatch.setattr(transformers_engine, "encode_messages", slow_for_one)
+    long_reply = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=400)
+    story = engine.submit(GenerationRequest("story", chat("Tell a long story."), long_reply))
+    items = aiter(story)
+    first = await anext(items)
+    held = engine.submit(GenerationRequest("held", chat("a very long history"), GREEDY))
+    try:
+        assert await asyncio.to_thread(encoding.wait, 10)
+        async with asyncio.timeout(20):  # 400 tokens take about a second here
+            rest = [item async for item in items]  # the story goes on to its end meanwhile
+        assert not release.is_set()
+        assert isinstance(first, TextChunk) and isinstance(rest[-1], Finish) and rest[-1].reason == "length"
+    finally:
+        release.set()
+    text = "".join([item.text async for item in held if isinstance(item, TextChunk)])
+    assert text == reference(engine, chat("a very long history"), 24)
+    assert threads and threads[0] != "hermes-engine"
+
+
+async def test_a_request_still_being_encoded_at_shutdown_gets_an_error(
+    loaded: tuple[Any, Any], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its stream must end: a worker waiting on it would never finish shutting down."""
+    tokenizer, model = loaded
+    eng = TransformersEngine(Settings(model=str(tiny_model_dir), device="cpu", max_batch_size=2), model=model,
+                             tokenizer=tokenizer)
+    await eng.start()
+    encode, encoding = transformers_engine.encode_messages, threading.Event()
+
+    def slow(tokenizer: Any, messages: list[dict[str, str]], **kw: Any) -> Any:
+        encoding.set()
+        time.sleep(0.3)
+        return encode(tokenizer, messages, **kw)
+
+    monkeypatch.setattr(transformers_engine, "encode_messages", slow)
+    streams = [eng.submit(GenerationRequest(f"r{i}", chat("Hello"), GREEDY)) for i in range(2)]
+    assert await asyncio.to_thread(encoding.wait, 10)
+    await eng.close()
+    for stream in streams:
+        with pytest.raises(EngineError, match="shutting down"):
+            async with asyncio.timeout(10):
+                async for _ in stream:
+                    pass
 
 
 def test_a_hub_model_on_the_cpu_warns_before_it_downloads(

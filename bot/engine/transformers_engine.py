@@ -8,7 +8,9 @@ Each loop iteration: take new requests, drop cancelled ones, prefill the waiting
 one forward (or the next chunk of one long prompt) into free slots, then run ONE batched decode step
 for every running request (on a GPU, replayed from a CUDA graph: `decode.py`). Requests join and
 leave between steps. After start, all torch work happens on the engine thread; text reaches the
-event loop through `GenerationStream.feed_threadsafe`, once per step.
+event loop through `GenerationStream.feed_threadsafe`, once per step. Prompts are encoded on a thread
+of their own: fitting a long history renders the chat template several times (50-100 ms at 8k tokens,
+seconds at 32k), and every reply being written would stand still meanwhile.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,7 +168,8 @@ class TransformersEngine(Engine):
         self.cuda_graphs = cuda_graphs
         self.graphs: DecodeGraphs | None = None
         self.device = next(model.parameters()).device if model is not None else None
-        self._inbox: deque[GenerationStream] = deque()
+        self._inbox: deque[_Running] = deque()  # prepared on the prompt thread, for the engine thread to take
+        self._prompts: ThreadPoolExecutor | None = None
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -180,22 +184,26 @@ class TransformersEngine(Engine):
         if self.model is None:
             self.tokenizer, self.model, self.device = await in_daemon_thread(lambda: load_model(self.settings), name="hermes-model-load")
         await asyncio.to_thread(self._setup)
+        self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hermes-prompts")
         self._thread = threading.Thread(target=self._run, name="hermes-engine", daemon=True)
         self._thread.start()
 
     async def close(self) -> None:
         self._stopping = True
         self._wake.set()
+        if self._prompts is not None:
+            await asyncio.to_thread(self._prompts.shutdown)  # prompts left get the shutdown error at once
+            self._prompts = None
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        self._fail_all(EngineError("the engine is shutting down"))  # prepared after the engine thread's last look
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
-        if self._thread is None or self._stopping:
+        if self._thread is None or self._prompts is None or self._stopping:
             raise EngineError("the transformers engine is not running")
         stream = GenerationStream(request, self._loop)
-        self._inbox.append(stream)
-        self._wake.set()
+        self._prompts.submit(self._prepare_for_engine, stream)
         return stream
 
     @property
@@ -275,20 +283,24 @@ class TransformersEngine(Engine):
         self._flush()
         return bool(self._running or self._prefilling or self._waiting or self._inbox)
 
-    def _take_new(self) -> None:
-        while self._inbox:
-            stream = self._inbox.popleft()
-            try:
-                run = self._prepare(stream)
-                if run.max_new > 0:
-                    self._waiting.append(run)
-                else:  # a resumed reply that already has all its tokens
-                    self._finish(run, "length", keep=False)
-            except EngineError as exc:
-                stream.feed_threadsafe([exc])
-            except Exception as exc:  # e.g. a model's chat template refusing these messages: out of every list now
-                log.exception("preparing a request failed")
-                stream.feed_threadsafe([EngineError(f"the prompt could not be built: {exc}")])
+    # -- prompt thread ------------------------------------------------------------------------
+    def _prepare_for_engine(self, stream: GenerationStream) -> None:
+        """Encode a request's prompt and hand it to the engine thread; a request that cannot be encoded
+        fails alone."""
+        if self._stopping:
+            stream.feed_threadsafe([EngineError("the engine is shutting down")])
+            return
+        try:
+            run = self._prepare(stream)
+        except EngineError as exc:
+            stream.feed_threadsafe([exc])
+            return
+        except Exception as exc:  # e.g. a model's chat template refusing these messages
+            log.exception("preparing a request failed")
+            stream.feed_threadsafe([EngineError(f"the prompt could not be built: {exc}")])
+            return
+        self._inbox.append(run)
+        self._wake.set()
 
     def _prepare(self, stream: GenerationStream) -> _Running:
         request = stream.request
@@ -312,6 +324,15 @@ class TransformersEngine(Engine):
             stream=stream, ids=ids, prompt_len=len(ids), max_new=max_new,
             detok=IncrementalDetokenizer(self.tokenizer, shown=written), stops=request.stop_matcher(),
         )
+
+    # -- engine thread, continued -------------------------------------------------------------
+    def _take_new(self) -> None:
+        while self._inbox:
+            run = self._inbox.popleft()
+            if run.max_new > 0:
+                self._waiting.append(run)
+            else:  # a resumed reply that already has all its tokens
+                self._finish(run, "length", keep=False)
 
     def _drop_cancelled(self) -> None:
         for run in [r for r in self._waiting if r.stream.cancelled]:
@@ -490,4 +511,4 @@ class TransformersEngine(Engine):
         for run in runs:
             run.stream.feed_threadsafe([error])
         while self._inbox:
-            self._inbox.popleft().feed_threadsafe([error])
+            self._inbox.popleft().stream.feed_threadsafe([error])
