@@ -251,6 +251,6 @@ async def test_a_reply_superseded_after_it_streamed_keeps_its_text_without_a_not
 
     outlet = MemoryOutlet()
     pending = PendingReply(job=first, position=1, queue=queue)
-    text, ending = await ChatCog._stream(None, SimpleNamespace(typing=typing), LiveReply(outlet), pending)  # type: ignore[arg-type]
+    text, ending = await ChatCog._stream(None, SimpleNamespace(typing=typing), LiveReply(outlet), pending, "Hermes 2")  # type: ignore[arg-type]
     assert text == "Partial answer" and ending is SUPERSEDED  # told apart from a notice to show under the text
     await queue.close()
