@@ -513,6 +513,32 @@ async def test_reset_stops_the_reply_being_written_and_keeps_it_out_of_the_fresh
     assert [m["role"] for m in env.llm.requests[-1]["messages"]] == ["system", "user"]
 
 
+async def test_reset_while_a_finished_reply_is_being_stored_leaves_it_out_of_the_fresh_start(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = env.world
+    env.llm.script(Reply("The dragon swallows the whole party."), Reply("Hello!"))
+    append, storing = env.store.append, asyncio.Event()
+
+    async def slow_reply_append(*args: object, **kwargs: object) -> bool:
+        if kwargs.get("role") == "assistant":
+            storing.set()
+            await asyncio.sleep(0.5)  # a loaded database
+        return await append(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(env.store, "append", slow_reply_append)
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} what happens next?")
+    await persona_reply(env, w.general, "The dragon swallows the whole party.")
+    await asyncio.wait_for(storing.wait(), 10)
+    assert "Fresh start" in await slash(env, "reset")
+    assert env.app.bot is not None
+    cog = env.app.bot.get_cog("ChatCog")
+    await eventually(lambda: not cog._in_flight)  # the reply has been stored, and left out
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} a new story: we're on a space station")
+    await persona_reply(env, w.general, "Hello!")
+    assert [m["role"] for m in env.llm.requests[-1]["messages"]] == ["system", "user"]
+
+
 async def test_a_reply_deleted_while_it_streams_stops_and_stays_out_of_the_context(env: Env) -> None:
     """A moderator deletes the reply being written: it stops at once (its job held a worker slot and the
     asker's share to the end, about 6 s of text here, with a warning per failed edit), and the moderated
@@ -1019,6 +1045,54 @@ async def test_a_message_deleted_while_its_reply_is_written_takes_the_reply_with
     cog = env.app.bot.get_cog("ChatCog")
     await eventually(lambda: not cog.running, timeout=3)
     assert env.fake.bot_messages(w.general) == []
+    assert await env.store.window(ConversationKey(w.guild.id, w.general.id), 5) == []
+
+
+async def test_a_message_deleted_while_its_job_is_submitted_leaks_nothing_when_the_cancel_fails(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cancel ran outside the cleanup: a Redis blip then left the reply "being written" for good (/regenerate
+    refused until a restart) and the asker one place short."""
+    from bot.queue.base import QueueUnavailable
+
+    w = env.world
+    assert env.app.bot is not None
+    cog = env.app.bot.get_cog("ChatCog")
+    chat = cog.chat
+    start_reply, submitting, go_on = chat.start_reply, asyncio.Event(), asyncio.Event()
+
+    async def slow_start(*args: object, **kwargs: object) -> object:
+        submitting.set()
+        await go_on.wait()
+        return await start_reply(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def queue_down(job_id: str) -> None:
+        raise QueueUnavailable("redis blip")
+
+    monkeypatch.setattr(chat, "start_reply", slow_start)
+    env.llm.script(Reply("never shown"))
+    asked = await env.fake.send_message(w.general, w.alice, f"{mention(env)} spam")
+    await asyncio.wait_for(submitting.wait(), 10)
+    await env.fake.delete_message(asked)
+    await eventually(lambda: asked.id in cog._deleted)
+    monkeypatch.setattr(chat.queue, "cancel", queue_down)
+    with caplog.at_level(logging.WARNING):
+        go_on.set()
+        await eventually(lambda: "redis blip" in caplog.text)
+    assert not cog.running and asked.id not in cog._answering and not chat.shares._held
+
+
+async def test_a_reply_to_a_deleted_message_is_not_stored_when_withdrawing_it_fails(env: Env) -> None:
+    w = env.world
+    assert env.app.bot is not None
+    cog = env.app.bot.get_cog("ChatCog")
+    env.llm.script(Reply("word " * 300, chunk_chars=5, delay_s=0.02))
+    asked = await env.fake.send_message(w.general, w.alice, f"{mention(env)} something a mod will delete")
+    await env.fake.wait_for_message(w.general, lambda m: m.webhook_id is not None)
+    env.fake.inject_error("DELETE", "/webhooks/{webhook_id}/{token}/messages/{message_id}", status=403, times=1000)
+    await env.fake.delete_message(asked)
+    await eventually(lambda: not cog.running, timeout=10)
+    await asyncio.sleep(0.3)  # storing would follow at once
     assert await env.store.window(ConversationKey(w.guild.id, w.general.id), 5) == []
 
 

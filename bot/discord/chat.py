@@ -121,15 +121,15 @@ class ChatCog(commands.Cog):
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return
         metrics.count_discord_event("message")
-        try:
-            with self._working():  # from here: shutdown waits for this message to be stored and answered
+        with self._working():  # from here: shutdown waits for this message to be stored and answered
+            try:
                 await self._handle(message)
-        except StoreUnavailable as exc:
-            metrics.count_error("store_unavailable")
-            log.warning("database unavailable; message %s not handled: %s", message.id, exc)
-            if self._addressed_directly(message):
-                with contextlib.suppress(*DISCORD_FAILURES):
-                    await message.channel.send(STORE_DOWN, allowed_mentions=SAFE_MENTIONS)
+            except StoreUnavailable as exc:
+                metrics.count_error("store_unavailable")
+                log.warning("database unavailable; message %s not handled: %s", message.id, exc)
+                if self._addressed_directly(message):
+                    with contextlib.suppress(*DISCORD_FAILURES):
+                        await message.channel.send(STORE_DOWN, allowed_mentions=SAFE_MENTIONS)
 
     def _direct_signals(self, message: discord.Message) -> tuple[bool, bool, bool]:
         """(a DM, an @mention of the bot, a reply to the bot's own message): what the message alone tells."""
@@ -363,6 +363,8 @@ class ChatCog(commands.Cog):
         shown (else None), and whether its text was stored. A reply whose message is deleted while it is
         written (a moderator removing spam) is stopped and withdrawn, and not stored."""
         trigger, began = (asked.message_id if asked else None), time.monotonic()
+        if self._left_out(key, began, trigger):  # deleted between being stored and now
+            return None, False
         try:
             pending = await self.chat.start_reply(key, persona, asker=asked.user_id if asked else None)
         except QueueBusy as exc:
@@ -384,10 +386,10 @@ class ChatCog(commands.Cog):
         self.running.setdefault(key, []).append(pending)
         if trigger is not None:
             self._answering[trigger] = pending
-            if trigger in self._deleted:  # deleted between being stored and now
-                await pending.cancel()
         text, ending = "", FAILED
         try:
+            if self._left_out(key, began, trigger):  # deleted while the job was being submitted
+                await pending.cancel()
             text, ending = await self._stream(channel, live, pending, persona.name)
             if trigger in self._deleted:
                 await live.withdraw()
@@ -409,15 +411,23 @@ class ChatCog(commands.Cog):
             self.running[key].remove(pending)
             if not self.running[key]:
                 del self.running[key]
-        if not (text.strip() and live.ids) or self._reset_at.get(key, -1.0) >= began:
+        if not (text.strip() and live.ids) or self._left_out(key, began, trigger):
             return None, False
         try:
             await self._store_shown(key, persona, text.strip(), live.ids)
+            if self._left_out(key, began, trigger):  # a deletion or /reset came while it was being stored
+                await self.chat.store.delete_message(live.ids[0])
+                return None, False
         except StoreUnavailable as exc:  # shown, but the next prompt will not contain it
             metrics.count_error("store_unavailable")
             log.warning("reply shown in %s but not stored: %s", key, exc)
             return (None if ending else text.strip()), False
         return (None if ending else text.strip()), True
+
+    def _left_out(self, key: ConversationKey, began: float, trigger: int | None) -> bool:
+        """Whether a reply begun at `began` (time.monotonic()) is to stay out of the history: the message it
+        answers was deleted, or the conversation was reset since."""
+        return (trigger is not None and trigger in self._deleted) or self._reset_at.get(key, -1.0) >= began
 
     async def leave_out_running(self, key: ConversationKey) -> int:
         """Stop the replies being written in `key` and keep them out of its history (after a /reset: they

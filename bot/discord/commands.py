@@ -244,8 +244,8 @@ class CommandsCog(commands.Cog):
 
     async def reset(self, interaction: discord.Interaction) -> str:
         key = conversation_key(interaction.channel)
+        stopped = await self.chat.leave_out_running(key)  # first: a reply being stored now is then left out
         await self.store.reset(key)
-        stopped = await self.chat.leave_out_running(key)
         note = " The reply being written was stopped." if stopped else ""
         return f"Fresh start: earlier messages here are no longer part of the conversation.{note}"
 
