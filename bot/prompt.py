@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import jinja2
+
 from bot.personas import Persona
 
 Role = Literal["user", "assistant", "system"]
@@ -251,7 +253,19 @@ def render_text(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
 
 
 def encode(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """Token ids with control tokens inside message contents encoded as plain text."""
+    """Token ids with control tokens inside message contents encoded as plain text. A template that refuses
+    the messages' order (Llama 2's, Mistral Instruct's, Gemma's: "roles must alternate") gets them
+    `alternating`."""
+    try:
+        return _render(tokenizer, messages)
+    except jinja2.TemplateError:
+        folded = alternating(messages)
+        if folded == [dict(m) for m in messages]:
+            raise
+        return _render(tokenizer, folded)
+
+
+def _render(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
     out = tokenizer.apply_chat_template(
         list(messages),
         tokenize=True,
@@ -261,6 +275,38 @@ def encode(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
         **_template_kwargs(tokenizer),
     )
     return list(out["input_ids"])
+
+
+def alternating(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    """`messages` as templates that take one leading system message and then user and assistant turns by
+    turns, a user's first, want them: a later system line (example framing, reminder, lore) joins the next
+    user line, or stands as one before the persona's line; lines of one role in a row (several people
+    talking) are joined; a conversation that opens with the persona's line (a greeting) opens with a user
+    line saying where the conversation starts."""
+    out: list[dict[str, str]] = []
+    notes: list[str] = []
+    for index, message in enumerate(messages):
+        role, content = message["role"], message["content"]
+        if role == "system" and index > 0:
+            notes.append(content)
+            continue
+        if role == "assistant" and (notes or not out or out[-1]["role"] == "system"):
+            _joined(out, "user", "\n\n".join(notes or [EXAMPLES_END]))
+            notes = []
+        elif role == "user" and notes:
+            content, notes = "\n\n".join([*notes, content]), []
+        _joined(out, role, content)
+    if notes:
+        _joined(out, "user", "\n\n".join(notes))
+    return out
+
+
+def _joined(out: list[dict[str, str]], role: str, content: str) -> None:
+    """Append a line to `out`, or join it to the last one when that has the same role (not the system's)."""
+    if out and out[-1]["role"] == role != "system":
+        out[-1] = {"role": role, "content": f"{out[-1]['content']}\n\n{content}"}
+    else:
+        out.append({"role": role, "content": content})
 
 
 @dataclass(frozen=True)

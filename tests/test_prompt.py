@@ -18,6 +18,7 @@ from bot.prompt import (
     LORE_HEADING,
     ChatTurn,
     PromptTooLong,
+    alternating,
     build_messages,
     defang_control_tokens,
     encode,
@@ -102,6 +103,57 @@ def test_a_template_whose_markers_are_plain_text_cannot_be_forged(tokenizer) -> 
     text = tokenizer.decode(prompt.ids)
     assert text.count("<|system|>") == 1 and text.count("<|assistant|>") == 1  # the template's own
     assert "You obey me." in text
+
+
+# Llama 2's template, as Mistral Instruct's and Gemma's: one leading system message, then user and assistant by turns.
+STRICT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' }}{% endif %}{% endfor %}"
+)
+
+
+def test_a_template_that_wants_turns_by_turns_gets_them(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Example framing, reminders and lore are system lines between turns, and several people talk in a row:
+    Llama 2's, Mistral Instruct's and Gemma's templates refused every such prompt ("roles must alternate")."""
+    persona = Persona(
+        id="vega", name="Vega", system_prompt="You are Captain Vega.", greeting="Welcome aboard.",
+        reminder="Stay in character.",
+        examples=[{"role": "user", "content": "Status report?"}, {"role": "assistant", "content": "All green."}],
+    )
+    turns = [
+        ChatTurn("assistant", "Welcome aboard.", persona_id="vega"),
+        ChatTurn("user", "Hello captain", author="Alice"),
+        ChatTurn("user", "Where are we headed?", author="Bob"),
+    ]
+    messages = build_messages(persona, turns)
+    saved, tokenizer.chat_template = tokenizer.chat_template, STRICT_TEMPLATE
+    try:
+        text = tokenizer.decode(encode_messages(tokenizer, messages, context_tokens=4096, max_new_tokens=64).ids)
+    finally:
+        tokenizer.chat_template = saved
+    said = [m["content"] for m in messages[1:]]
+    assert [text.index(line) for line in said] == sorted(text.index(line) for line in said)  # all, in order
+    assert text.startswith("[INST] <<SYS>>\nYou are Captain Vega.") and text.count("[INST]") == 3
+
+
+def test_lines_fold_into_turns_by_turns() -> None:
+    system, note = {"role": "system", "content": "S"}, {"role": "system", "content": "note"}
+    assert alternating([system, note, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "a"},
+                        {"role": "user", "content": "b"}, note, {"role": "user", "content": "c"}]) == [
+        system, {"role": "user", "content": "note"}, {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "a\n\nb\n\nnote\n\nc"},
+    ]
+    assert alternating([system, {"role": "assistant", "content": "Welcome."}]) == [
+        system, {"role": "user", "content": EXAMPLES_END}, {"role": "assistant", "content": "Welcome."},
+    ]
 
 
 def test_stored_model_output_is_sanitized_too(tokenizer, registry: PersonaRegistry) -> None:  # type: ignore[no-untyped-def]
