@@ -554,6 +554,55 @@ async def test_a_prompt_being_encoded_holds_up_no_reply_being_written(
     assert threads and threads[0] != "hermes-engine"
 
 
+async def test_a_request_cancelled_while_it_waits_to_be_encoded_is_not_encoded(
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply superseded while a long prompt ahead of it is encoded: encoding its own (seconds at 32k tokens)
+    would be wasted work that holds up the prompts after it. It ends with its cancel reason when its turn comes,
+    as a cancelled request that waits for a slot does (nothing generated)."""
+    encode = transformers_engine.encode_messages
+    encoding, release, encoded = threading.Event(), threading.Event(), []
+
+    def slow_for_one(tokenizer: Any, messages: list[dict[str, str]], **kw: Any) -> Any:
+        encoded.append(messages[-1]["content"])
+        if messages[-1]["content"] == "a very long history":
+            encoding.set()
+            release.wait(30)
+        return encode(tokenizer, messages, **kw)
+
+    monkeypatch.setattr(transformers_engine, "encode_messages", slow_for_one)
+    ahead = engine.submit(GenerationRequest("ahead", chat("a very long history"), GREEDY))
+    try:
+        assert await asyncio.to_thread(encoding.wait, 10)
+        superseded = engine.submit(GenerationRequest("superseded", chat("Hello there"), GREEDY))
+        superseded.cancel("released")
+    finally:
+        release.set()
+    async with asyncio.timeout(20):
+        items = [item async for item in superseded]
+        rest = [item async for item in ahead]
+    assert items == [Finish("released")]
+    assert encoded == ["a very long history"]
+    assert isinstance(rest[-1], Finish)  # the request ahead is served as ever
+
+
+async def test_the_thread_that_encodes_prompts_holds_no_process_open(
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that crashes before `close()`: a ThreadPoolExecutor's thread (not a daemon, joined at exit) kept
+    the process alive until every queued prompt was encoded (8 s after the crash for five slow ones)."""
+    encode, threads = transformers_engine.encode_messages, []
+
+    def recording(tokenizer: Any, messages: list[dict[str, str]], **kw: Any) -> Any:
+        threads.append(threading.current_thread())
+        return encode(tokenizer, messages, **kw)
+
+    monkeypatch.setattr(transformers_engine, "encode_messages", recording)
+    async with asyncio.timeout(20):
+        await engine.generate_text(GenerationRequest("r", chat("Hello there"), GREEDY))
+    assert threads and all(thread.daemon for thread in threads)
+
+
 async def test_a_request_still_being_encoded_at_shutdown_gets_an_error(
     loaded: tuple[Any, Any], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

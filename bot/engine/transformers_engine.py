@@ -10,7 +10,8 @@ for every running request (on a GPU, replayed from a CUDA graph: `decode.py`). R
 leave between steps. After start, all torch work happens on the engine thread; text reaches the
 event loop through `GenerationStream.feed_threadsafe`, once per step. Prompts are encoded on a thread
 of their own: fitting a long history renders the chat template several times (50-100 ms at 8k tokens,
-seconds at 32k), and every reply being written would stand still meanwhile.
+seconds at 32k), and every reply being written would stand still meanwhile. Both threads are daemons: a
+process that ends without `close()` (a crash) is not held open by them (bot/daemon_thread.py).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,7 +170,8 @@ class TransformersEngine(Engine):
         self.graphs: DecodeGraphs | None = None
         self.device = next(model.parameters()).device if model is not None else None
         self._inbox: deque[_Running] = deque()  # prepared on the prompt thread, for the engine thread to take
-        self._prompts: ThreadPoolExecutor | None = None
+        self._to_encode: queue.SimpleQueue[GenerationStream | None] = queue.SimpleQueue()  # None: stop encoding
+        self._prompt_thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -184,26 +186,28 @@ class TransformersEngine(Engine):
         if self.model is None:
             self.tokenizer, self.model, self.device = await in_daemon_thread(lambda: load_model(self.settings), name="hermes-model-load")
         await asyncio.to_thread(self._setup)
-        self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hermes-prompts")
+        self._prompt_thread = threading.Thread(target=self._encode_prompts, name="hermes-prompts", daemon=True)
+        self._prompt_thread.start()
         self._thread = threading.Thread(target=self._run, name="hermes-engine", daemon=True)
         self._thread.start()
 
     async def close(self) -> None:
         self._stopping = True
         self._wake.set()
-        if self._prompts is not None:
-            await asyncio.to_thread(self._prompts.shutdown)  # prompts left get the shutdown error at once
-            self._prompts = None
+        if self._prompt_thread is not None:
+            self._to_encode.put(None)  # after the prompts left, which get the shutdown error at once
+            await asyncio.to_thread(self._prompt_thread.join)
+            self._prompt_thread = None
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
         self._fail_all(EngineError("the engine is shutting down"))  # prepared after the engine thread's last look
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
-        if self._thread is None or self._prompts is None or self._stopping:
+        if self._thread is None or self._prompt_thread is None or self._stopping:
             raise EngineError("the transformers engine is not running")
         stream = GenerationStream(request, self._loop)
-        self._prompts.submit(self._prepare_for_engine, stream)
+        self._to_encode.put(stream)
         return stream
 
     @property
@@ -284,9 +288,19 @@ class TransformersEngine(Engine):
         return bool(self._running or self._prefilling or self._waiting or self._inbox)
 
     # -- prompt thread ------------------------------------------------------------------------
+    def _encode_prompts(self) -> None:
+        while (stream := self._to_encode.get()) is not None:
+            try:
+                self._prepare_for_engine(stream)
+            except Exception:  # e.g. its event loop closed: the prompts after it still get their turn
+                log.exception("handing a prompt to the engine failed")
+
     def _prepare_for_engine(self, stream: GenerationStream) -> None:
         """Encode a request's prompt and hand it to the engine thread; a request that cannot be encoded
-        fails alone."""
+        fails alone, and one cancelled while it waited ends without being encoded."""
+        if stream.cancelled:  # as the engine thread ends a cancelled request that waits (nothing generated)
+            stream.feed_threadsafe([Finish(stream.cancel_reason or "cancelled")])
+            return
         if self._stopping:
             stream.feed_threadsafe([EngineError("the engine is shutting down")])
             return
