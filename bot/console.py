@@ -45,11 +45,15 @@ def _note(text: str) -> None:
 def run_chat(settings: Settings, persona_id: str) -> int:
     """The `hermes-bot chat` entry point; returns the exit status."""
     personas = PersonaRegistry.load(settings.personas_dir)  # its errors are reported by cli.main
-    handler = signal.getsignal(signal.SIGINT)
+    handler, interrupted = signal.getsignal(signal.SIGINT), False
     try:
         return asyncio.run(_chat(settings, personas, personas.get(persona_id)))
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        signal.signal(signal.SIGINT, handler)
+        if not interrupted:  # after Ctrl-C the process is on its way out: a press during that printed a traceback
+            signal.signal(signal.SIGINT, handler)
 
 
 async def _chat(settings: Settings, personas: PersonaRegistry, persona: Persona) -> int:
