@@ -7,6 +7,7 @@ import sys
 from typing import Any, TextIO
 
 from bot.config import TOKENIZER_FILES, Settings, local_model_dir
+from bot.engine.hub import cache_only, offline_hub
 from bot.personas import PersonaRegistry
 from bot.prompt import (
     ChatTurn,
@@ -50,16 +51,20 @@ def parse_conversation(raw: str, persona_name: str) -> list[ChatTurn]:
     return turns
 
 
-def load_tokenizer(model: str) -> Any:
-    """The model's own tokenizer (HF id or local path), with an actionable error when it cannot load."""
+def load_tokenizer(model: str, *, setting: str = "--model") -> Any:
+    """The model's own tokenizer (HF id or local path), with an actionable error when it cannot load. A hub
+    id is read from the local cache alone when the hub does not answer, as the engine does (`cache_only`);
+    `setting` is where `model` came from, for that error."""
     from transformers import AutoTokenizer
 
     try:
         local = local_model_dir(model, TOKENIZER_FILES)
     except ValueError as exc:
         raise ConversationInputError(f"cannot load the tokenizer of {model!r}: {exc}") from None
+    offline = local is None and cache_only(model, setting=setting, needs=TOKENIZER_FILES)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local or model))
+        with offline_hub(offline):
+            tokenizer = AutoTokenizer.from_pretrained(str(local or model))
     except (OSError, ValueError) as exc:
         raise ConversationInputError(
             f"cannot load the tokenizer of {model!r}: {str(exc).splitlines()[0]} "
@@ -85,7 +90,7 @@ def render_prompt_from_stdin(
         print('hermes-bot: reading the conversation as JSON on stdin ([{"author": "alice", "content": "hi"}]), '
               "then Ctrl-D", file=sys.stderr)
     turns = parse_conversation(source.read(), persona.name)
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model, setting="HERMES_MODEL" if model == settings.model else "--model")
     names = {p.id: p.name for p in registry}
     messages = build_messages(persona, turns, persona_names=names)
     encoded = encode_messages(

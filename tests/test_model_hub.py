@@ -1,5 +1,6 @@
-"""load_model for a Hugging Face id when the hub cannot be reached: a cached model loads at once, a missing one is
-one clear line; with a hub that answers, downloads and revision updates are as before.
+"""load_model (and `hermes-bot prompt --model`'s tokenizer) for a Hugging Face id when the hub cannot be reached: a
+cached model loads at once, a missing one is one clear line; with a hub that answers, downloads and revision updates
+are as before.
 
 Real parts: a huggingface_hub cache in tmp_path, a closed port, a listener that accepts and never answers (a
 network that drops replies), and a small HTTP hub that serves the tiny model as the hub's API does. Without the
@@ -9,15 +10,17 @@ probe in `bot.engine.hub`, huggingface_hub retried each file for 48 s (refused) 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import shutil
 import socket
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pytest
 import torch
@@ -30,6 +33,7 @@ from tests.services import free_port
 
 REPO = "org/tiny-hermes"
 OLD, NEW = "a" * 40, "b" * 40  # commits
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -113,34 +117,37 @@ def unreachable(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 HANG_GUARD = 120.0  # seconds; only a regression gets near it (huggingface_hub's model_info has no timeout)
 
 
-def load_watched(settings: Settings, silent: SilentHub | None) -> tuple[Any, Any]:
-    """load_model; with a silent hub, on a thread, failing as soon as the hub sees a second connection (the
-    library asking it, which takes minutes) or the load is still at it after HANG_GUARD (a request without a
+def watched(call: Callable[[], T], silent: SilentHub | None) -> T:
+    """call(); with a silent hub, on a thread, failing as soon as the hub sees a second connection (the
+    library asking it, which takes minutes) or the call is still at it after HANG_GUARD (a request without a
     timeout: huggingface_hub waited forever in `model_info` against such a hub), rather than hanging."""
     if silent is None:
-        tokenizer, model, _ = load_model(settings)
-        return tokenizer, model
+        return call()
     outcome: list[Any] = []
     done = threading.Event()
 
     def run() -> None:
         try:
-            outcome.append(load_model(settings))
+            outcome.append(call())
         except BaseException as exc:
             outcome.append(exc)
         finally:
             done.set()
 
-    threading.Thread(target=run, name="load-model", daemon=True).start()
+    threading.Thread(target=run, name="watched-load", daemon=True).start()
     waited = 0.0
     while not done.wait(0.05):
         waited += 0.05
-        assert not silent.retried.is_set(), "load_model asked the silent hub again instead of using the cache"
-        assert waited < HANG_GUARD, "load_model still waits for the silent hub"
+        assert not silent.retried.is_set(), "the load asked the silent hub again instead of using the cache"
+        assert waited < HANG_GUARD, "the load still waits for the silent hub"
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     assert len(silent.connections) == 1  # the probe, nothing after it
-    tokenizer, model, _ = outcome[0]
+    return cast(T, outcome[0])
+
+
+def load_watched(settings: Settings, silent: SilentHub | None) -> tuple[Any, Any]:
+    tokenizer, model, _ = watched(lambda: load_model(settings), silent)
     return tokenizer, model
 
 
@@ -280,3 +287,76 @@ def test_a_hub_that_answers_still_updates_a_cached_model_to_its_newer_revision(
     assert f"GET /{REPO}/resolve/main/model.safetensors" in handler.requests
     assert "cannot be reached" not in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("huggingface_hub")]
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "not-cached"])
+def test_the_prompt_command_reads_a_hub_ids_tokenizer_from_the_cache_when_the_hub_cannot_be_reached(
+    hf_home: Path, tiny_model_dir: Path, unreachable: SilentHub | None, cached: bool,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`hermes-bot prompt --model <hub id>` loaded its tokenizer as transformers does, asking the hub first: 48 s
+    of retries against a refused port, for good against a silent one. Now the engine's guard: the cache alone."""
+    from bot.cli import main
+
+    monkeypatch.chdir(hf_home.parent)  # no .env or hermes.yaml; the bundled personas
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps([{"author": "Ann", "content": "Hello there"}])))
+    if cached:
+        cache_model(hf_home, tiny_model_dir)
+    status = watched(lambda: main(["prompt", "--persona", "hermes", "--model", REPO]), unreachable)
+    out, err = capsys.readouterr()
+    assert not hub_retries(caplog)
+    if cached:
+        assert status == 0, err
+        assert out.startswith("<|im_start|>system\n") and "<|im_start|>user\nHello there<|im_end|>" in out
+        assert f"--model={REPO} loads from the local cache" in caplog.text
+    else:
+        assert status == 1
+        assert err.startswith(f"hermes-bot: cannot load --model='{REPO}': it is not in the local Hugging Face cache")
+        assert err.endswith("; set --model to a local model folder, or run once with the hub reachable to download "
+                            "it (then HF_HUB_OFFLINE=1 starts without asking the hub)\n")
+        assert err.count("\n") == 1
+
+
+class AnswersWith(BaseHTTPRequestHandler):
+    """Answers every request with `status` and no body, as a proxy does that wants credentials (407) or that
+    cannot reach the hub (502, 503, 504)."""
+
+    status: int
+    requests: list[str]
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
+        pass
+
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's names)
+        self.requests.append(f"{self.command} {self.path}")
+        self.send_response(self.status)
+        if self.status == 407:
+            self.send_header("Proxy-Authenticate", 'Basic realm="proxy"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+
+@pytest.mark.parametrize(("status", "phrase"), [(503, "Service Unavailable"), (407, "Proxy Authentication Required")])
+def test_a_407_or_a_5xx_answer_is_no_reachable_hub(
+    hf_home: Path, tiny_model_dir: Path, status: int, phrase: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Such an answer counted as a hub that answers: transformers then asked it for each file, through
+    huggingface_hub's retries (48 s and more), before it fell back to the cache."""
+    handler = type("Answers", (AnswersWith,), {"status": status, "requests": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, name="answers-with", daemon=True).start()
+    try:
+        url = use_endpoint(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}")
+        assert hub.hub_unreachable(url, 2.0) == f"it answered {status} {phrase}"
+        cache_model(hf_home, tiny_model_dir)
+        tokenizer, model, _ = load_model(Settings(model=REPO, device="cpu"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert model.config.vocab_size == len(tokenizer)
+    assert f"the hub at {url} cannot be reached (it answered {status} {phrase})" in caplog.text
+    assert handler.requests == ["HEAD /", "HEAD /"]  # the two probes, nothing after them
+    assert not hub_retries(caplog)

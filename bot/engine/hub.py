@@ -15,17 +15,20 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from bot.config import MODEL_FILES
 from bot.engine.base import EngineError
 
 log = logging.getLogger(__name__)
 
-HUB_PROBE_TIMEOUT = 3.0  # seconds the hub has to answer (any HTTP status) before the cache alone is used
+HUB_PROBE_TIMEOUT = 3.0  # seconds the hub has to answer before the cache alone is used
 
 
 def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
-    """None when `endpoint` answers one HEAD request within `timeout` seconds (any status), else why not.
+    """None when `endpoint` answers one HEAD request within `timeout` seconds, else why not.
 
-    The request goes through huggingface_hub's own HTTP client (its proxies and certificates) on a daemon
+    Any status counts as an answer but a proxy's 407 (it wants credentials we do not have) and a 5xx (a
+    proxy or gateway that cannot reach the hub, or the hub down): huggingface_hub retries those with backoff
+    too. The request goes through huggingface_hub's own HTTP client (its proxies and certificates) on a daemon
     thread, so a name lookup that hangs, which no HTTP timeout bounds, cannot hold the load either."""
     from huggingface_hub.utils import get_session
 
@@ -33,10 +36,13 @@ def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT) -> str | 
 
     def probe() -> None:
         try:
-            get_session().head(endpoint, timeout=timeout + 1)  # the join below gives up first
-            outcome.append(None)
+            response = get_session().head(endpoint, timeout=timeout + 1)  # the join below gives up first
         except Exception as exc:  # refused, no such host, TLS failure: all mean "not reachable" here
             outcome.append(" ".join(str(exc).split()) or type(exc).__name__)
+            return
+        status = response.status_code
+        answered = f"it answered {status} {response.reason_phrase}".rstrip()
+        outcome.append(answered if status == 407 or status >= 500 else None)
 
     thread = threading.Thread(target=probe, name="hermes-hub-probe", daemon=True)
     thread.start()
@@ -44,10 +50,11 @@ def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT) -> str | 
     return outcome[0] if outcome else f"no answer in {timeout:g} s"
 
 
-def cache_only(repo_id: str) -> bool:
+def cache_only(repo_id: str, *, setting: str = "HERMES_MODEL", needs: tuple[str, ...] = MODEL_FILES) -> bool:
     """True when the hub id `repo_id` is to load from the local cache alone (`offline_hub`): HF_HUB_OFFLINE
     is set (then no request at all), or the hub endpoint does not answer. False when it answers: transformers
-    downloads and updates as usual. EngineError, at once, when the cache alone is to serve and lacks the model."""
+    downloads and updates as usual. EngineError, at once, when the cache alone is to serve and holds none of
+    `needs` for it; `setting` is where the id came from (`--model` for `hermes-bot prompt`), for messages."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     if constants.HF_HUB_OFFLINE:
@@ -58,13 +65,14 @@ def cache_only(repo_id: str) -> bool:
             return False
         why = f"the hub at {constants.ENDPOINT} cannot be reached ({problem})"
         fix = "run once with the hub reachable to download it (then HF_HUB_OFFLINE=1 starts without asking the hub)"
-    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+    if not any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in needs):
         raise EngineError(
-            f"cannot load HERMES_MODEL={repo_id!r}: it is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
-            f"and {why}; set HERMES_MODEL to a local model folder, or {fix}"
+            f"cannot load {setting}={repo_id!r}: it is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            f"and {why}; set {setting} to a local model folder, or {fix}"
         )
     if not constants.HF_HUB_OFFLINE:
-        log.warning("%s: HERMES_MODEL=%s loads from the local cache, without checking for a newer revision", why, repo_id)
+        log.warning("%s: %s=%s loads from the local cache, without checking for a newer revision",
+                    why, setting, repo_id)
     return True
 
 
