@@ -106,9 +106,11 @@ class OpenAITestServer:
 
     def __init__(
         self, default_reply: Callable[[dict[str, Any]], Behaviour] = _echo, *, unknown_paths_200: bool = False,
-        max_model_len: int | None = None, chars_per_token: float = 3.0,
+        max_model_len: int | None = None, chars_per_token: float = 3.0, roles_by_turns: bool = False,
     ) -> None:
         self.default_reply = default_reply
+        self.roles_by_turns = roles_by_turns  # refuse, as vLLM with Mistral Instruct's template, all but one system
+        # message first and then user and assistant by turns
         self.unknown_paths_200 = unknown_paths_200
         self.max_model_len, self.chars_per_token = max_model_len, chars_per_token
         self.requests: list[dict[str, Any]] = []
@@ -164,9 +166,9 @@ class OpenAITestServer:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
-        if too_long := self._too_long(body):
+        if refusal := self._too_long(body) or self._out_of_turn(body):
             return web.json_response(
-                {"error": {"message": too_long, "type": "BadRequestError", "param": None, "code": 400}}, status=400
+                {"error": {"message": refusal, "type": "BadRequestError", "param": None, "code": 400}}, status=400
             )
         behaviour = self._script.popleft() if self._script else self.default_reply(body)
         if isinstance(behaviour, Fail):
@@ -215,6 +217,13 @@ class OpenAITestServer:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+    def _out_of_turn(self, body: dict[str, Any]) -> str | None:
+        roles = [m.get("role") for m in body.get("messages") or []]
+        turns = roles[1:] if roles[:1] == ["system"] else roles
+        if not self.roles_by_turns or turns == ["user", "assistant"] * (len(turns) // 2) + ["user"] * (len(turns) % 2):
+            return None
+        return "Conversation roles must alternate user/assistant/user/assistant/..."
 
     def _too_long(self, body: dict[str, Any]) -> str | None:
         """vLLM's answer to a request longer than `max_model_len`, or None when it fits."""

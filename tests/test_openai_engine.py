@@ -285,6 +285,28 @@ async def test_a_prompt_the_server_finds_too_long_is_sent_once_more_with_fewer_t
     assert "retrying once with the prompt fitted to 1536 tokens: HERMES_CONTEXT_TOKENS=2048 is probably above" in warning
 
 
+async def test_a_server_whose_template_wants_turns_by_turns_gets_them_after_its_first_refusal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """vLLM serving Mistral Instruct refused every prompt with example framing, a reminder or two people in a row."""
+    messages = [
+        {"role": "system", "content": "You are Vega."}, {"role": "system", "content": "[An example]"},
+        {"role": "user", "content": "Status?"}, {"role": "assistant", "content": "Green."},
+        {"role": "user", "content": "Alice: hi"}, {"role": "user", "content": "Bob: hello"},
+    ]
+    async with OpenAITestServer(roles_by_turns=True) as srv:
+        engine = await started(srv.base_url)
+        with caplog.at_level(logging.WARNING, logger="bot.engine.openai_engine"):
+            first, _ = await engine.generate_text(GenerationRequest("a", messages, SAMPLING))
+            second, _ = await engine.generate_text(GenerationRequest("b", messages, SAMPLING))
+        await engine.close()
+    assert first == second == "echo: Alice: hi\n\nBob: hello"  # the two people's lines, joined
+    assert [[m["role"] for m in r["messages"]] for r in srv.requests[1:]] == [["system", "user", "assistant", "user"]] * 2
+    assert len(srv.requests) == 3  # the second request went turn by turn at once
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "roles must alternate" in warning and "turn by turn from now on" in warning
+
+
 @pytest.mark.parametrize("answer", [
     Fail(400, VLLM_CONTEXT_FULL),  # vLLM
     Fail(400, "Please reduce the length of the messages.", code="context_length_exceeded"),  # OpenAI
@@ -292,7 +314,12 @@ async def test_a_prompt_the_server_finds_too_long_is_sent_once_more_with_fewer_t
     Fail(400, "request (2301 tokens) exceeds the available context size (2048 tokens)"),  # llama.cpp
     Fail(200, "Trying to keep the first 2301 tokens when context the overflows. However, the model is loaded "
               "with context length of only 2048 tokens, which is not enough."),  # LM Studio, with a 200
-], ids=["vllm", "openai", "llama.cpp-stream", "llama.cpp", "lm-studio"])
+    Fail(422, "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 2048. Given: 2045 `inputs` "
+              "tokens and 256 `max_new_tokens`"),  # TGI
+    # A full context reported with a 5xx was retried as a passing trouble: the same prompt, refused again.
+    Fail(500, VLLM_CONTEXT_FULL),
+    StreamError({**CONTEXT_FULL, "code": 500}, shape="data"),
+], ids=["vllm", "openai", "llama.cpp-stream", "llama.cpp", "lm-studio", "tgi", "http-500", "stream-500"])
 async def test_each_servers_full_context_answer_is_retried_with_fewer_turns(
     server: OpenAITestServer, answer: Fail | StreamError
 ) -> None:

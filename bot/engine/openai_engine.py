@@ -35,7 +35,7 @@ import aiohttp
 from bot.config import Settings, without_password
 from bot.engine.base import Engine, EngineError, Finish, GenerationRequest, GenerationStream, TextChunk
 from bot.engine.text import StopMatcher
-from bot.prompt import PromptTooLong, defang_control_tokens, encode_messages
+from bot.prompt import PromptTooLong, alternating, defang_control_tokens, encode_messages
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,18 @@ QUARTERS = tuple((re.compile(chars), extra) for chars, extra in (  # quarters of
 # code: context_length_exceeded), vLLM's "... longer than the maximum model length of 8192", llama.cpp's
 # "the request exceeds the available context size" (exceed_context_size_error), LM Studio's "... the model
 # is loaded with context length of only 8192 tokens" (at times with status 200), MLX's "Context size has
-# been exceeded", Ollama's "exceeded max context length". Such a prompt is sent once more, fitted to
-# REFIT_CONTEXT of HERMES_CONTEXT_TOKENS: the estimate fell short, or the server's context is smaller.
-CONTEXT_EXCEEDED = re.compile(r"context[ _](length|size|window)|maximum model length", re.IGNORECASE)
+# been exceeded", Ollama's "exceeded max context length", TGI's 422 "Input validation error: `inputs` tokens +
+# `max_new_tokens` must be <= 4096". Such a prompt is sent once more, fitted to REFIT_CONTEXT of
+# HERMES_CONTEXT_TOKENS: the estimate fell short, or the server's context is smaller. Whatever the status or
+# error code (some servers report it with a 500): the same prompt again would only be refused again.
+CONTEXT_EXCEEDED = re.compile(
+    r"context[ _](length|size|window)|maximum model length|`?inputs`? tokens \+ `?max_new_tokens`? must be",
+    re.IGNORECASE,
+)
 REFIT_CONTEXT = 3 / 4
+# A server whose chat template takes one system message and then user and assistant by turns (vLLM serving
+# Mistral Instruct, Llama 2, Gemma): "Conversation roles must alternate user/assistant/user/assistant/...".
+ROLES_MUST_ALTERNATE = re.compile(r"roles must alternate", re.IGNORECASE)
 
 
 def _quarters(text: str) -> int:
@@ -114,6 +122,10 @@ class _ContextExceeded(Exception):
     """The server refused the prompt as longer than its context: worth one try with a shorter one."""
 
 
+class _RolesMustAlternate(Exception):
+    """The server's chat template refused system lines between turns or two turns of one role in a row."""
+
+
 class OpenAIEngine(Engine):
     name = "openai"
 
@@ -124,6 +136,7 @@ class OpenAIEngine(Engine):
         self.attempts, self.backoff_s, self.timeout_s = attempts, backoff_s, timeout_s
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.alternate = False  # the server's template wants user and assistant by turns: learnt from its refusal
 
     @property
     def base_url(self) -> str:
@@ -224,6 +237,8 @@ class OpenAIEngine(Engine):
         except PromptTooLong as exc:
             raise EngineError(str(exc)) from None
         messages = [{"role": m["role"], "content": m["content"]} for m in prompt.messages]  # defanged by encode_messages
+        if self.alternate:
+            messages = alternating(messages)
         written = estimated_tokens(request.assistant_prefix)
         body: dict[str, Any] = {
             "model": self.settings.model,
@@ -278,6 +293,12 @@ class OpenAIEngine(Engine):
                 log.warning("openai engine: %s; retrying once with the prompt fitted to %d tokens: "
                             "HERMES_CONTEXT_TOKENS=%d is probably above the server's context", exc, refit, context)
                 body, refitted = smaller, True
+            except _RolesMustAlternate as exc:  # from now on this server gets its messages turn by turn
+                if self.alternate or state["tokens"]:
+                    raise EngineError(str(exc)) from None
+                log.warning("openai engine: %s; sending messages turn by turn from now on", exc)
+                self.alternate = True
+                body = {**body, "messages": alternating(body["messages"])}
             except _Retryable as exc:
                 if state["tokens"] or attempt == self.attempts - 1:
                     raise EngineError(str(exc)) from None
@@ -308,10 +329,12 @@ class OpenAIEngine(Engine):
                     hint = self.base_url_hint if resp.status in (404, 405) else ""
                     message = (f"the OpenAI-compatible server at {self.shown_url} answered {resp.status}: "
                                f"{detail}{hint}")
+                    if CONTEXT_EXCEEDED.search(text):  # before the retryable statuses: a retry gets the same
+                        raise _ContextExceeded(message)
+                    if ROLES_MUST_ALTERNATE.search(text):
+                        raise _RolesMustAlternate(message)
                     if resp.status in RETRYABLE_STATUS:
                         raise _Retryable(message)
-                    if 400 <= resp.status < 500 and CONTEXT_EXCEEDED.search(text):
-                        raise _ContextExceeded(message)
                     raise EngineError(message)
                 if resp.content_type.endswith("json"):  # not an event stream: retrying would not change it
                     text = await resp.text()
@@ -378,9 +401,9 @@ class OpenAIEngine(Engine):
         text) when its code says the trouble passes (429, 5xx), or one with a shorter prompt when it says
         the context is full (llama.cpp), not for another 400."""
         message = f"the server at {self.shown_url} reported an error: {_error_detail(data)}"
-        if _error_code(data) in RETRYABLE_STATUS:
-            return _Retryable(message)
-        return _ContextExceeded(message) if CONTEXT_EXCEEDED.search(data) else EngineError(message)
+        if CONTEXT_EXCEEDED.search(data):  # also with a 5xx code: the same prompt again is refused again
+            return _ContextExceeded(message)
+        return _Retryable(message) if _error_code(data) in RETRYABLE_STATUS else EngineError(message)
 
 
 async def _events(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, str]]:
