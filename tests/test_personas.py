@@ -190,6 +190,63 @@ def test_a_persona_hands_the_turn_only_to_someone_it_speaks_to() -> None:
     assert registry.find_addressed("Edward how tall are you").id == "edward_elric"  # type: ignore[union-attr]
 
 
+def edward_hands_to(text: str) -> str | None:
+    """Who Edward Elric's reply `text` hands the turn to, among the other shipped personas."""
+    registry = PersonaRegistry.load(ROOT / "personas")
+    edward = registry.get("edward_elric")
+    found = registry.find_addressed(text, [p.id for p in registry if p.id != edward.id], speaker=edward)
+    return found.id if found else None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # A hyphen set off by a space, as a dash is typed.
+        "Sherlock - what do you think?", "Holmes -- look.",
+        # An ellipsis, three dots or one character.
+        "Sherlock... are you there?", "Sherlock… are you there?",
+        # An interjection before the name, up to three, with actions and quotes around them.
+        "Hey Sherlock, what now?", "Oh, Holmes!", "Well, well, *turns* Sherlock, see?", '"Hey Holmes, your turn."',
+        # A label of one of the speaker's wake words, as of its name.
+        "Edward: Holmes, your turn.", "Ed: Sherlock, look", "Ed: Hey Sherlock, look",
+    ],
+)
+def test_a_hand_off_past_a_dash_an_ellipsis_an_interjection_or_a_short_label(text: str) -> None:
+    assert edward_hands_to(text) == "sherlock_holmes"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Holmes, ever the skeptic, frowned at the map.", "Holmes, to his credit, said nothing.",
+     '"Sherlock, eyes narrowed, studied the footprints."'],
+)
+def test_a_name_a_clause_between_commas_and_a_past_tense_is_narration(text: str) -> None:
+    assert edward_hands_to(text) is None
+
+
+def test_what_the_new_marks_and_interjections_leave_alone() -> None:
+    """An imperative after a comma still hands the turn on; a hyphen joining words, an interjection before a
+    line about someone, a word that merely starts like one, and a name ending a sentence do not."""
+    for text in ("Holmes, old friend, explain.", "Sherlock, look", "Narrator, describe the storm."):
+        assert edward_hands_to(text) is not None, text
+    for text in ("Holmes-style deduction, again.", "Hey Holmes was wrong.", "Heyday Sherlock, what?",
+                 "Sherlock. Again.", "Oh, Holmes, ever the skeptic, frowned."):
+        assert edward_hands_to(text) is None, text
+    # People's messages are read as before: the name must start them.
+    registry = PersonaRegistry.load(ROOT / "personas")
+    assert registry.find_addressed("Hey Sherlock, what now?") is None
+    assert registry.find_addressed("Holmes, ever the skeptic, frowned.").id == "sherlock_holmes"  # type: ignore[union-attr]
+
+
+def test_a_persona_named_like_an_interjection_is_addressed_before_it_is_skipped(tmp_path: Path) -> None:
+    write(tmp_path, "name: Yo\nsystem_prompt: You are Yo.\n", name="yo.yaml")
+    write(tmp_path, "name: Mira\nsystem_prompt: You are Mira.\n", name="mira.yaml")
+    registry = PersonaRegistry.load(tmp_path)
+    mira = registry.get("mira")
+    for text in ("Yo, your turn.", "Yo Yo!", "Hey Yo, see?"):
+        assert registry.find_addressed(text, ["yo"], speaker=mira).id == "yo", text  # type: ignore[union-attr]
+
+
 def test_a_japanese_name_with_an_honorific_attached_addresses_its_persona(tmp_path: Path) -> None:
     write(tmp_path, "name: ミラ\nsystem_prompt: You are Mira.\n", name="mira.yaml")
     write(tmp_path, "name: 空\nsystem_prompt: You are Sora.\n", name="sora.yaml")
