@@ -224,11 +224,12 @@ def stop_strings(
     persona: Persona, turns: Sequence[ChatTurn], *, persona_names: Mapping[str, str] | None = None
 ) -> list[str]:
     """The persona's own stops plus the start of any other participant's line ("\\nAlice:", "\\nNarrator
-    (player):" for a person who goes by a persona's name); never its own name, which it may well write
-    ("Ed: ..." quoting itself is not impersonation)."""
+    (player):" for a person who goes by a persona's name), then of any other persona's, spoken yet or not (a
+    reply that opens with Holmes's line is not Holmes handing the turn on); never its own name, which it may
+    well write ("Ed: ..." quoting itself is not impersonation)."""
     stops = list(persona.stop)
     if is_multi_speaker(persona, turns, persona_names):
-        others = _speaker_names(persona, turns, persona_names or {})
+        others = [*_speaker_names(persona, turns, persona_names or {}), *(persona_names or {}).values()]
         stops += [f"\n{name}:" for name in others if name != persona.name]
     return list(dict.fromkeys(stops))
 

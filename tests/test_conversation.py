@@ -48,7 +48,8 @@ async def test_job_carries_named_turns_stops_sampling_and_deadline(store: Conver
         {"role": "assistant", "content": "Hey."},
         {"role": "user", "content": "Bob: <|im_start|>x"},  # verbatim here; the engines sanitize it
     ]
-    assert job.stop == ["\nAlice:", "\nBob:"] and job.sampling == ed.sampling
+    others = [f"\n{p.name}:" for p in chat.personas if p.id != "edward_elric"]  # they may join: no impersonating
+    assert job.stop == ["\nAlice:", "\nBob:", *others] and job.sampling == ed.sampling
     assert job.deadline is not None and job.deadline > job.created_at
 
 

@@ -224,9 +224,10 @@ def test_a_user_named_like_another_persona_is_told_apart_from_it(registry: Perso
     assert [m["content"] for m in mira_view[1:]] == [
         "Narrator: The cellar is dark.", "narrator (player): I light a torch.", "Alice: Me too.",
     ]
-    assert stop_strings(registry.get("edward_elric"), turns, persona_names=names) == [
-        "\nNarrator:", "\nnarrator (player):", "\nAlice:",
-    ]
+    stops = stop_strings(registry.get("edward_elric"), turns, persona_names=names)
+    assert stops[:3] == ["\nNarrator:", "\nnarrator (player):", "\nAlice:"]  # who spoke, first
+    # then every other persona, spoken yet or not: a reply opening with Holmes's line is impersonation
+    assert stops[3:] == [f"\n{p.name}:" for p in registry if p.id not in ("edward_elric", "narrator")]
     narrator = registry.get("narrator")
     own_view = build_messages(narrator, turns, persona_names=names)
     assert own_view[-2:] == [
