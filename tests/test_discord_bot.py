@@ -473,6 +473,20 @@ def test_an_admin_role_named_with_other_digits_is_a_name() -> None:
     assert admin_role_name(SimpleNamespace(guild=guild), "²") == "²"  # type: ignore[arg-type]
 
 
+def slow_appends(env: Env, monkeypatch: pytest.MonkeyPatch, *, role: str) -> asyncio.Event:
+    """Storing a turn of `role` takes half a second (a loaded database); the event is set once one has begun."""
+    append, storing = env.store.append, asyncio.Event()
+
+    async def slow_append(*args: object, **kwargs: object) -> bool:
+        if kwargs.get("role") == role:
+            storing.set()
+            await asyncio.sleep(0.5)
+        return await append(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(env.store, "append", slow_append)
+    return storing
+
+
 async def _window_of(env: Env, key: ConversationKey, turns: int):  # type: ignore[no-untyped-def]
     """The stored window once it holds `turns` turns (the reply is stored just after it is shown)."""
     history = await env.store.window(key, 10)
@@ -518,15 +532,7 @@ async def test_reset_while_a_finished_reply_is_being_stored_leaves_it_out_of_the
 ) -> None:
     w = env.world
     env.llm.script(Reply("The dragon swallows the whole party."), Reply("Hello!"))
-    append, storing = env.store.append, asyncio.Event()
-
-    async def slow_reply_append(*args: object, **kwargs: object) -> bool:
-        if kwargs.get("role") == "assistant":
-            storing.set()
-            await asyncio.sleep(0.5)  # a loaded database
-        return await append(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(env.store, "append", slow_reply_append)
+    storing = slow_appends(env, monkeypatch, role="assistant")
     await env.fake.send_message(w.general, w.alice, f"{mention(env)} what happens next?")
     await persona_reply(env, w.general, "The dragon swallows the whole party.")
     await asyncio.wait_for(storing.wait(), 10)
@@ -562,15 +568,7 @@ async def test_a_reply_deleted_after_it_was_shown_but_before_it_was_stored_stays
     moderated text returns in every later prompt."""
     w = env.world
     env.llm.script(Reply("something a moderator removes"))
-    append, storing = env.store.append, asyncio.Event()
-
-    async def slow_reply_append(*args: object, **kwargs: object) -> bool:
-        if kwargs.get("role") == "assistant":
-            storing.set()
-            await asyncio.sleep(0.5)
-        return await append(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(env.store, "append", slow_reply_append)
+    storing = slow_appends(env, monkeypatch, role="assistant")
     await env.fake.send_message(w.general, w.alice, f"{mention(env)} say something")
     shown = await persona_reply(env, w.general, "something a moderator removes")
     await asyncio.wait_for(storing.wait(), 10)
@@ -586,15 +584,7 @@ async def test_a_message_edited_while_it_is_being_stored_is_stored_as_edited(
     """The edit finds nothing stored yet (a loaded database); the old text stayed in every later prompt."""
     w = env.world
     env.llm.script(Reply("ok"))
-    append, storing = env.store.append, asyncio.Event()
-
-    async def slow_user_append(*args: object, **kwargs: object) -> bool:
-        if kwargs.get("role") == "user":
-            storing.set()
-            await asyncio.sleep(0.5)
-        return await append(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(env.store, "append", slow_user_append)
+    storing = slow_appends(env, monkeypatch, role="user")
     asked = await env.fake.send_message(w.general, w.alice, f"{mention(env)} dragnos?")
     await asyncio.wait_for(storing.wait(), 10)
     await env.fake.edit_message(asked, f"{mention(env)} dragons?")
