@@ -433,6 +433,10 @@ class ChatCog(commands.Cog):
         """Stop the replies being written in `key` and keep them out of its history (after a /reset: they
         answer the old conversation, and would be the first turn of the new one); how many there were."""
         self._reset_at[key] = time.monotonic()
+        return await self.stop_running(key)
+
+    async def stop_running(self, key: ConversationKey) -> int:
+        """Cancel the replies being written in `key` (/stop, /reset); how many there were."""
         running = list(self.running.get(key, ()))
         for pending in running:
             await pending.cancel()

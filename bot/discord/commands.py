@@ -262,12 +262,10 @@ class CommandsCog(commands.Cog):
         await self.answer(interaction, None, self.stop, managers_only=False)
 
     async def stop(self, interaction: discord.Interaction) -> str:
-        running = list(self.chat.running.get(conversation_key(interaction.channel), ()))
-        if not running:
+        stopped = await self.chat.stop_running(conversation_key(interaction.channel))
+        if not stopped:
             return "Nothing is being written here right now."
-        for pending in running:
-            await pending.cancel()
-        return "Stopped." if len(running) == 1 else f"Stopped all {len(running)} replies."
+        return "Stopped." if stopped == 1 else f"Stopped all {stopped} replies."
 
     @app_commands.command(name="forget-me", description="Erase everything you wrote from the bot's memory, everywhere")
     async def forget_me_command(self, interaction: discord.Interaction) -> None:
