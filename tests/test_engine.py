@@ -16,7 +16,7 @@ import torch
 
 from bot.config import Settings
 from bot.devtools import build_tokenizer
-from bot.engine import transformers_engine
+from bot.engine import batched_linear, transformers_engine
 from bot.engine.base import EngineError, Finish, GenerationRequest, GenerationStream, TextChunk
 from bot.engine.decode import KV_BLOCK, DecodeGraphs, decode_logits
 from bot.engine.kv import (
@@ -380,6 +380,39 @@ async def test_concurrent_requests_match_one_at_a_time_generate(engine: Transfor
         assert finish.completion_tokens >= 1 and finish.prompt_tokens > 10
         assert finish.reason in ("length", "stop")
     assert engine.running == 0
+
+
+@pytest.mark.skipif(batched_linear.unavailable_reason() is not None, reason="the CPU kernel cannot run here")
+async def test_decode_batches_of_ten_rows_or_more_go_through_the_cpu_kernel_and_match_generate(
+    loaded: tuple[Any, Any], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer, model = loaded
+    real = batched_linear.kernel()
+    assert real is not None
+    rows_seen: list[int] = []
+
+    def counting(*args: int) -> int:
+        rows_seen.append(args[3])
+        return real(*args)
+
+    monkeypatch.setattr(batched_linear, "kernel", lambda: counting)
+    threads = torch.get_num_threads()
+    settings = Settings(model=str(tiny_model_dir), device="cpu", max_batch_size=12, context_tokens=1024, cpu_threads=1)
+    eng = TransformersEngine(settings, model=model, tokenizer=tokenizer)
+    await eng.start()
+    try:
+        prompts = [chat(f"Tell me about the number {i}.") for i in range(12)]
+        outs = await asyncio.gather(
+            *(eng.generate_text(GenerationRequest(f"k{i}", p, GREEDY)) for i, p in enumerate(prompts))
+        )
+    finally:
+        await eng.close()
+        monkeypatch.undo()
+        batched_linear.install(model)  # the real kernel again, for the module's other engines
+        torch.set_num_threads(threads)
+    assert 12 in rows_seen  # a decode step of all twelve (prefills of up to MAX_ROWS rows may come too)
+    for prompt, (text, _) in zip(prompts, outs, strict=True):
+        assert text == reference(eng, prompt, 24)
 
 
 async def test_a_burst_of_requests_is_prefilled_together(

@@ -22,7 +22,7 @@ def test_the_package_list_holds_every_package_under_bot() -> None:
     assert set(find_packages(str(ROOT), include=["bot*"])) <= set(listed)
 
 
-def test_an_installed_wheel_upgrades_a_database_and_has_the_bundled_personas(tmp_path: Path) -> None:
+def test_an_installed_wheel_upgrades_a_database_and_has_the_bundled_personas_and_the_kernel_source(tmp_path: Path) -> None:
     source = tmp_path / "src"
     for name in ("bot", "personas"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -57,3 +57,4 @@ def test_an_installed_wheel_upgrades_a_database_and_has_the_bundled_personas(tmp
     assert {line.split()[0] for line in listed.stdout.splitlines()} == {
         path.stem for path in (ROOT / "personas").glob("*.yaml")}
     assert (site / "bot" / "bundled_personas" / "hermes.yaml").read_text() == (ROOT / "personas" / "hermes.yaml").read_text()
+    assert (site / "bot" / "engine" / "batched_linear.c").read_text() == (ROOT / "bot" / "engine" / "batched_linear.c").read_text()

@@ -29,6 +29,7 @@ import torch
 
 from bot.config import Settings, local_model_dir
 from bot.daemon_thread import in_daemon_thread
+from bot.engine import batched_linear
 from bot.engine.base import (
     Engine,
     EngineError,
@@ -38,6 +39,7 @@ from bot.engine.base import (
     GenerationStream,
     TextChunk,
 )
+from bot.engine.batched_linear import MIN_ROWS
 from bot.engine.decode import PAD_ID, DecodeGraphs, decode_logits
 from bot.engine.hub import cache_only, offline_hub
 from bot.engine.kv import (
@@ -242,6 +244,8 @@ class TransformersEngine(Engine):
         self.prefixes = PrefixCache(self.settings.prefix_cache_mb * 1024 * 1024)
         self.eos_ids = self._eos_ids()
         on_gpu = self.device.type == "cuda"
+        if self.device.type == "cpu" and (layers := batched_linear.install(self.model)):
+            log.info("CPU decode batches of %d+ rows use the AVX2 kernel in %d linear layers", MIN_ROWS, layers)
         if self.cuda_graphs if self.cuda_graphs is not None else on_gpu:
             self.graphs = DecodeGraphs(self.model, self.kv, self.attention, capture=on_gpu)
             if on_gpu:
