@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from bot.engine import batched_linear, transformers_engine
 from bot.engine.base import EngineError, Finish, GenerationRequest, GenerationStream, TextChunk
 from bot.engine.decode import KV_BLOCK, DecodeGraphs, decode_logits
 from bot.engine.kv import (
+    KV_SHARE,
     Attention,
     PrefillCache,
     PrefixCache,
@@ -28,6 +30,8 @@ from bot.engine.kv import (
     causal_mask,
     common_prefix,
     prefill_positions,
+    slot_bytes,
+    slots_that_fit,
 )
 from bot.engine.sampling import apply_repetition_penalty, sample_next
 from bot.engine.text import IncrementalDetokenizer, StopMatcher
@@ -521,6 +525,45 @@ def test_a_resumed_reply_keeps_the_space_before_its_first_new_word() -> None:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>")
     assert IncrementalDetokenizer(tokenizer).push(1) == "world"
     assert IncrementalDetokenizer(tokenizer, shown=[0]).push(1) == " world"
+
+
+def test_slots_are_what_the_free_memory_holds() -> None:
+    gib = 1024**3
+    assert slots_that_fit(32, gib, None) == 32  # unknown: as asked
+    assert slots_that_fit(32, gib, 100 * gib) == 32
+    assert slots_that_fit(32, gib, 20 * gib) == 16  # KV_SHARE of it
+    assert slots_that_fit(32, gib, 20 * gib, reserved=10 * gib) == 8
+    assert slots_that_fit(32, gib, gib) == 0
+    assert slot_bytes(layers=32, kv_heads=8, max_len=8192, head_dim=128, dtype=torch.bfloat16) == gib
+
+
+async def test_an_engine_serves_as_many_at_once_as_memory_holds_and_says_so(
+    loaded: tuple[Any, Any], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    tokenizer, model = loaded
+    settings = Settings(model=str(tiny_model_dir), device="cpu", max_batch_size=8, context_tokens=1024, prefix_cache_mb=0)
+    config = model.config
+    per_slot = slot_bytes(layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads, max_len=1024,
+                          head_dim=config.hidden_size // config.num_attention_heads, dtype=torch.float32)
+    monkeypatch.setattr(transformers_engine, "free_memory", lambda device: int(3.5 * per_slot / KV_SHARE))
+    eng = TransformersEngine(settings, model=model, tokenizer=tokenizer)
+    with caplog.at_level(logging.WARNING, logger=transformers_engine.__name__):
+        await eng.start()
+    try:
+        assert eng.kv.slots == 3
+        assert "8 conversations x 1024 tokens need" in caplog.text and "generating for 3 at once" in caplog.text
+        prompts = [chat(f"Count to {i}.") for i in range(5)]  # more than the slots: the rest wait their turn
+        outs = await asyncio.gather(
+            *(eng.generate_text(GenerationRequest(f"m{i}", p, GREEDY)) for i, p in enumerate(prompts))
+        )
+        assert all(finish.completion_tokens >= 1 for _, finish in outs)
+    finally:
+        await eng.close()
+    monkeypatch.setattr(transformers_engine, "free_memory", lambda device: per_slot // 2)
+    starved = TransformersEngine(settings, model=model, tokenizer=tokenizer)
+    with pytest.raises(EngineError, match="one conversation of 1024 tokens needs .* lower HERMES_CONTEXT_TOKENS"):
+        await starved.start()
+    await starved.close()
 
 
 async def test_prompt_too_long_is_a_clear_error(engine: TransformersEngine) -> None:

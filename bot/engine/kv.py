@@ -13,11 +13,15 @@ only prefills the rest.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+
+KV_SHARE = 0.8  # of the memory free once the model is loaded; the rest for activations, logits and the like
 
 
 class SlotKV:
@@ -48,6 +52,35 @@ class SlotKV:
             [k[slot, :, :length].clone() for k in self.keys],
             [v[slot, :, :length].clone() for v in self.values],
         )
+
+
+def slot_bytes(*, layers: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype) -> int:
+    """The K/V memory of one slot: what each conversation served at once costs, whether used or not."""
+    return 2 * layers * kv_heads * max_len * head_dim * dtype.itemsize
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a new tensor can take on `device`: the GPU's free memory, Linux's MemAvailable; None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.MULTILINE)
+    return int(found.group(1)) * 1024 if found else None
+
+
+def slots_that_fit(wanted: int, per_slot: int, free: int | None, reserved: int = 0) -> int:
+    """How many of `wanted` slots fit in KV_SHARE of `free` memory less `reserved` (all where unknown).
+
+    Why: the slots are allocated up front, and the defaults (32 conversations of 8k tokens) need 32 GiB
+    for a 7B model in bfloat16, 64 GiB in float32: more than many machines have beside the model."""
+    if free is None:
+        return wanted
+    return max(0, min(wanted, int((free - reserved) * KV_SHARE) // per_slot))
 
 
 class DecodeCache:

@@ -48,7 +48,10 @@ from bot.engine.kv import (
     PrefixCache,
     PrefixEntry,
     SlotKV,
+    free_memory,
     prefill_positions,
+    slot_bytes,
+    slots_that_fit,
 )
 from bot.engine.sampling import apply_repetition_penalty, sample_next
 from bot.engine.text import IncrementalDetokenizer, StopMatcher
@@ -227,14 +230,19 @@ class TransformersEngine(Engine):
         except ValueError as exc:
             raise EngineError(f"{self.settings.model}: {exc}") from None
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        slots = self.settings.max_batch_size
         dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             dtype = torch.bfloat16
-        self.kv = SlotKV(
-            layers=text_config.num_hidden_layers, slots=slots, kv_heads=text_config.num_key_value_heads,
-            max_len=self.max_len, head_dim=head_dim, dtype=dtype, device=self.device,
-        )
+        shape = dict(layers=text_config.num_hidden_layers, kv_heads=text_config.num_key_value_heads,
+                     max_len=self.max_len, head_dim=head_dim, dtype=dtype)
+        slots = self._slots(slot_bytes(**shape))
+        try:
+            self.kv = SlotKV(slots=slots, device=self.device, **shape)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:  # RuntimeError: the CPU allocator's refusal
+            raise EngineError(
+                f"cannot allocate the KV cache of {slots} conversations x {self.max_len} tokens on {self.device} "
+                f"({exc}); lower HERMES_MAX_BATCH_SIZE or HERMES_CONTEXT_TOKENS"
+            ) from None
         vocab = self.model.get_output_embeddings().weight.shape[0]
         self.seen = torch.zeros((slots, vocab), dtype=torch.bool, device=self.device)
         self.temperature = torch.zeros(slots, device=self.device)
@@ -251,6 +259,21 @@ class TransformersEngine(Engine):
             if on_gpu:
                 with torch.inference_mode():
                     self.graphs.warm_up()
+
+    def _slots(self, per_slot: int) -> int:
+        """HERMES_MAX_BATCH_SIZE, or as many slots as the free memory holds, saying so; none is an error."""
+        wanted, gib = self.settings.max_batch_size, 1024**3
+        free = free_memory(self.device)
+        slots = slots_that_fit(wanted, per_slot, free, reserved=self.settings.prefix_cache_mb * 1024 * 1024)
+        if slots < wanted:
+            need = f"{wanted} conversations x {self.max_len} tokens need {wanted * per_slot / gib:.1f} GiB of KV cache"
+            have = f"{(free or 0) / gib:.1f} GiB is free on {self.device}"
+            if slots == 0:
+                raise EngineError(f"one conversation of {self.max_len} tokens needs {per_slot / gib:.1f} GiB of KV "
+                                  f"cache and {have}: lower HERMES_CONTEXT_TOKENS")
+            log.warning("%s and %s: generating for %d at once (set HERMES_MAX_BATCH_SIZE or HERMES_CONTEXT_TOKENS "
+                        "to choose)", need, have, slots)
+        return slots
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
