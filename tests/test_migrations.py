@@ -179,6 +179,72 @@ async def test_0004_keeps_every_row_and_ids_are_never_reused(empty_database_url:
         await store.close()
 
 
+async def _reset_then_forget_the_newest(store: ConversationStore) -> None:
+    """Three turns, a /reset after them (reset point: the third's id), then /forget-me erases the third."""
+    for discord_id, author in ((101, 7), (102, None), (103, 8)):
+        await store.append(GUILD, discord_message_id=discord_id, author_id=author, author_name="x",
+                           role="user" if author else "assistant", content=f"old {discord_id}")
+    await store.reset(GUILD)
+    assert await store.forget_user(8) == 1
+
+
+async def _append_new(store: ConversationStore, discord_id: int) -> list[str]:
+    """Append one new turn; the context the model would get after it."""
+    await store.append(GUILD, discord_message_id=discord_id, author_id=9, author_name="new", role="user",
+                       content=f"new {discord_id}")
+    return [m.content for m in await store.window(GUILD, 10)]
+
+
+async def test_an_upgrade_from_0003_starts_ids_above_the_reset_point_not_only_the_newest_row(
+    empty_database_url: str,
+) -> None:
+    """0004's copy seeds the AUTOINCREMENT sequence from max(id): after /reset and /forget-me of the newest
+    row that is below the reset point, and the first turn stored after the upgrade never reached the model
+    (0006 raises it)."""
+    engine = make_engine(empty_database_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(migrate_to, "0003")
+        await _reset_then_forget_the_newest(ConversationStore(engine))  # the 0003-era bot
+        async with engine.begin() as connection:
+            await connection.run_sync(migrate_to, "head")
+        assert await _append_new(ConversationStore(engine), 900) == ["new 900"]
+    finally:
+        await engine.dispose()
+
+
+async def test_0006_raises_a_sequence_0004_left_below_a_reset_point_and_never_lowers_one(tmp_path: Path) -> None:
+    """A database 0004 upgraded before it considered reset points: 0006 repairs its sequence, and running it
+    again (downgrade, upgrade) where nothing is wrong changes nothing."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'hermes.db'}"
+    engine = make_engine(url)
+    store = ConversationStore(engine)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(migrate_to, "0005")
+        await _reset_then_forget_the_newest(store)
+        async with engine.begin() as connection:  # what the first 0004 left: the sequence at max(id)
+            await connection.execute(text("UPDATE sqlite_sequence SET seq = 2 WHERE name = 'messages'"))
+        await upgrade_async(url)
+        assert await _append_new(store, 900) == ["new 900"]
+        assert await store.forget_user(9) == 1  # the newest row goes again: the sequence stays above it
+
+        def down_to_0005(connection: Connection) -> None:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0005")
+
+        async with engine.begin() as connection:
+            await connection.run_sync(down_to_0005)
+        await upgrade_async(url)
+        assert await _append_new(store, 901) == ["new 901"]
+        async with engine.connect() as connection:
+            ids = (await connection.execute(text("SELECT id FROM messages ORDER BY id"))).scalars().all()
+        assert ids == [1, 2, 5]
+    finally:
+        await engine.dispose()
+
+
 async def test_a_failed_sqlite_upgrade_changes_nothing_and_can_run_again(tmp_path: Path) -> None:
     """SQLite's driver began its transaction only at the first INSERT, after 0004's copy table was
     created: a run that failed or was killed mid-copy left that table, and every later upgrade failed."""

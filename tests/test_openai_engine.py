@@ -390,6 +390,20 @@ async def test_null_error_and_null_usage_counts_are_a_normal_reply(server: OpenA
     assert (text, finish) == ("Hello there", Finish("stop", prompt_tokens=0, completion_tokens=3))
 
 
+async def test_surrogates_a_server_escapes_in_its_json_are_joined_or_replaced(server: OpenAITestServer) -> None:
+    """JSON may escape UTF-16 surrogates ("\\ud83d"), which json.loads keeps and no UTF-8 encoder takes: the
+    reply could be neither stored nor sent through Redis. A pair becomes its emoji, a lone one U+FFFD, in
+    the text and in a reported error alike."""
+    server.script(Reply("a \ud83d\ude00 and half \ud83d.", chunk_chars=100))
+    engine = await started(server.base_url)
+    text, _ = await engine.generate_text(GenerationRequest("r", MESSAGES))
+    assert text == "a \U0001f600 and half \ufffd."
+    server.script(Fail(400, "bad byte \udc80"))
+    with pytest.raises(EngineError, match="answered 400: bad byte \ufffd$"):
+        await engine.generate_text(GenerationRequest("r", MESSAGES))
+    await engine.close()
+
+
 async def test_a_base_url_without_v1_is_named_when_lm_studio_answers_200_with_an_error() -> None:
     """LM Studio answers an unknown path 200 with {"error": ...}: before, that was retried as a stream
     closed before any text, and the wrong base URL never named."""

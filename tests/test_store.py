@@ -115,6 +115,18 @@ async def test_a_nul_character_is_left_out_not_the_turn(store: ConversationStore
     assert (turn.author_name, turn.content) == ("Null", "editedtext")
 
 
+async def test_surrogates_from_json_are_joined_or_replaced_not_a_failed_turn(store: ConversationStore) -> None:
+    """JSON may escape UTF-16 surrogates, which json.loads keeps: SQLite's driver raised UnicodeEncodeError
+    (not StoreUnavailable) and PostgreSQL refused the row, which the user was told was a database outage."""
+    assert await add(store, GUILD, 10, "half \ud83d an emoji", author_name="Ana\ud83d\ude00") is True
+    assert await add(store, GUILD, 11, "whole \ud83d\ude00, reversed \ude00\ud83d") is True
+    assert await store.edit_message(10, "edited \udfff") is True
+    assert [(m.author_name, m.content) for m in await store.window(GUILD, 10)] == [
+        ("Ana\U0001f600", "edited \ufffd"),
+        ("alice", "whole \U0001f600, reversed \ufffd\ufffd"),
+    ]
+
+
 async def test_window_is_newest_turns_oldest_first(store: ConversationStore) -> None:
     for i in range(10):
         await add(store, GUILD, 1000 + i, f"m{i}")

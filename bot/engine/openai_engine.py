@@ -36,6 +36,7 @@ from bot.config import Settings, without_password
 from bot.engine.base import Engine, EngineError, Finish, GenerationRequest, GenerationStream, TextChunk
 from bot.engine.text import StopMatcher
 from bot.prompt import PromptTooLong, alternating, defang_control_tokens, encode_messages
+from bot.text_safety import well_formed
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +375,8 @@ class OpenAIEngine(Engine):
             state["prompt_tokens"] = usage.get("prompt_tokens") or state["prompt_tokens"]
             state["completion_tokens"] = usage.get("completion_tokens") or state["completion_tokens"]
             for choice in chunk.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content") or ""
+                # JSON may escape a lone surrogate, which json.loads keeps and nothing downstream can encode.
+                text = well_formed((choice.get("delta") or {}).get("content") or "")
                 if text and not finished:
                     state["tokens"] += 1
                     safe, stopped = stops.feed(text)
@@ -462,11 +464,12 @@ def _error_object(body: str) -> Any:
 
 def _error_detail(body: str) -> str:
     """The human part of an error body: its error's message, else the body's start, so that an error
-    without a usable message is still reported with what the server sent."""
+    without a usable message is still reported with what the server sent. Well-formed: it reaches logs, Discord
+    and the queue's JSON, and the server's JSON may escape a lone surrogate."""
     error = _error_object(body)
     message = error.get("message") if isinstance(error, dict) else error
     if isinstance(message, str) and message.strip():
-        return message.strip()[:300]
+        return well_formed(message.strip()[:300])
     return body.strip()[:300] or "(empty body)"
 
 

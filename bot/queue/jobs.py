@@ -10,9 +10,14 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, Field, TypeAdapter
 
 from bot.personas import Sampling
+from bot.text_safety import well_formed
+
+# Text that crosses the Redis transport as JSON: a lone surrogate (a server's or Discord's JSON may carry one)
+# cannot be serialised, and the whole reply would fail on that one character.
+WireText = Annotated[str, AfterValidator(well_formed)]
 
 
 def new_job_id() -> str:
@@ -25,9 +30,9 @@ class GenerationJob(BaseModel):
     job_id: str = Field(default_factory=new_job_id)
     conversation_key: str
     persona_id: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, WireText]]
     sampling: Sampling = Field(default_factory=Sampling)
-    stop: list[str] = Field(default_factory=list)
+    stop: list[WireText] = Field(default_factory=list)
     created_at: float = Field(default_factory=time.time)
     deadline: float | None = None  # unix time; the worker gives up with finish_reason "deadline"
 
@@ -63,7 +68,7 @@ class TextDelta(BaseModel):
     type: Literal["delta"] = "delta"
     job_id: str
     seq: int
-    text: str
+    text: WireText
 
 
 class Done(BaseModel):
@@ -82,7 +87,7 @@ class ErrorEvent(BaseModel):
     type: Literal["error"] = "error"
     job_id: str
     kind: str
-    message: str
+    message: WireText
 
 
 Event = Annotated[TextDelta | Done | ErrorEvent, Field(discriminator="type")]

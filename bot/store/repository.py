@@ -21,6 +21,7 @@ from bot.lru import LRU
 from bot.store.db import Sessions, make_engine, unavailable_on_open
 from bot.store.keys import ConversationKey
 from bot.store.models import ROLES, Conversation, ConversationPersona, Message, MessagePart, utcnow
+from bot.text_safety import storable
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,6 @@ def _by_discord_id(discord_message_id: int) -> ColumnElement[bool]:
     first = select(Message.id).where(Message.discord_message_id == discord_message_id)
     part = select(MessagePart.message_id).where(MessagePart.discord_message_id == discord_message_id)
     return Message.id.in_(union_all(first, part))
-
-
-def _storable(text: str) -> str:
-    """`text` without NUL characters, which PostgreSQL text cannot hold (SQLite can): a model's byte
-    fallback may write one, and the whole turn would fail to store on one engine only."""
-    return text.replace("\x00", "")
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -213,10 +208,10 @@ class ConversationStore:
                     conversation_id=conversation_id,
                     discord_message_id=discord_message_id,
                     author_id=author_id,
-                    author_name=_storable(author_name),
+                    author_name=storable(author_name),
                     role=role,
                     persona_id=persona_id,
-                    content=_storable(content),
+                    content=storable(content),
                     reply_to_id=reply_to_id,
                     created_at=created_at or utcnow(),
                 )
@@ -288,7 +283,7 @@ class ConversationStore:
             result = await session.execute(
                 update(Message)
                 .where(_by_discord_id(discord_message_id), Message.deleted_at.is_(None))
-                .values(content=_storable(content), edited_at=utcnow())
+                .values(content=storable(content), edited_at=utcnow())
             )
         return result.rowcount > 0
 
