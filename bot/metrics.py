@@ -58,6 +58,12 @@ DISCORD_EVENTS = Counter(
     "hermes_discord_events", "Discord events handled, by type.", ["type"], registry=REGISTRY
 )
 ERRORS = Counter("hermes_errors", "Errors, by kind.", ["kind"], registry=REGISTRY)
+# Apart from ERRORS: the worker has already counted an engine's failure there, in its own process or (memory://)
+# in this one, and summing both sides counted every failure twice.
+FAILED_REPLIES = Counter(
+    "hermes_failed_replies", "Replies that ended in an error, by the error's kind (bot side).", ["kind"],
+    registry=REGISTRY,
+)
 
 
 def set_queue_depth(waiting: int) -> None:
@@ -92,5 +98,10 @@ def count_discord_event(event_type: str) -> None:
 
 
 def count_error(kind: str) -> None:
-    """Count one error by a short machine-readable kind, e.g. ErrorEvent.kind ("busy", "engine")."""
+    """Count one error where it happened, by a short machine-readable kind ("busy", "engine")."""
     ERRORS.labels(kind=kind).inc()
+
+
+def count_failed_reply(kind: str) -> None:
+    """Count one reply the bot saw end in an error, by its ErrorEvent.kind ("engine", "timeout")."""
+    FAILED_REPLIES.labels(kind=kind).inc()

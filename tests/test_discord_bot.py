@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import asyncpg
 import pytest
 
+from bot import metrics
 from bot.config import Settings
 from bot.discord import app as app_module
 from bot.discord import chat as chat_module
@@ -28,7 +29,7 @@ from bot.store.migrate import upgrade_async
 from tests.fakediscord import FakeDiscord, World
 from tests.fakediscord.models import Channel, User
 from tests.fakediscord.server import DROP_CONNECTION, LOSE_ANSWER
-from tests.openai_test_server import OpenAITestServer, Reply
+from tests.openai_test_server import Fail, OpenAITestServer, Reply
 from tests.waiting import eventually
 
 pytest_plugins = ("tests.fakediscord.fixtures",)
@@ -95,6 +96,21 @@ async def test_mention_gets_a_streamed_reply_as_the_default_persona(env: Env) ->
         ("assistant", "Hello Alice, nice to meet you."),
     ]
     assert stored[0].discord_message_id == asked.id
+
+
+async def test_a_reply_the_model_server_fails_is_counted_once_as_an_engine_error(env: Env) -> None:
+    """memory://: worker and bot share one metrics registry; the worker counts the engine's failure, the bot
+    the failed reply, each once."""
+    def sample(name: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, {"kind": "engine"}) or 0.0
+
+    errors, failed = sample("hermes_errors_total"), sample("hermes_failed_replies_total")
+    env.llm.script(Fail(400, "the model refused"))
+    w = env.world
+    await env.fake.send_message(w.general, w.alice, f"{mention(env)} hi there")
+    await env.fake.wait_for_message(w.general, lambda m: "something went wrong" in m.content)
+    assert sample("hermes_errors_total") == errors + 1
+    assert sample("hermes_failed_replies_total") == failed + 1
 
 
 async def test_a_reply_that_opens_with_its_own_name_is_shown_and_stored_without_it(env: Env) -> None:

@@ -476,7 +476,7 @@ class ChatCog(commands.Cog):
                         event.finish_reason, ""
                     )
                 elif isinstance(event, ErrorEvent):
-                    metrics.count_error(event.kind)
+                    metrics.count_failed_reply(event.kind)
                     log.warning("reply failed kind=%s: %s", event.kind, event.message)
                     ending = UNAVAILABLE if event.kind in ("timeout", "dead_letter", "unavailable") else FAILED
         except QueueUnavailable as exc:  # the queue went away mid-reply: say so under what was shown
