@@ -4,6 +4,8 @@ One `Worker` holds up to `max_batch_size` jobs at once and submits them all to i
 batches them. Per job it publishes `TextDelta`s in order (continuing from `next_seq` on a redelivery,
 with the already-sent text as the start of the reply), then exactly one `Done` or `ErrorEvent`, and
 only then `complete`s the job. A watcher polls the queue for cancellations and enforces deadlines.
+While the queue is unreachable (a Redis restart) a job keeps what it could not publish and tries again
+until its deadline: the job stays queued and this worker its owner, so the reply goes on afterwards.
 
 Two ways to run it:
 - `hermes-bot worker` (`run_worker`): its own process on a Redis queue; SIGTERM/SIGINT stop taking
@@ -16,21 +18,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import math
 import signal
 import sys
 import time
+from collections.abc import Sequence
 
 from bot import metrics
 from bot.config import Settings
 from bot.engine import Engine, EngineError, GenerationRequest, GenerationStream, TextChunk, make_engine
 from bot.logging_setup import log_context
-from bot.queue.base import Delivery, JobQueue, QueueEvent
+from bot.queue.base import Delivery, JobQueue, QueueEvent, QueueUnavailable
 from bot.queue.jobs import Done, ErrorEvent, GenerationJob, TextDelta
+from bot.text_safety import storable
 
 log = logging.getLogger(__name__)
 
 OUTAGE_REMINDER_S = 60.0
+# Pauses between tries to publish while the queue is unreachable, the last one repeated until the job's
+# deadline (each try itself resends for a few seconds, see redis_streams.RETRY_DELAYS_S).
+PUBLISH_RETRY_S = (0.5, 1.0, 2.0, 5.0)
 
 
 class QueueTrouble:
@@ -74,6 +83,7 @@ class Worker:
         self._stopped = asyncio.Event()
         self._watch_done = asyncio.Event()
         self._slot_free = asyncio.Event()
+        self._letting_go = asyncio.Event()  # the shutdown grace is over: held jobs stop waiting for the queue
         self.started = asyncio.Event()
 
     @classmethod
@@ -141,6 +151,7 @@ class Worker:
         """Give held jobs shutdown_grace_s to finish, then release the rest to the queue."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.shutdown_grace_s)
+        self._letting_go.set()
         while self._tasks:
             for _, stream in list(self._held.values()):
                 if stream is not None:
@@ -177,17 +188,17 @@ class Worker:
         with log_context(job=job.job_id, conversation=job.conversation_key):
             try:
                 await self._generate(delivery)
-            except Exception as exc:  # a bug, or the queue failing: end the job so the user is not left waiting
+            except QueueUnavailable as exc:  # down until the deadline (or shutdown): no word reaches the bot
+                log.warning("letting the job go, the queue is unreachable: %s", exc)
+                await self._let_go(job)
+            except Exception as exc:  # a bug: end the job so the user is not left waiting
                 log.exception("serving job failed")
                 metrics.count_error("worker")
-                _, stream = self._held.get(job.job_id, (job, None))
-                if stream is not None:  # the engine would otherwise write the whole reply for nobody
-                    stream.cancel("cancelled")
+                self._stop_generating(job)
                 try:
                     await self._finish(job, ErrorEvent(job_id=job.job_id, kind="worker", message=str(exc)))
                 except Exception:  # the queue is unreachable: let the job go, to be taken over once it is back
-                    with contextlib.suppress(Exception):
-                        await self.queue.release(job.job_id)
+                    await self._let_go(job)
             finally:
                 self._held.pop(job.job_id, None)
                 self._slot_free.set()
@@ -210,7 +221,7 @@ class Worker:
                     if isinstance(item, TextChunk):
                         # A model's byte fallback may write NUL, which PostgreSQL cannot store: the reply
                         # shown must be the one stored.
-                        if not (text := item.text.replace("\x00", "")):
+                        if not (text := storable(item.text)):
                             continue
                         if seq == delivery.next_seq:
                             metrics.observe_first_token(time.time() - started)
@@ -229,7 +240,7 @@ class Worker:
                         ))
                 if not events:  # the batch was NUL only
                     continue
-                await self.queue.publish_many(events)
+                await self._publish(job, events)
                 if isinstance(events[-1], Done):
                     await self.queue.complete(job.job_id)
         except EngineError as exc:
@@ -238,8 +249,42 @@ class Worker:
             await self._finish(job, ErrorEvent(job_id=job.job_id, kind="engine", message=str(exc)))
 
     async def _finish(self, job: GenerationJob, event: Done | ErrorEvent) -> None:
-        await self.queue.publish(event)
+        await self._publish(job, [event])
         await self.queue.complete(job.job_id)
+
+    async def _publish(self, job: GenerationJob, events: Sequence[QueueEvent]) -> None:
+        """Publish `events`, trying again while the queue is unreachable: a Redis restart or failover keeps
+        the job queued and this worker its owner, so the reply goes on once Redis is back (a resent delta is
+        dropped there), where an error would end it. Raises QueueUnavailable at the job's deadline (the next
+        worker to take the job ends it) or once the shutdown grace is over (the job is taken over)."""
+        publishing = QueueTrouble("publishing the reply")
+        pauses = itertools.chain(PUBLISH_RETRY_S, itertools.repeat(PUBLISH_RETRY_S[-1]))
+        while True:
+            try:
+                await self.queue.publish_many(events)
+            except QueueUnavailable as exc:
+                left = (job.deadline or math.inf) - time.time()
+                if left <= 0 or self._letting_go.is_set():
+                    raise
+                publishing.failed(exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._letting_go.wait(), min(next(pauses), left))
+            else:
+                publishing.succeeded()
+                return
+
+    def _stop_generating(self, job: GenerationJob) -> None:
+        """Stop the engine on a job that ended early: it would otherwise write the whole reply for nobody."""
+        _, stream = self._held.get(job.job_id, (job, None))
+        if stream is not None:
+            stream.cancel("cancelled")
+
+    async def _let_go(self, job: GenerationJob) -> None:
+        """Hand back a job this worker cannot go on with. If the queue cannot hear that either, the job's
+        heartbeat stops all the same, so another worker takes it over once the queue is back."""
+        self._stop_generating(job)
+        with contextlib.suppress(Exception):
+            await self.queue.release(job.job_id)
 
 
 def run_worker(settings: Settings) -> int:

@@ -415,6 +415,41 @@ async def test_scripts_reload_after_redis_forgets_them(redis_harness: Harness, r
         assert [d.job.job_id for d in await waiting] == [second.job_id]
 
 
+async def test_a_redis_restart_does_not_fail_the_first_call_after_it(
+    redis_harness: Harness, redis_admin: aioredis.Redis
+) -> None:
+    """A restart forgets the scripts (even with AOF) and closes every connection: the scripts were loaded
+    again on redis-py's pooled connection, closed too, and the first submit, cancel or publish of each
+    process after a restart failed with "the Redis queue is unreachable"."""
+    bot = redis_harness.start()
+    await bot.depth()  # the pooled connection is open, as a worker's watcher keeps it
+    await bot.submit(job())
+    await redis_admin.script_flush()
+    await redis_admin.client_kill_filter(_type="normal", skipme=True)
+    assert await bot.submit(job("chan-2")) == 2
+
+
+async def test_a_reply_whose_job_redis_lost_ends_without_waiting_out_its_deadline(
+    redis_harness: Harness, redis_admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis lost the job (a restart without persistence, a failover, FLUSHDB): no event will ever come, yet
+    the bot waited out the job's deadline (three minutes by default) before telling the user."""
+    monkeypatch.setattr(redis_streams, "MAX_BLOCK_MS", 200)  # how long a read waits before it looks
+    bot = redis_harness.start()
+    worker = redis_harness.worker()
+    j = job()
+    await bot.submit(j)
+    await fetch_one(worker)
+    await worker.publish(TextDelta(job_id=j.job_id, seq=0, text="Hello"))
+    reading = bot.stream(j.job_id)
+    assert (await anext(reading))[1] == TextDelta(job_id=j.job_id, seq=0, text="Hello")
+    p = redis_harness.prefix
+    await redis_admin.delete(f"{p}:job:{j.job_id}", f"{p}:events:{j.job_id}")
+    async with asyncio.timeout(5):
+        rest = [event async for _, event in reading]
+    assert len(rest) == 1 and isinstance(rest[0], ErrorEvent) and rest[0].kind == "unavailable"
+
+
 async def test_worker_recovers_when_the_stream_vanishes(redis_harness: Harness, redis_admin: aioredis.Redis) -> None:
     """After a Redis restart without persistence the consumer group is gone; workers recreate it."""
     bot = redis_harness.start()
@@ -722,6 +757,29 @@ async def test_a_waiting_job_that_expired_no_longer_holds_its_conversation(
     await redis_admin.delete(f"{redis_harness.prefix}:job:{stale.job_id}")  # what its TTL does
     assert await bot.submit(job("chan-9")) == 1
     assert await bot.submit(job("chan-9"), supersede=True) == 1
+
+
+async def test_waiting_jobs_past_their_deadline_no_longer_hold_places_in_line(harness: Harness) -> None:
+    """No worker was free before two jobs' deadline: the bot gave up on them, yet they kept their places in
+    line (their conversation's, the queue's) until a worker came by, and the user's next message was refused
+    with "This conversation already has 2 replies on the way"."""
+    bot = harness.start(queue_max_per_conversation=2, queue_max_waiting=4)
+    worker = harness.worker()
+    handed_back = job("chan-4", deadline=time.time() + 0.2)  # back in line: its worker released it
+    await bot.submit(handed_back)
+    await fetch_one(worker)
+    await worker.release(handed_back.job_id)
+    late = [job(deadline=time.time() + 0.2) for _ in range(2)]
+    for j in late:
+        await bot.submit(j)
+    await bot.submit(job("chan-2"))
+    for j in late:
+        assert [e.type for _, e in await collect(bot, j.job_id)] == ["error"]  # the bot gave up on it
+    assert await bot.submit(job()) == 2  # the conversation had no place left
+    assert await bot.submit(job("chan-3")) == 3  # nor, after this, would the queue have had
+    assert await bot.depth() == 3
+    assert [await bot.position(j.job_id) for j in (handed_back, *late)] == [None, None, None]
+    assert [d.job.conversation_key for d in await worker.fetch(4, 0)] == ["chan-2", "chan-1", "chan-3"]
 
 
 async def test_conversation_lines_do_not_outlive_jobs_that_expired_unread(

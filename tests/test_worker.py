@@ -11,10 +11,10 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot.config import Settings
 from bot.engine.base import GenerationRequest, GenerationStream
@@ -29,6 +29,7 @@ from bot.queue.memory import MemoryQueue
 from bot.queue.redis_streams import RedisStreamsQueue
 from bot.worker import Worker, _serve_forever
 from tests.openai_test_server import OpenAITestServer, Reply
+from tests.tcp_proxy import CuttingProxy
 from tests.waiting import eventually
 
 GREEDY = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=20)
@@ -264,36 +265,84 @@ async def test_a_job_the_worker_cannot_publish_stops_its_generation(
     await task
 
 
-async def test_a_job_whose_worker_lost_redis_is_finished_once_redis_is_back(
-    loaded: tuple[Any, Any], tiny_model_dir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+@pytest.fixture
+async def redis_proxy(redis_url: str) -> AsyncIterator[CuttingProxy]:
+    """A proxy in front of the test Redis: its go_down() is, to the clients behind it, a Redis restart."""
+    target = urlsplit(redis_url)
+    proxy = CuttingProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+@contextlib.asynccontextmanager
+async def worker_behind(
+    proxy: CuttingProxy, redis_url: str, reply: Reply
+) -> AsyncIterator[tuple[JobQueue, Worker]]:
+    """A running worker on the openai engine (its server answers `reply`, then echoes) whose Redis is behind
+    `proxy`, and a bot-side queue on Redis itself."""
+    async with OpenAITestServer() as server:
+        server.script(reply)
+        settings = Settings(engine="openai", openai_base_url=server.base_url, queue_url=redis_url,
+                            queue_claim_idle_ms=300)
+        prefix = f"wtest:{uuid.uuid4().hex[:8]}"
+        bot = RedisStreamsQueue(settings, prefix=prefix)
+        behind = settings.model_copy(update={"queue_url": f"redis://127.0.0.1:{proxy.port}/0"})
+        queue = RedisStreamsQueue(behind, prefix=prefix)
+        worker = Worker(settings, queue, OpenAIEngine(settings), poll_s=0.05)
+        task = asyncio.create_task(worker.run())
+        try:
+            yield bot, worker
+        finally:
+            proxy.come_back()
+            await worker.shutdown()
+            await task
+            await queue.close()
+            await bot.close()
+
+
+async def test_a_reply_goes_on_through_a_redis_outage_longer_than_the_resends(
+    redis_proxy: CuttingProxy, redis_url: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Redis unreachable mid-reply for longer than the resends: the worker can neither publish, nor end
-    the job, nor release it. It must still let the job go, so that once Redis is back the job is taken
-    over and finished (before, the heartbeat kept claiming it and the user waited for the timeout)."""
+    """Redis unreachable mid-reply for longer than one publish's resends (a restart): the job stays queued
+    and this worker its owner, so the reply must go on once Redis is back. Before, the worker ended it with
+    an error ("the Redis queue is unreachable") and let it go, to be taken over and written again."""
     monkeypatch.setattr(redis_streams, "RETRY_DELAYS_S", (0.01,))
-    rig = Rig("redis", redis_url, loaded, tiny_model_dir)
-    try:
-        worker = await rig.start_worker()
-        queue = worker.queue
-        assert isinstance(queue, RedisStreamsQueue)
-        exchange, down = queue._exchange, asyncio.Event()
+    text = "".join(f"w{i} " for i in range(60))
+    async with worker_behind(redis_proxy, redis_url, Reply(text, chunk_chars=4, delay_s=0.02)) as (bot, _):
+        j = job("hi")
+        await bot.submit(j)
+        reading = bot.stream(j.job_id)
+        async with asyncio.timeout(20):
+            evs = [(await anext(reading))[1]]
+            await redis_proxy.go_down()
+            await asyncio.sleep(0.5)  # the worker's publishes fail meanwhile
+            redis_proxy.come_back()
+            evs += [event async for _, event in reading]
+    assert reply_of(evs) == text and isinstance(evs[-1], Done) and evs[-1].finish_reason == "stop"
+    assert any("publishing the reply failed" in r.message for r in caplog.records)  # the outage did hit it
 
-        async def unreachable_while_down(*args: Any) -> Any:
-            if down.is_set():
-                raise RedisConnectionError("Connection refused")
-            return await exchange(*args)
 
-        monkeypatch.setattr(queue, "_exchange", unreachable_while_down)
-        j = job("go on", Sampling(temperature=0.0, max_new_tokens=60))
-        await rig.bot.submit(j)
-        await eventually(lambda: worker.held, timeout=10)
-        down.set()
-        await eventually(lambda: not worker.held, timeout=10)  # its publish failed: it gave up the job
-        down.clear()
-        evs = await events(rig.bot, j.job_id)
-        assert isinstance(evs[-1], Done) and reply_of(evs)
-    finally:
-        await rig.close()
+async def test_a_job_whose_worker_lost_redis_until_its_deadline_ends_once_redis_is_back(
+    redis_proxy: CuttingProxy, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis unreachable mid-reply until past the job's deadline: the worker can neither publish, nor end the
+    job, nor release it. It must still let the job go, so that once Redis is back the job is taken over and
+    ended (before, the heartbeat kept claiming it and the user waited for the timeout)."""
+    monkeypatch.setattr(redis_streams, "RETRY_DELAYS_S", (0.01,))
+    long_reply = Reply("w " * 2000, chunk_chars=4, delay_s=0.01)
+    async with worker_behind(redis_proxy, redis_url, long_reply) as (bot, worker):
+        j = job("hi", deadline=time.time() + 1.0)
+        await bot.submit(j)
+        reading = bot.stream(j.job_id)
+        async with asyncio.timeout(20):
+            evs = [(await anext(reading))[1]]
+            await redis_proxy.go_down()
+            await eventually(lambda: not worker.held)
+            redis_proxy.come_back()
+            evs += [event async for _, event in reading]
+    assert reply_of(evs) and evs[-1] == Done(job_id=j.job_id, finish_reason="deadline")
 
 
 async def model_check(port: int) -> bool | None:

@@ -64,6 +64,7 @@ class MemoryQueue(JobQueue):
     async def submit(self, job: GenerationJob, *, supersede: bool = False) -> int:
         if job.job_id in self._jobs:
             raise ValueError(f"job {job.job_id} was already submitted")
+        self._end_expired_waiting()
         same = [jid for jid in self._waiting if self._jobs[jid].job.conversation_key == job.conversation_key]
         if supersede:
             for jid in same:
@@ -206,6 +207,16 @@ class MemoryQueue(JobQueue):
         self._work.set()
 
     # ----- internals -----
+
+    def _end_expired_waiting(self) -> None:
+        """End waiting jobs past their deadline as a worker taking them would (Done(deadline)): the bot has
+        given up on them, so they must not hold places in line (their conversation's, the queue's) until a
+        worker is free."""
+        now = time.time()
+        expired = [self._jobs[job_id] for job_id in self._waiting if self._jobs[job_id].job.expired(now)]
+        for state in expired:
+            self._waiting.remove(state.job.job_id)
+            self._finish(state, Done(job_id=state.job.job_id, finish_reason="deadline"))
 
     def _append(self, state: _JobState, event: QueueEvent) -> None:
         state.events.append(event)

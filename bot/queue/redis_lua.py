@@ -3,6 +3,7 @@
 Keys under the prefix P (ARGV[1] of every script):
   P:jobs          stream of submitted jobs, consumer group "workers" (fields: id, job)
   P:waiting       zset of waiting job ids, score = arrival order (released jobs get 0: front of line)
+  P:deadlines     zset of the same ids, score = deadline (unix time): SUBMIT ends those past it
   P:conv:<key>    zset of a conversation's waiting job ids (fairness); expires with its newest job's hash
   P:job:<id>      hash: conv, entry (stream id), attempt, deadline, nonce, cancelled, final, next (seq)
   P:events:<id>   stream of the job's events (field e = event JSON); expires after the job
@@ -17,9 +18,14 @@ from __future__ import annotations
 _PRELUDE = """
 local P = ARGV[1]
 local WAITING = P .. ':waiting'
+local DEADLINES = P .. ':deadlines'
 local JOBS = P .. ':jobs'
 local function meta(id) return P .. ':job:' .. id end
 local function events(id) return P .. ':events:' .. id end
+local function now()
+  local clock = redis.call('TIME')
+  return tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+end
 local function done(id, reason)
   return cjson.encode({type = 'done', job_id = id, finish_reason = reason})
 end
@@ -37,6 +43,7 @@ end
 local function unwait(id)
   local conv = redis.call('HGET', meta(id), 'conv')
   if conv then redis.call('ZREM', P .. ':conv:' .. conv, id) end
+  redis.call('ZREM', DEADLINES, id)
   return redis.call('ZREM', WAITING, id)
 end
 local function drop_entry(entry)
@@ -58,11 +65,22 @@ if redis.call('EXISTS', meta(id)) == 1 then
   local rank = redis.call('ZRANK', WAITING, id)
   return {rank and rank + 1 or 1, 0}
 end
+-- Waiting jobs past their deadline end here, as a worker taking them would end them: the bot has given up
+-- on them, so they must not hold places in line (their conversation's, the queue's) until a worker is free.
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', DEADLINES, '-inf', now())) do
+  local entry = redis.call('HGET', meta(old), 'entry')
+  unwait(old)
+  if entry then
+    drop_entry(entry)
+    finish(old, done(old, 'deadline'), ttl)
+  end
+end
 -- A waiting job whose hash expired (no worker read it in time) no longer counts: it must not hold
 -- its conversation's places for good.
 for _, old in ipairs(redis.call('ZRANGE', convkey, 0, -1)) do
   if redis.call('EXISTS', meta(old)) == 0 then
     redis.call('ZREM', convkey, old)
+    redis.call('ZREM', DEADLINES, old)
     redis.call('ZREM', WAITING, old)
   end
 end
@@ -83,6 +101,7 @@ local entry = redis.call('XADD', JOBS, '*', 'id', id, 'job', job)
 local order = redis.call('INCR', P .. ':order')
 redis.call('ZADD', WAITING, order, id)
 redis.call('ZADD', convkey, order, id)
+redis.call('ZADD', DEADLINES, ARGV[9], id)
 redis.call('HSET', meta(id), 'conv', conv, 'entry', entry, 'attempt', 0, 'deadline', ARGV[9], 'nonce', ARGV[10])
 redis.call('EXPIRE', meta(id), ttl)
 -- The line lives as long as its newest job's hash: by then each id in it names a job that expired unread,
@@ -110,8 +129,7 @@ return 2
 # Shared by TAKE and READ. ARGV: P, max_deliveries, ttl, dead_letter_message, ...
 _TAKE_ONE = """
 local max_deliveries, ttl, message = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local time_now = now()
 -- A job read from the stream: its attempt number when it goes to the worker, or 0 when it was
 -- finished here instead (cancelled, past its deadline, delivered too often, or already final).
 local function take_one(id, entry, job)
@@ -120,6 +138,7 @@ local function take_one(id, entry, job)
   -- unwait(id), reading the rest of the hash in the same call; conv is set whenever the hash exists.
   local f = redis.call('HMGET', m, 'conv', 'final', 'cancelled', 'deadline')
   if f[1] then redis.call('ZREM', P .. ':conv:' .. f[1], id) end
+  redis.call('ZREM', DEADLINES, id)
   redis.call('ZREM', WAITING, id)
   if f[1] then
     local attempt = redis.call('HINCRBY', m, 'attempt', 1)
@@ -127,7 +146,7 @@ local function take_one(id, entry, job)
       result = 0
     elseif f[3] == '1' then
       finish(id, done(id, 'cancelled'), ttl)
-    elseif f[4] and f[4] ~= '' and tonumber(f[4]) <= now then
+    elseif f[4] and f[4] ~= '' and tonumber(f[4]) <= time_now then
       finish(id, done(id, 'deadline'), ttl)
     elseif attempt > max_deliveries then
       -- What an operator needs to look into it, not the job: its messages are users' text (about 20 KB a
@@ -249,10 +268,11 @@ return 1
 # The entry stays pending but looks long idle, so the next XAUTOCLAIM of any worker takes it.
 RELEASE = _PRELUDE + """
 local id = ARGV[2]
-local f = redis.call('HMGET', meta(id), 'attempt', 'final')
+local f = redis.call('HMGET', meta(id), 'attempt', 'final', 'deadline')
 if f[1] ~= ARGV[3] or f[2] == '1' then return 0 end
 redis.call('XCLAIM', JOBS, 'workers', ARGV[5], 0, ARGV[4], 'IDLE', 31536000000, 'JUSTID')
 redis.call('ZADD', WAITING, 0, id)
+if f[3] and f[3] ~= '' then redis.call('ZADD', DEADLINES, f[3], id) end
 return 1
 """
 

@@ -229,12 +229,13 @@ class RedisStreamsQueue(JobQueue):
         return (await self._direct_scripts(self._evalsha(name, *args)))[-1]
 
     async def _direct_scripts(self, *commands: tuple[object, ...], block_ms: int = 0) -> list[Any]:
-        """_direct for commands that call scripts by EVALSHA; loads them once if Redis forgot them."""
+        """_direct for commands that call scripts by EVALSHA; loads them once if Redis forgot them (a restart
+        forgets them even with AOF). The load goes through _direct too: the restart also closed the pooled
+        connections, and one that failed here would fail the call Redis is back for."""
         try:
             return await self._direct(*commands, block_ms=block_ms)
         except NoScriptError:
-            for script in self._scripts.values():
-                await self._redis.script_load(script.script)
+            await self._direct(*(("SCRIPT", "LOAD", script.script) for script in self._scripts.values()))
         return await self._direct(*commands, block_ms=block_ms)
 
     # ----- bot side -----
@@ -259,46 +260,73 @@ class RedisStreamsQueue(JobQueue):
         return int(result)
 
     async def stream(self, job_id: str, *, after: str | None = None) -> AsyncIterator[tuple[str, QueueEvent]]:
-        key = f"{self._p}:events:{job_id}"
         deadline: float | str | None = self._deadlines.pop(job_id, None)
         if deadline is None:  # not submitted through this object: ask Redis
             with _available():
                 deadline, exists = await self._redis.pipeline(transaction=False).hget(
                     f"{self._p}:job:{job_id}", "deadline"
-                ).exists(key).execute()
+                ).exists(f"{self._p}:events:{job_id}").execute()
             if deadline is None and not exists:
                 yield "", ErrorEvent(job_id=job_id, kind="unknown_job", message="this reply is no longer available")
                 return
         give_up = float(deadline or time.time()) + self._grace_s
         last = after or "0-0"
         outage_began: float | None = None
+        check = False  # next read also asks whether Redis still has the job (see _read_events)
         while True:
             block_ms = int((give_up - time.time()) * 1000)
             if block_ms <= 0:
                 yield "", ErrorEvent(job_id=job_id, kind="timeout", message="no reply arrived in time")
                 return
             block_ms = min(block_ms, MAX_BLOCK_MS)
+            resends = self._resends
             try:
                 with _available():
-                    reply, = await self._direct(("XREAD", "COUNT", 256, "BLOCK", block_ms, "STREAMS", key, last),
-                                                block_ms=block_ms)
+                    events, exists = await self._read_events(job_id, last, block_ms, check=check)
             except QueueUnavailable as exc:
                 outage_began = outage_began or time.monotonic()
                 if self._closing.is_set() or time.monotonic() - outage_began >= STREAM_OUTAGE_S:
                     raise
                 log.warning("reading reply %s: %s; trying again", job_id, exc)
                 await asyncio.sleep(STREAM_RETRY_S)
+                check = True
                 continue
             outage_began = None
-            if not reply:
-                continue
-            # RESP3 (redis-py's default) answers {key: entries}, RESP2 [[key, entries]].
-            for event_id, fields in reply[key] if isinstance(reply, dict) else reply[0][1]:
+            for event_id, event in events:
                 last = event_id
-                event = event_from_json(fields[fields.index("e") + 1])
                 yield event_id, event
                 if is_final(event):
                     return
+            if not exists:
+                yield "", ErrorEvent(job_id=job_id, kind="unavailable",
+                                     message="the queue lost this reply (Redis restarted or failed over)")
+                return
+            # Checked after a read that waited for nothing or rode out a broken connection: a round trip now
+            # and then, not one per event.
+            check = not check and (not events or self._resends != resends)
+
+    async def _read_events(
+        self, job_id: str, last: str, block_ms: int, *, check: bool
+    ) -> tuple[list[tuple[str, QueueEvent]], bool]:
+        """The job's events after `last`, waiting up to block_ms for the first, and True; with `check`, the
+        events already there (no wait) and whether Redis still has the job. It may have lost it (a restart
+        without persistence, a failover, FLUSHDB): then no event will ever come, and the bot would wait
+        out the deadline (three minutes by default) for nothing."""
+        key = f"{self._p}:events:{job_id}"
+        if check:
+            exists, reply = await self._direct(
+                ("EXISTS", f"{self._p}:job:{job_id}"), ("XREAD", "COUNT", 256, "STREAMS", key, last)
+            )
+        else:
+            exists = 1
+            reply, = await self._direct(("XREAD", "COUNT", 256, "BLOCK", block_ms, "STREAMS", key, last),
+                                        block_ms=block_ms)
+        if not reply:
+            return [], bool(exists)
+        # RESP3 (redis-py's default) answers {key: entries}, RESP2 [[key, entries]].
+        entries = reply[key] if isinstance(reply, dict) else reply[0][1]
+        events = [(event_id, event_from_json(fields[fields.index("e") + 1])) for event_id, fields in entries]
+        return events, bool(exists)
 
     async def cancel(self, job_id: str) -> None:
         with _available():
