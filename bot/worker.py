@@ -1,6 +1,6 @@
 """The inference worker: takes jobs from the queue, drives an engine, publishes token deltas.
 
-One `Worker` holds up to `max_batch_size` jobs at once and submits them all to its engine, which
+One `Worker` holds up to `max_batch_size` jobs at once (fewer where its engine has memory for fewer) and submits them all to its engine, which
 batches them. Per job it publishes `TextDelta`s in order (continuing from `next_seq` on a redelivery,
 with the already-sent text as the start of the reply), then exactly one `Done` or `ErrorEvent`, and
 only then `complete`s the job. A watcher polls the queue for cancellations and enforces deadlines.
@@ -125,7 +125,7 @@ class Worker:
             await self._stopped.wait()
 
     async def _take_jobs(self) -> None:
-        capacity = self.settings.max_batch_size
+        capacity = self.engine.capacity(self.settings.max_batch_size)
         fetching = QueueTrouble("fetching jobs")
         while not self._stopping.is_set():
             free = capacity - len(self._held)

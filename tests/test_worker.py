@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from bot.config import Settings
+from bot.engine import transformers_engine
 from bot.engine.base import GenerationRequest, GenerationStream
 from bot.engine.openai_engine import OpenAIEngine
 from bot.engine.transformers_engine import TransformersEngine, load_model
@@ -121,6 +122,31 @@ async def test_concurrent_jobs_stream_in_order(rig: Rig) -> None:
         assert reply_of(evs) == expected
         assert isinstance(evs[-1], Done) and evs[-1].completion_tokens > 0
     await direct.close()
+
+
+async def test_a_worker_takes_no_more_jobs_than_its_engine_has_memory_for(
+    loaded: tuple[Any, Any], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HERMES_MAX_BATCH_SIZE=4 but the free memory holds one KV slot: the other jobs stay in the queue (where
+    another worker may take them), not in this worker's engine."""
+    monkeypatch.setattr(transformers_engine, "free_memory", lambda device: 1)
+    monkeypatch.setattr(transformers_engine, "slots_that_fit", lambda wanted, per_slot, free, reserved: 1)
+    rig = Rig("memory", None, loaded, tiny_model_dir)
+    try:
+        await rig.start_worker()
+        jobs = [job(f"Tell me a long story {i}.", LONG) for i in range(3)]
+        for j in jobs:
+            await rig.bot.submit(j)
+        async def two_waiting() -> bool:
+            return await rig.bot.depth() == 2
+
+        await eventually(two_waiting)
+        await asyncio.sleep(0.3)  # a few more fetch rounds of the worker
+        assert await rig.bot.depth() == 2
+        for j in jobs:
+            await rig.bot.cancel(j.job_id)
+    finally:
+        await rig.close()
 
 
 async def test_stop_strings_through_the_worker(rig: Rig) -> None:

@@ -136,6 +136,11 @@ class Engine(ABC):
     def submit(self, request: GenerationRequest) -> GenerationStream:
         """Start generating `request` now (the engine batches it with the others in flight)."""
 
+    def capacity(self, wanted: int) -> int:
+        """How many of `wanted` requests (HERMES_MAX_BATCH_SIZE) it generates for at once once started: fewer
+        where its memory holds fewer, so a worker does not take jobs that would only wait inside it."""
+        return wanted
+
     async def ready(self) -> bool:
         """Whether the engine can generate now, for a worker's readiness check (asked once started): an
         engine holding its model can; one that talks to a model server asks that server. Never raises."""

@@ -219,6 +219,9 @@ class TransformersEngine(Engine):
     def running(self) -> int:
         return len(self._running)
 
+    def capacity(self, wanted: int) -> int:
+        return min(wanted, self.kv.slots)  # the slots the free memory held (_slots)
+
     # -- engine thread ------------------------------------------------------------------------
     def _setup(self) -> None:
         config = self.model.config
