@@ -21,7 +21,7 @@ from bot.personas import PersonaError, UnknownPersona
 from bot.prompt import PromptTooLong
 from bot.prompt_cli import ConversationInputError
 from bot.queue.base import QueueUnavailable
-from bot.store.db import StoreUnavailable, UnknownSchema, sqlite_file, unavailable_on_failure
+from bot.store.db import StoreUnavailable, UnknownSchema, sqlite_file, unavailable_on_open
 from bot.store.keys import ConversationKey
 
 
@@ -48,15 +48,20 @@ def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from bot.health import check_at_start
     from bot.worker import run_worker
 
+    if settings.queue_url != "memory://":  # on memory://, run_worker says why a worker needs Redis
+        asyncio.run(check_at_start(settings, runs_engine=True))
     return run_worker(settings)
 
 
 def _cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
     from bot.console import run_chat
 
-    return run_chat(settings, persona_id=args.persona or settings.default_persona)
+    return run_chat(settings, persona_id=args.persona)
 
 
 def _cmd_personas(args: argparse.Namespace, settings: Settings) -> int:
@@ -95,22 +100,25 @@ def _cmd_personas(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _import_card(card_path: Path, directory: Path, *, persona_id: str | None, force: bool) -> int:
-    """Write a character card as `directory/<id>.yaml`, only once it validates as a persona. A missing
-    default directory starts as a copy of the bundled personas, so the default persona stays there."""
+    """Write a character card as `directory/<id>.yaml`, only once it validates as a persona. A directory that does
+    not exist yet starts as a copy of the bundled personas, so the default persona stays there (a folder holding
+    only the card stopped `run` with "HERMES_DEFAULT_PERSONA: unknown persona")."""
     from bot.character_cards import CardError, card_to_persona, persona_yaml, read_card
     from bot.personas import (
         PERSONA_ID_PATTERN,
         PERSONA_SUFFIXES,
         PersonaError,
+        bundled_personas_dir,
         load_persona_file,
         parse_persona,
         persona_files,
         persona_id_for,
-        personas_directory,
     )
 
     if persona_id is not None and not re.fullmatch(PERSONA_ID_PATTERN, persona_id):
         raise UsageError(f"--id {persona_id!r}: use lowercase letters, digits, '_' and '-' (up to 64)")
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{directory} (HERMES_PERSONAS_DIR) is not a folder; set it to the folder of the persona files")
     try:
         card = read_card(card_path)
     except CardError as exc:
@@ -118,10 +126,11 @@ def _import_card(card_path: Path, directory: Path, *, persona_id: str | None, fo
     persona = card_to_persona(card)
     new_id = persona_id or persona_id_for(persona["name"], fallback=card_path.stem)
     target = directory / f"{new_id}.yaml"
-    bundled = personas_directory(directory)  # the folder the target will be copied from, if it is missing
-    if (target.exists() or (bundled / target.name).exists()) and not force:
+    seed = None if directory.is_dir() else bundled_personas_dir()
+    existing = seed or directory  # the folder whose ids the new persona must not take
+    if (target.exists() or (existing / target.name).exists()) and not force:
         raise UsageError(f"{target} exists; pass --force to replace it, or --id to import under another id")
-    for other in persona_files([bundled]) if bundled.is_dir() else []:  # e.g. luna.yml, or a file with `id: luna`
+    for other in persona_files([existing]) if existing.is_dir() else []:  # e.g. luna.yml, or a file with `id: luna`
         try:
             taken = load_persona_file(other).id == new_id and other.name != target.name
         except PersonaError:
@@ -130,12 +139,15 @@ def _import_card(card_path: Path, directory: Path, *, persona_id: str | None, fo
             raise UsageError(f"{other} already has the id {new_id!r}; pass --id to import under another id")
     text = persona_yaml(persona, card_path)
     imported = parse_persona(text, target)  # a PersonaError names the field before anything is written
-    directory.mkdir(parents=True, exist_ok=True)
-    if bundled != directory:
-        for source in sorted(p for p in bundled.iterdir() if p.suffix in PERSONA_SUFFIXES):
-            shutil.copyfile(source, directory / source.name)
-        print(f"created {directory}/ with the bundled personas, to edit or remove as you like")
-    target.write_text(text, encoding="utf-8")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if seed is not None:
+            for source in sorted(p for p in seed.iterdir() if p.suffix in PERSONA_SUFFIXES):
+                shutil.copyfile(source, directory / source.name)
+            print(f"created {directory}/ with the bundled personas, to edit or remove as you like")
+        target.write_text(text, encoding="utf-8")
+    except OSError as exc:  # a file where a parent folder should be, no permission
+        raise UsageError(f"cannot write {exc.filename or target}: {exc.strerror or exc}") from None
     print(f"imported {imported.name!r} as persona {imported.id}: {target}")
     return 0
 
@@ -152,7 +164,7 @@ def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "upgrade":
         from bot.store.migrate import upgrade
 
-        with unavailable_on_failure():
+        with unavailable_on_open(settings.database_url):
             upgrade(settings.database_url)
         print(f"database at head: {settings.database_url.split('@')[-1]}")
         return 0
@@ -169,8 +181,9 @@ async def _db_records(args: argparse.Namespace, settings: Settings) -> int:
 
     path = sqlite_file(settings.database_url)
     if path is not None and not path.is_file():  # opening it would create an empty file there
+        what = "is a folder, not a SQLite file" if path.is_dir() else "does not exist"
         raise UsageError(
-            f"the database file {path} (HERMES_DATABASE_URL) does not exist; check the path (a relative one "
+            f"the database file {path} (HERMES_DATABASE_URL) {what}; check the path (a relative one "
             f"starts at the working directory, {Path.cwd()})"
         )
     store = await ConversationStore.open(settings.database_url)
@@ -204,8 +217,10 @@ def _cmd_queue(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _print_dead_letters(settings: Settings, count: int) -> int:
     """One JSON line per dead-lettered job, oldest first: what an operator looks at after errors."""
+    from bot.health import check_at_start
     from bot.queue.factory import open_queue
 
+    await check_at_start(settings, runs_engine=False)
     queue = open_queue(settings)
     try:
         for job in await queue.dead_letters(count):
@@ -237,6 +252,8 @@ def _cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    except OSError as exc:  # a folder it may not create, such as /proc/x
+        raise UsageError(f"cannot write the model to {path}: {exc.strerror or exc}") from None
     print(f"tiny model written to {path}")
     return 0
 

@@ -18,7 +18,15 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 from dotenv.parser import Binding, parse_stream
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -34,6 +42,14 @@ DEFAULT_PERSONAS_DIR = Path("personas")  # relative to where the bot runs; see p
 
 YAML_FILE_ENV = "HERMES_CONFIG_FILE"
 DEFAULT_YAML_FILE = "hermes.yaml"
+
+
+# The URL settings' schemes, and how their errors say them, with an example.
+_URL_FORMS = {
+    "openai_base_url": (("http", "https"), "an http:// or https:// URL with a host, such as http://localhost:1234/v1"),
+    "discord_api_base": (("http", "https"), "an http:// or https:// URL with a host, such as https://discord.com/api/v10"),
+    "discord_gateway_url": (("ws", "wss"), "a ws:// or wss:// URL with a host, such as wss://gateway.discord.gg"),
+}
 
 
 class SettingsError(ValueError):
@@ -110,7 +126,8 @@ class Settings(BaseSettings):
     queue_supersede: bool = Field(
         False, validation_alias=_alias("HERMES_QUEUE_SUPERSEDE")
     )
-    job_timeout_s: float = Field(180.0, gt=0, validation_alias=_alias("HERMES_JOB_TIMEOUT_S"))
+    # allow_inf_nan=False: `inf` overflowed where a deadline or a wait is computed from these.
+    job_timeout_s: float = Field(180.0, gt=0, allow_inf_nan=False, validation_alias=_alias("HERMES_JOB_TIMEOUT_S"))
     queue_claim_idle_ms: int = Field(
         30000, ge=50, validation_alias=_alias("HERMES_QUEUE_CLAIM_IDLE_MS")
     )
@@ -131,7 +148,7 @@ class Settings(BaseSettings):
         None, ge=0, le=65535, validation_alias=_alias("HERMES_METRICS_PORT")
     )
     shutdown_grace_s: float = Field(
-        20.0, ge=0, validation_alias=_alias("HERMES_SHUTDOWN_GRACE_S")
+        20.0, ge=0, allow_inf_nan=False, validation_alias=_alias("HERMES_SHUTDOWN_GRACE_S")
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", validation_alias=_alias("HERMES_LOG_LEVEL")
@@ -175,20 +192,41 @@ class Settings(BaseSettings):
     @field_validator("queue_url")
     @classmethod
     def _known_queue(cls, value: str) -> str:
-        if not (value == "memory://" or value.startswith(("redis://", "rediss://", "unix://"))):
+        """Checked here like HERMES_DATABASE_URL: redis-py raised a ValueError traceback at the first command for a
+        port it cannot use, and read a database that is no number (`/abc`) as database 0 without a word."""
+        if value == "memory://" or value.startswith("unix://"):  # a socket's path, its database as ?db=N
+            return value
+        if not value.startswith(("redis://", "rediss://")):
             raise ValueError("must be memory:// or a redis:// URL such as redis://localhost:6379/0")
+        parts = urlsplit(value)
+        try:
+            usable_port = parts.port != 0 and not parts.netloc.endswith(":")
+        except ValueError:  # not a number, or past 65535
+            usable_port = False
+        if not usable_port:
+            raise ValueError("the port after host: must be a TCP port (1-65535), as in redis://localhost:6379/0")
+        if not re.fullmatch(r"/?|/\d+", parts.path):
+            raise ValueError("the database after the last / must be a number, as in redis://localhost:6379/0")
         return value
 
-    @field_validator("openai_base_url")
+    @field_validator("openai_base_url", "discord_api_base", "discord_gateway_url")
     @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
+    def _url_with_scheme(cls, value: str | None, info: ValidationInfo) -> str | None:
         """Checked here: `localhost:1234` (no scheme) was accepted and every request then failed to connect.
         A port the client cannot use is left to the engine, whose error names the server (password masked)."""
-        if value is None:
-            return value
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host, such as http://localhost:1234/v1")
+        schemes, form = _URL_FORMS[info.field_name or ""]
+        parts = urlsplit(value or "")
+        if value is not None and (parts.scheme not in schemes or not parts.hostname):
+            raise ValueError(f"must be {form}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        """Only the form: whether this machine has the GPU is the engine's to say (transformers_engine.resolve_device),
+        as only a process that loads the model needs one."""
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N (the GPU's index, as in cuda:1) or mps")
         return value
 
     @field_validator("personas_dir")

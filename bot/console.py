@@ -19,9 +19,10 @@ import signal
 import sys
 import zlib
 
-from bot.config import Settings
+from bot.config import Settings, without_password
 from bot.conversation import ChatService
 from bot.daemon_thread import in_daemon_thread
+from bot.engine.base import EngineError
 from bot.personas import Persona, PersonaRegistry
 from bot.prompt import without_own_name
 from bot.queue.base import JobQueue, QueueBusy
@@ -42,12 +43,16 @@ def _note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_chat(settings: Settings, persona_id: str) -> int:
-    """The `hermes-bot chat` entry point; returns the exit status."""
+def run_chat(settings: Settings, persona_id: str | None) -> int:
+    """The `hermes-bot chat` entry point (`persona_id` None: HERMES_DEFAULT_PERSONA's); returns the exit status."""
     personas = PersonaRegistry.load(settings.personas_dir)  # its errors are reported by cli.main
+    if persona_id is None:
+        persona = personas.get(settings.default_persona, named_by="HERMES_DEFAULT_PERSONA")
+    else:
+        persona = personas.get(persona_id, named_by="--persona")
     handler, interrupted = signal.getsignal(signal.SIGINT), False
     try:
-        return asyncio.run(_chat(settings, personas, personas.get(persona_id)))
+        return asyncio.run(_chat(settings, personas, persona))
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -57,16 +62,20 @@ def run_chat(settings: Settings, persona_id: str) -> int:
 
 
 async def _chat(settings: Settings, personas: PersonaRegistry, persona: Persona) -> int:
+    from bot.health import check_at_start
     from bot.queue.factory import open_queue
-    from bot.store.repository import ConversationStore
+    from bot.store.migrate import open_at_head
 
-    store = await ConversationStore.open(settings.database_url, migrate=True)
+    in_process = settings.queue_url == "memory://"
+    await check_at_start(settings, runs_engine=in_process)
+    store = await open_at_head(settings.database_url)
     queue = open_queue(settings)
     worker: Worker | None = None
     worker_task: asyncio.Task[None] | None = None
     try:
-        if settings.queue_url == "memory://":
-            _note(f"loading {settings.model} ...")
+        if in_process:
+            if settings.engine == "transformers":  # the openai engine loads nothing
+                _note(f"loading {settings.model} ...")
             worker = Worker.in_process(settings, queue)
             worker_task = asyncio.create_task(worker.run())
             started = asyncio.create_task(worker.started.wait())
@@ -74,6 +83,11 @@ async def _chat(settings: Settings, personas: PersonaRegistry, persona: Persona)
             if worker_task.done():
                 started.cancel()
                 worker_task.result()  # raises the engine's start error
+            if settings.engine == "openai" and not await worker.ready():  # every reply would fail, stored unanswered
+                raise EngineError(
+                    f"the OpenAI-compatible server at {without_password(settings.openai_base_url)} does not answer "
+                    "(HERMES_OPENAI_BASE_URL); start it, or check the URL"
+                )
         service = ChatService(settings, store, queue, personas)
         await _converse(service, queue, persona)
     finally:

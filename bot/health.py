@@ -1,9 +1,10 @@
-"""The operations HTTP server: Prometheus `/metrics`, liveness `/healthz`, readiness `/readyz`.
+"""The operations HTTP server: Prometheus `/metrics`, liveness `/healthz`, readiness `/readyz`; and the checks at start.
 
 It runs on the process's own event loop (aiohttp), so a scrape never needs a thread, and it is
 started only when HERMES_METRICS_PORT is set. `/healthz` answers 200 while the loop runs (a wedged
 loop is exactly what an orchestrator should restart); `/readyz` answers 200 only when every
 readiness check is true and names each check in its JSON body, so an operator sees what is missing.
+`check_at_start` stops a process before it says it started on what no retry will mend.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bot.config import Settings, SettingsError
+from bot.config import Settings, SettingsError, local_model_dir, without_password
+from bot.engine.base import EngineError
 from bot.metrics import REGISTRY
+from bot.queue.base import QueueUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,7 @@ Readiness = Callable[[], Awaitable[dict[str, bool]]]
 Check = Callable[[], bool | Awaitable[bool]]
 
 CHECK_TIMEOUT_S = 2.0
+QUEUE_CHECK_TIMEOUT_S = 5.0  # connecting and PING at start; a Redis silent for longer is left to the queue's retries
 
 
 @dataclass
@@ -114,3 +118,49 @@ async def serve_ops(settings: Settings, checks: Mapping[str, Check]) -> OpsServe
     except OSError as exc:  # another process has the port: a setting to change, not a traceback
         problem = exc.strerror or str(exc)
         raise SettingsError([f"HERMES_METRICS_PORT {settings.metrics_port}: cannot listen there: {problem}"]) from None
+
+
+async def check_at_start(settings: Settings, *, runs_engine: bool) -> None:
+    """What no retry will mend and can be told without loading the model, as one line, before a process says it
+    started: `run` otherwise logged in to Discord first (a restarting service spends Discord's daily identifies),
+    and a worker logged "fetching jobs failed" forever. `runs_engine`: the engine runs in this process."""
+    if runs_engine:
+        _check_engine(settings)
+    if settings.queue_url != "memory://":
+        await _check_redis(settings.queue_url)
+
+
+def _check_engine(settings: Settings) -> None:
+    """EngineError for an engine setting that cannot work: the same checks the engine's start makes, asking no one."""
+    if settings.engine == "openai":
+        if not settings.openai_base_url:
+            raise EngineError("HERMES_ENGINE=openai needs HERMES_OPENAI_BASE_URL, e.g. http://localhost:1234/v1")
+        return
+    from bot.engine.hub import check_hub_id
+    from bot.engine.transformers_engine import quantization_config, resolve_device
+
+    try:
+        local = local_model_dir(settings.model)
+    except ValueError as exc:
+        raise EngineError(f"HERMES_MODEL {settings.model}: {exc}") from None
+    if local is None:
+        check_hub_id(settings.model)
+    resolve_device(settings.device)
+    quantization_config(settings.quantization)
+
+
+async def _check_redis(url: str) -> None:
+    """QueueUnavailable when Redis answers but refuses us: a database index it does not have, a wrong password. One
+    that does not answer (yet) passes: the queue retries, and /readyz says so meanwhile."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
+
+    client = aioredis.from_url(url, socket_connect_timeout=QUEUE_CHECK_TIMEOUT_S, socket_timeout=QUEUE_CHECK_TIMEOUT_S)
+    try:
+        await client.ping()
+    except (AuthenticationError, AuthorizationError, ResponseError) as exc:
+        raise QueueUnavailable(f"the Redis at {without_password(url)} (HERMES_QUEUE_URL) refuses us: {exc}") from None
+    except (RedisError, OSError):
+        pass
+    finally:
+        await client.aclose()

@@ -193,6 +193,12 @@ class PersonaError(ValueError):
         super().__init__("\n".join(self.lines))
         self.path, self.line, self.field, self.problem = path, line, field, problem
 
+    def followed_by(self, others: Sequence[PersonaError]) -> PersonaError:
+        """This error with the lines of `others` (other files) after its own."""
+        self.lines = [*self.lines, *(line for other in others for line in other.lines)]
+        self.args = ("\n".join(self.lines),)
+        return self
+
 
 class UnknownPersona(KeyError):
     """No persona has this id; the message lists the known ones."""
@@ -294,13 +300,20 @@ def claim_id(seen: dict[str, Path], persona: Persona, path: Path) -> None:
 
 
 def load_persona_files(paths: Iterable[Path]) -> list[Persona]:
-    """The persona of each file, stopping at the first invalid one."""
+    """The persona of each file. Invalid files raise one PersonaError with every file's problems, as `personas
+    validate` lists them: a start that named the first only took one restart per broken file."""
     seen: dict[str, Path] = {}
-    personas = []
+    personas, errors = [], []
     for path in paths:
-        persona = load_persona_file(path)
-        claim_id(seen, persona, path)
+        try:
+            persona = load_persona_file(path)
+            claim_id(seen, persona, path)
+        except PersonaError as exc:
+            errors.append(exc)
+            continue
         personas.append(persona)
+    if errors:
+        raise errors[0].followed_by(errors[1:])
     return personas
 
 
@@ -353,7 +366,7 @@ def personas_directory(configured: Path) -> Path:
 
 
 class PersonaRegistry:
-    """The personas loaded from one directory, by id. Loading stops at the first invalid file.
+    """The personas loaded from one directory, by id. An invalid file fails the load (every one is named).
 
     Loaded from a directory, it can `refresh()`: a running bot picks up edited, added and removed
     persona files without a restart.
@@ -405,12 +418,15 @@ class PersonaRegistry:
         log.info("personas reloaded from %s: %s", directory, ", ".join(sorted(fresh)))
         return True
 
-    def get(self, persona_id: str) -> Persona:
+    def get(self, persona_id: str, *, named_by: str | None = None) -> Persona:
+        """The persona; UnknownPersona lists the known ones, after `named_by`, where the id came from
+        (HERMES_DEFAULT_PERSONA, --persona), when that is a setting or an option to fix."""
         try:
             return self._by_id[persona_id]
         except KeyError:
             known = ", ".join(sorted(self._by_id)) or "none"
-            raise UnknownPersona(f"unknown persona {persona_id!r} (known: {known})") from None
+            where = f"{named_by}: " if named_by else ""
+            raise UnknownPersona(f"{where}unknown persona {persona_id!r} (known: {known})") from None
 
     def __contains__(self, persona_id: object) -> bool:
         return persona_id in self._by_id

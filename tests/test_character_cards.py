@@ -430,6 +430,34 @@ def test_without_a_personas_folder_the_bundled_ones_load_and_an_import_starts_fr
     assert (tmp_path / "personas" / "hermes.yaml").read_text() == (bundled / "hermes.yaml").read_text()
 
 
+def test_an_import_into_a_folder_not_made_yet_starts_it_from_the_bundled_personas(
+    tmp_path: Path, personas_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """HERMES_PERSONAS_DIR set to a folder not made yet: the import made it with the card alone, and `run` then
+    stopped with "HERMES_DEFAULT_PERSONA: unknown persona 'hermes'"."""
+    card = tmp_path / "mira.png"
+    card.write_bytes(png_card(CARD_V2))
+    assert main(["personas", "import", str(card)]) == 0
+    assert f"created {personas_dir}/ with the bundled personas" in capsys.readouterr().out
+    assert {"hermes", "captain_mira_vance"} <= {p.id for p in PersonaRegistry.load(personas_dir)}
+
+
+def test_an_import_into_a_personas_dir_that_is_a_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """HERMES_PERSONAS_DIR=README.md was a FileExistsError traceback."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# notes\n")
+    monkeypatch.setenv("HERMES_PERSONAS_DIR", str(readme))
+    card = tmp_path / "mira.png"
+    card.write_bytes(png_card(CARD_V2))
+    assert main(["personas", "import", str(card)]) == 2
+    assert capsys.readouterr().err == (
+        f"hermes-bot: {readme} (HERMES_PERSONAS_DIR) is not a folder; set it to the folder of the persona files\n"
+    )
+    assert readme.read_text() == "# notes\n"
+
+
 def test_a_name_with_backslashes_is_taken_as_text(tmp_path: Path, personas_dir: Path) -> None:
     v1 = {"name": r"Dr. \1 \n", "description": "{{char}} studies <USER>.", "personality": "", "scenario": "",
           "first_mes": "", "mes_example": "", "system_prompt": "{{original}} Stay calm."}

@@ -54,8 +54,8 @@ def test_db_upgrade_of_an_unreachable_postgresql_is_one_line(tmp_path: Path) -> 
     result = hermes(tmp_path, "db", "upgrade", HERMES_DATABASE_URL=url)
     assert result.returncode == 1
     err = one_line_error(result)
-    assert err.startswith("hermes-bot: the database failed: ") and "Connect call failed" in err
-    assert "s3cret" not in err
+    assert err.startswith(f"hermes-bot: cannot open the database {url.replace('s3cret', '***')}: ")
+    assert "Connect call failed" in err
 
 
 def test_db_upgrade_of_a_missing_postgresql_database_does_not_say_to_run_db_upgrade(
@@ -97,6 +97,65 @@ def test_db_export_of_a_key_with_nothing_stored_says_so_and_fails(tmp_path: Path
     assert "no conversation is stored under g1/c3" in err and "g<guild>/c<parent channel>/t<thread>" in err
     found = hermes(tmp_path, "db", "export", "g1/c2/t3", HERMES_DATABASE_URL=url)
     assert found.returncode == 0 and '"content": "in the thread"' in found.stdout
+
+
+@pytest.mark.parametrize(("name", "problem"), [
+    ("README.md", "file is not a database"),
+    ("folder", "a folder, not a SQLite file; name a file in it, such as"),
+])
+def test_db_upgrade_of_something_no_sqlite_file_names_it(tmp_path: Path, name: str, problem: str) -> None:
+    """"the database failed: (sqlite3.DatabaseError) file is not a database" named no file; a folder sometimes added
+    aiosqlite's "RuntimeError: Event loop is closed" thread traceback (its failed connection outlived the loop)."""
+    (tmp_path / "README.md").write_text("# not a database\n")
+    (tmp_path / "folder").mkdir()
+    result = hermes(tmp_path, "db", "upgrade", HERMES_DATABASE_URL=f"sqlite+aiosqlite:///{name}")
+    assert result.returncode == 1
+    assert one_line_error(result).startswith(f"hermes-bot: cannot open the database {tmp_path / name}: {problem}")
+    assert (tmp_path / "README.md").read_text() == "# not a database\n"
+
+
+def test_a_migration_refused_for_broken_rows_is_one_line(tmp_path: Path) -> None:
+    """The upgrade's check of the rows (bot/store/migrations/env.py) raised a RuntimeError: a traceback from
+    `db upgrade`, and from `chat` and `run`, which upgrade SQLite at start."""
+    from alembic import command
+
+    from bot.store.db import make_engine
+    from bot.store.migrate import alembic_config
+
+    path = tmp_path / "hermes.db"
+
+    async def at_0003() -> None:
+        engine = make_engine(f"sqlite+aiosqlite:///{path}")
+
+        def upgrade(connection: object) -> None:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0003")
+
+        async with engine.begin() as connection:
+            await connection.run_sync(upgrade)
+        await engine.dispose()
+
+    asyncio.run(at_0003())
+    with sqlite3.connect(path) as connection:  # foreign keys are off here: an orphan part
+        connection.execute("INSERT INTO message_parts (discord_message_id, message_id) VALUES (5, 77)")
+    for command_line in (["db", "upgrade"], ["chat"]):
+        result = hermes(tmp_path, *command_line, HERMES_DATABASE_URL=f"sqlite+aiosqlite:///{path}")
+        assert result.returncode == 2
+        assert one_line_error(result) == (
+            f"hermes-bot: {path}: the database already has rows pointing at missing ones: message_parts row 1 "
+            "(-> messages); nothing was changed\n"
+        )
+
+
+def test_db_export_of_a_folder_says_it_is_one(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    for command_line in (["db", "export", "g1/c2"], ["db", "forget-user", "7"]):
+        result = hermes(tmp_path, *command_line, HERMES_DATABASE_URL="sqlite+aiosqlite:///data")
+        assert result.returncode == 2
+        assert one_line_error(result).startswith(
+            "hermes-bot: the database file data (HERMES_DATABASE_URL) is a folder, not a SQLite file; check the path"
+        )
 
 
 def test_db_export_of_a_missing_sqlite_file_does_not_create_it(tmp_path: Path) -> None:

@@ -172,8 +172,21 @@ NO_HTTP_URL = "must be an http:// or https:// URL with a host"
     ("HERMES_OPENAI_BASE_URL", "localhost:1234/v1", NO_HTTP_URL),
     ("HERMES_OPENAI_BASE_URL", "ftp://host/v1", NO_HTTP_URL),
     ("HERMES_OPENAI_BASE_URL", "http:///v1", NO_HTTP_URL),
+    # redis-py raised a ValueError traceback at the first command for these, and read `/abc` as database 0.
+    ("HERMES_QUEUE_URL", "redis://127.0.0.1:99999/0", "the port after host: must be a TCP port (1-65535)"),
+    ("HERMES_QUEUE_URL", "redis://:s3cret@127.0.0.1:notaport/0", "the port after host: must be a TCP port (1-65535)"),
+    ("HERMES_QUEUE_URL", "redis://127.0.0.1:6379/abc", "the database after the last / must be a number"),
+    ("HERMES_DISCORD_API_BASE", "localhost:8080", NO_HTTP_URL),
+    ("HERMES_DISCORD_GATEWAY_URL", "localhost:8080/gateway", "must be a ws:// or wss:// URL with a host"),
+    # torch's RuntimeError traceback at the model's load, after logging in to Discord under `run`.
+    ("HERMES_DEVICE", "gpu", "must be auto, cpu, cuda, cuda:N"),
+    ("HERMES_DEVICE", "cuda:one", "must be auto, cpu, cuda, cuda:N"),
+    # `inf` was an OverflowError traceback where a deadline is computed (Redis), or a stop that never ends.
+    ("HERMES_JOB_TIMEOUT_S", "inf", "Input should be a finite number"),
+    ("HERMES_SHUTDOWN_GRACE_S", "inf", "Input should be a finite number"),
+    ("HERMES_SHUTDOWN_GRACE_S", "nan", "Input should be a finite number"),
 ])
-def test_a_url_no_client_can_use_is_refused_at_load(
+def test_a_value_no_client_can_use_is_refused_at_load(
     monkeypatch: pytest.MonkeyPatch, name: str, url: str, problem: str
 ) -> None:
     monkeypatch.setenv(name, url)
@@ -292,6 +305,16 @@ def test_an_empty_value_means_the_default(
     monkeypatch.setenv("DISCORD_TOKEN", "")
     assert main(["run"]) == 2
     assert "DISCORD_TOKEN is not set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("HERMES_DEVICE", "cuda:1"), ("HERMES_DEVICE", "mps"), ("HERMES_QUEUE_URL", "redis://localhost"),
+    ("HERMES_QUEUE_URL", "rediss://:pw@redis.example.com:6380/15"), ("HERMES_QUEUE_URL", "unix:///run/redis.sock?db=2"),
+    ("HERMES_DISCORD_GATEWAY_URL", "ws://127.0.0.1:8080/gateway"),
+])
+def test_the_forms_those_settings_take_are_accepted(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    assert value in load_settings().model_dump().values()
 
 
 @pytest.mark.parametrize("url", ["http://localhost:1234/v1", "https://api.example.com/v1", "http://u:p@[::1]:8080"])

@@ -19,6 +19,7 @@ from bot.devtools import write_tiny_model
 from bot.personas import Persona
 from bot.queue.jobs import Done, TextDelta
 from bot.store.repository import ConversationStore
+from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,12 +36,12 @@ def chat_env(tmp_path: Path, model: Path) -> dict[str, str]:
     }
 
 
-def chat(stdin: str | bytes, tmp_path: Path, model: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def chat(stdin: str | bytes, tmp_path: Path, model: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     # Bytes, decoded here: text=True would turn a "\r" in the random model's reply into "\n".
     done = subprocess.run(
         [sys.executable, "-m", "bot", "chat", *args], input=stdin if isinstance(stdin, bytes) else stdin.encode(),
         capture_output=True,
-        env=chat_env(tmp_path, model), cwd=tmp_path, timeout=120,
+        env=chat_env(tmp_path, model) | env, cwd=tmp_path, timeout=120,
     )
     return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 
@@ -142,6 +143,32 @@ def test_unknown_persona_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) 
     result = chat("", tmp_path, tiny_model_dir, "--persona", "nobody")
     assert result.returncode == 2
     assert "unknown persona 'nobody'" in result.stderr and "hermes" in result.stderr
+
+
+def test_an_unknown_default_persona_names_the_setting(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Without --persona the id comes from HERMES_DEFAULT_PERSONA, which the error did not say."""
+    done = chat("", tmp_path, tiny_model_dir, HERMES_DEFAULT_PERSONA="nobody")
+    assert done.returncode == 2
+    assert done.stderr.startswith("hermes-bot: HERMES_DEFAULT_PERSONA: unknown persona 'nobody' (known: assistant, ")
+
+
+async def test_an_openai_server_that_does_not_answer_ends_the_chat_before_it_begins(tmp_path: Path) -> None:
+    """It printed "loading teknium/OpenHermes-2.5-Mistral-7B ..." though nothing loads, stored every line typed
+    with "(error: cannot reach ...)" for an answer, and exited 0."""
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    done = chat("hello\n", tmp_path, tmp_path, HERMES_ENGINE="openai", HERMES_OPENAI_BASE_URL=url,
+                HERMES_MODEL="openhermes")
+    assert done.returncode == 1 and done.stdout == ""
+    assert "loading" not in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.endswith(
+        f"hermes-bot: the OpenAI-compatible server at {url} does not answer (HERMES_OPENAI_BASE_URL); start it, or "
+        "check the URL\n"
+    )
+    store = await ConversationStore.open(f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}")
+    try:
+        assert await store.window(console_key("hermes"), 10) == []  # neither the greeting nor an unanswered "hello"
+    finally:
+        await store.close()
 
 
 def test_ctrl_c_at_the_prompt_ends_the_chat(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -59,3 +59,16 @@ def test_a_folder_with_other_files_or_a_file_is_refused(tmp_path: Path, capsys: 
     assert main(["dev", "tiny-model", str(tmp_path / "notes.txt")]) == 2
     assert "is a file" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("where", ["/proc/x", "notes.txt/m"])
+def test_a_folder_it_cannot_create_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """/proc takes no new folders, a file takes no folder in it: both were a FileNotFoundError (or NotADirectoryError)
+    traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert main(["dev", "tiny-model", where]) == 2
+    assert capsys.readouterr().err.startswith(f"hermes-bot: cannot write the model to {where}: ")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"

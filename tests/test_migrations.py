@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 
 from bot.store.db import make_engine
 from bot.store.keys import ConversationKey
-from bot.store.migrate import alembic_config, head_revision, upgrade, upgrade_async
+from bot.store.migrate import SchemaNotReady, alembic_config, head_revision, upgrade, upgrade_async
 from bot.store.models import Base
 from bot.store.repository import ConversationStore
 from tests.test_store import GUILD, new_database_url
@@ -256,7 +256,7 @@ async def test_a_failed_sqlite_upgrade_changes_nothing_and_can_run_again(tmp_pat
             await connection.exec_driver_sql("PRAGMA foreign_keys=OFF")  # an orphan part: fails the upgrade
         async with engine.begin() as connection:
             await connection.exec_driver_sql("INSERT INTO message_parts (discord_message_id, message_id) VALUES (5, 77)")
-        with pytest.raises(RuntimeError, match=r"already has rows pointing at missing ones: message_parts row 1"):
+        with pytest.raises(SchemaNotReady, match=r"already has rows pointing at missing ones: message_parts row 1"):
             await upgrade_async(url)
         async with engine.begin() as connection:
             assert await connection.run_sync(_state) == (TABLES, "0003")  # no copy table left behind

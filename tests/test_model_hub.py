@@ -360,3 +360,23 @@ def test_a_407_or_a_5xx_answer_is_no_reachable_hub(
     assert f"the hub at {url} cannot be reached (it answered {status} {phrase})" in caplog.text
     assert handler.requests == ["HEAD /", "HEAD /"]  # the two probes, nothing after them
     assert not hub_retries(caplog)
+
+
+@pytest.mark.parametrize("model", ["models/hermes/v2", "C:\\models\\hermes"])
+def test_a_value_that_is_neither_a_folder_nor_a_hub_id_is_one_line(
+    hf_home: Path, model: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A relative folder without ./ that does not exist, or a Windows path: huggingface_hub's HFValidationError
+    traceback, from load_model and from `hermes-bot prompt`, both outside their handling of a failed load."""
+    from bot.cli import main
+
+    monkeypatch.chdir(hf_home.parent)
+    with pytest.raises(EngineError) as raised:
+        load_model(Settings(model=model, device="cpu"))
+    assert str(raised.value) == (
+        f"HERMES_MODEL={model} is neither an existing folder nor a valid Hugging Face id (owner/name); a local folder "
+        "starts with /, ./, ../ or ~/"
+    )
+    monkeypatch.setattr(sys, "stdin", io.StringIO("[]"))
+    assert main(["prompt", "--persona", "hermes", "--model", model]) == 1
+    assert capsys.readouterr().err == f"hermes-bot: {str(raised.value).replace('HERMES_MODEL=', '--model=')}\n"

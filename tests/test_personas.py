@@ -392,6 +392,24 @@ def test_validate_and_a_running_bot_show_every_problem(
                       for line in four_problems(path)]  # one log line each
 
 
+def test_a_start_names_every_invalid_file_as_validate_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run`, `chat` and `personas list` named the first invalid file only: one restart per broken file."""
+    write(tmp_path, GOOD)
+    first = write(tmp_path, FOUR_PROBLEMS, "four.yaml")
+    second = write(tmp_path, "name: X\nsystem_prompt: hi\ntemprature: 1\n", "two.yaml")
+    third = write(tmp_path, GOOD, "tester.yml")
+    expected = [*four_problems(first), f"{third}: field 'id': 'tester' is already the id of the persona in "
+                f"{tmp_path / 'tester.yaml'}", f"{second}:3: field 'temprature': unknown key (check the spelling)"]
+    with pytest.raises(PersonaError) as raised:
+        PersonaRegistry.load(tmp_path)
+    assert raised.value.lines == expected and str(raised.value) == "\n".join(expected)
+    monkeypatch.setenv("HERMES_PERSONAS_DIR", str(tmp_path))
+    assert main(["personas", "list"]) == 2
+    assert capsys.readouterr().err == "".join(f"hermes-bot: {line}\n" for line in expected)
+
+
 def test_a_file_that_is_not_utf8_names_the_line_and_what_to_do(tmp_path: Path) -> None:
     path = tmp_path / "latin.yaml"
     path.write_bytes(b"name: X\nsystem_prompt: caf\xe9\n")  # Latin-1, from an editor

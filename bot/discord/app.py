@@ -28,9 +28,11 @@ from bot.discord.commands import CommandsCog
 from bot.discord.identity import SAFE_MENTIONS, Identities
 from bot.discord.sync import sync_if_changed
 from bot.engine.base import EngineError
-from bot.personas import PersonaRegistry, UnknownPersona
+from bot.health import check_at_start, serve_ops
+from bot.personas import PersonaRegistry
 from bot.queue.base import JobQueue
 from bot.queue.factory import open_queue
+from bot.store.migrate import open_at_head
 from bot.store.repository import ConversationStore
 
 log = logging.getLogger(__name__)
@@ -103,18 +105,15 @@ class BotApp:
             raise ValueError("DISCORD_TOKEN is not set")
         point_discord_at(settings)
         personas = PersonaRegistry.load(settings.personas_dir)
-        try:
-            personas.get(settings.default_persona)
-        except UnknownPersona as exc:
-            raise UnknownPersona(f"HERMES_DEFAULT_PERSONA: {exc}") from None
-        self.store = await ConversationStore.open(
-            settings.database_url, migrate=settings.database_url.startswith("sqlite")
-        )
+        personas.get(settings.default_persona, named_by="HERMES_DEFAULT_PERSONA")
+        in_process = settings.queue_url == "memory://"
+        await check_at_start(settings, runs_engine=in_process)  # before logging in, as everything up to _connect
+        self.store = await open_at_head(settings.database_url)
         self._closers.append(self.store.close)
         self.queue = open_queue(settings)
         self._closers.append(self.queue.close)
         checks = {"database": self.store.ping, "queue": self.queue.ping}
-        if settings.queue_url == "memory://":
+        if in_process:
             from bot.worker import Worker
 
             worker = Worker.in_process(settings, self.queue)
@@ -123,8 +122,6 @@ class BotApp:
             self._closers.append(worker.shutdown)
             checks["model"] = worker.ready
         self.bot = HermesBot(settings, ChatService(settings, self.store, self.queue, personas), **self.client_options)
-        from bot.health import serve_ops
-
         # Before connecting: a port another process holds is told at once, and /readyz says "not ready" meanwhile.
         ops = await serve_ops(settings, {"discord": self.bot.is_ready, **checks})
         if ops is not None:

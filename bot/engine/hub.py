@@ -50,6 +50,20 @@ def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT) -> str | 
     return outcome[0] if outcome else f"no answer in {timeout:g} s"
 
 
+def check_hub_id(repo_id: str, *, setting: str = "HERMES_MODEL") -> None:
+    """EngineError for a value no hub id can be (`models/hermes/v2`, a relative folder without `./` that does not
+    exist; `C:\\models\\hermes`): huggingface_hub's HFValidationError was a traceback."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise EngineError(
+            f"{setting}={repo_id} is neither an existing folder nor a valid Hugging Face id (owner/name); "
+            "a local folder starts with /, ./, ../ or ~/"
+        ) from None
+
+
 def cache_only(repo_id: str, *, setting: str = "HERMES_MODEL", needs: tuple[str, ...] = MODEL_FILES) -> bool:
     """True when the hub id `repo_id` is to load from the local cache alone (`offline_hub`): HF_HUB_OFFLINE
     is set (then no request at all), or the hub endpoint does not answer. False when it answers: transformers
@@ -57,6 +71,7 @@ def cache_only(repo_id: str, *, setting: str = "HERMES_MODEL", needs: tuple[str,
     `needs` for it; `setting` is where the id came from (`--model` for `hermes-bot prompt`), for messages."""
     from huggingface_hub import constants, try_to_load_from_cache
 
+    check_hub_id(repo_id, setting=setting)
     if constants.HF_HUB_OFFLINE:
         why, fix = "HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE and run once with the hub reachable to download it"
     else:

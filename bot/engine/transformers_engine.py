@@ -63,9 +63,22 @@ PREFILL_CHUNK = 512  # prompt tokens (padding included) per step while others de
 
 
 def resolve_device(name: str) -> torch.device:
+    """HERMES_DEVICE (its form checked by Settings) as a device this machine has: a GPU it lacks is one EngineError
+    here, where torch asserted deep inside the load ("Torch not compiled with CUDA enabled")."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        why = "this machine or this torch has no Apple GPU"
+    elif device.type == "cuda" and (device.index or 0) >= gpus and torch.version.cuda is None:
+        why = "this torch is a CPU-only build (README, On a GPU: install the CUDA build)"
+    elif device.type == "cuda" and (device.index or 0) >= gpus:
+        why = f"{gpus} CUDA GPU{'' if gpus == 1 else 's'} visible (check the driver and CUDA_VISIBLE_DEVICES)"
+    else:
+        return device
+    kind = device.type.upper()
+    raise EngineError(f"HERMES_DEVICE={name}: {kind} requested but not available: {why}; or set it to auto or cpu")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -10,6 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection
 
 from bot.store.db import make_engine
+from bot.store.migrate import SchemaNotReady
 from bot.store.models import Base
 
 config = context.config
@@ -53,10 +54,14 @@ def _has_work(migration: MigrationContext) -> bool:
 
 
 def _refuse_broken_references(connection: Connection, who: str) -> None:
+    """SchemaNotReady, one line from every command that upgrades (a RuntimeError was a traceback), naming the SQLite
+    file, when rows point at missing ones."""
     broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
     if broken:
         rows = ", ".join(f"{table} row {rowid} (-> {parent})" for table, rowid, parent, _ in broken[:5])
-        raise RuntimeError(f"{who} rows pointing at missing ones: {rows}; nothing was changed")
+        raise SchemaNotReady(
+            f"{connection.engine.url.database}: {who} rows pointing at missing ones: {rows}; nothing was changed"
+        )
 
 
 def _database_url() -> str:
