@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bot.config import Settings, SettingsError, local_model_dir, without_password
-from bot.engine.base import EngineError
+from bot.config import Settings, SettingsError, without_password
 from bot.metrics import REGISTRY
 from bot.queue.base import QueueUnavailable
 
@@ -125,28 +124,11 @@ async def check_at_start(settings: Settings, *, runs_engine: bool) -> None:
     started: `run` otherwise logged in to Discord first (a restarting service spends Discord's daily identifies),
     and a worker logged "fetching jobs failed" forever. `runs_engine`: the engine runs in this process."""
     if runs_engine:
-        _check_engine(settings)
+        from bot.engine import check_settings
+
+        check_settings(settings)
     if settings.queue_url != "memory://":
         await _check_redis(settings.queue_url)
-
-
-def _check_engine(settings: Settings) -> None:
-    """EngineError for an engine setting that cannot work: the same checks the engine's start makes, asking no one."""
-    if settings.engine == "openai":
-        if not settings.openai_base_url:
-            raise EngineError("HERMES_ENGINE=openai needs HERMES_OPENAI_BASE_URL, e.g. http://localhost:1234/v1")
-        return
-    from bot.engine.hub import check_hub_id
-    from bot.engine.transformers_engine import quantization_config, resolve_device
-
-    try:
-        local = local_model_dir(settings.model)
-    except ValueError as exc:
-        raise EngineError(f"HERMES_MODEL {settings.model}: {exc}") from None
-    if local is None:
-        check_hub_id(settings.model)
-    resolve_device(settings.device)
-    quantization_config(settings.quantization)
 
 
 async def _check_redis(url: str) -> None:

@@ -127,6 +127,16 @@ class _RolesMustAlternate(Exception):
     """The server's chat template refused system lines between turns or two turns of one role in a row."""
 
 
+def check_settings(settings: Settings) -> None:
+    """EngineError for settings this engine cannot work with, asking no server (bot.engine.check_settings)."""
+    if not settings.openai_base_url:
+        raise EngineError("HERMES_ENGINE=openai needs HERMES_OPENAI_BASE_URL, e.g. http://localhost:1234/v1")
+    if settings.openai_api_key is not None and urlsplit(settings.openai_base_url).username is not None:
+        # Both are the Authorization header (Bearer, Basic): aiohttp refuses every request that has both.
+        raise EngineError("HERMES_OPENAI_BASE_URL holds a user and password (Basic auth) and HERMES_OPENAI_API_KEY "
+                          "is set (Bearer auth): a request can carry only one; remove the other")
+
+
 class OpenAIEngine(Engine):
     name = "openai"
 
@@ -165,12 +175,7 @@ class OpenAIEngine(Engine):
         return f" (check that HERMES_OPENAI_BASE_URL ends in /v1: it is {without_password(self.base_url)})"
 
     async def start(self) -> None:
-        if not self.settings.openai_base_url:
-            raise EngineError("HERMES_ENGINE=openai needs HERMES_OPENAI_BASE_URL, e.g. http://localhost:1234/v1")
-        if self.settings.openai_api_key is not None and urlsplit(self.base_url).username is not None:
-            # Both are the Authorization header (Bearer, Basic): aiohttp refuses every request that has both.
-            raise EngineError("HERMES_OPENAI_BASE_URL holds a user and password (Basic auth) and HERMES_OPENAI_API_KEY "
-                              "is set (Bearer auth): a request can carry only one; remove the other")
+        check_settings(self.settings)
         headers = {"Accept": "text/event-stream"}
         if self.settings.openai_api_key is not None:
             headers["Authorization"] = f"Bearer {self.settings.openai_api_key.get_secret_value()}"

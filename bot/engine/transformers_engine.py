@@ -23,6 +23,7 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ from bot.engine.base import (
 )
 from bot.engine.batched_linear import MIN_ROWS
 from bot.engine.decode import PAD_ID, DecodeGraphs, decode_logits
-from bot.engine.hub import cache_only, offline_hub
+from bot.engine.hub import cache_only, check_hub_id, offline_hub
 from bot.engine.kv import (
     Attention,
     PrefillCache,
@@ -116,14 +117,29 @@ def cpu_threads(settings: Settings, *, prefill: bool = False) -> int:
     return settings.cpu_threads or (cores if prefill else max(1, cores - 1))
 
 
-def load_model(settings: Settings) -> tuple[Any, Any, torch.device]:
-    """Tokenizer and model from settings.model (HF id or local path), on the configured device/dtype."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def model_folder(settings: Settings) -> Path | None:
+    """The local folder HERMES_MODEL names, or None for a hub id; EngineError for a value that is neither."""
     try:
         local = local_model_dir(settings.model)
     except ValueError as exc:
         raise EngineError(f"HERMES_MODEL {settings.model}: {exc}") from None
+    if local is None:
+        check_hub_id(settings.model)
+    return local
+
+
+def check_settings(settings: Settings) -> None:
+    """EngineError for settings this engine cannot work with, loading nothing (bot.engine.check_settings)."""
+    model_folder(settings)
+    resolve_device(settings.device)
+    quantization_config(settings.quantization)
+
+
+def load_model(settings: Settings) -> tuple[Any, Any, torch.device]:
+    """Tokenizer and model from settings.model (HF id or local path), on the configured device/dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = model_folder(settings)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     quant = quantization_config(settings.quantization)
