@@ -117,23 +117,15 @@ def test_db_upgrade_of_something_no_sqlite_file_names_it(tmp_path: Path, name: s
 def test_a_migration_refused_for_broken_rows_is_one_line(tmp_path: Path) -> None:
     """The upgrade's check of the rows (bot/store/migrations/env.py) raised a RuntimeError: a traceback from
     `db upgrade`, and from `chat` and `run`, which upgrade SQLite at start."""
-    from alembic import command
-
     from bot.store.db import make_engine
-    from bot.store.migrate import alembic_config
+    from tests.test_migrations import migrate_to
 
     path = tmp_path / "hermes.db"
 
     async def at_0003() -> None:
         engine = make_engine(f"sqlite+aiosqlite:///{path}")
-
-        def upgrade(connection: object) -> None:
-            config = alembic_config()
-            config.attributes["connection"] = connection
-            command.upgrade(config, "0003")
-
         async with engine.begin() as connection:
-            await connection.run_sync(upgrade)
+            await connection.run_sync(migrate_to, "0003")
         await engine.dispose()
 
     asyncio.run(at_0003())

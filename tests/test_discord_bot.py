@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from tests.fakediscord import FakeDiscord, World
 from tests.fakediscord.models import Channel, User
 from tests.fakediscord.server import DROP_CONNECTION, LOSE_ANSWER
 from tests.openai_test_server import Fail, OpenAITestServer, Reply
+from tests.services import create_database
 from tests.waiting import eventually
 
 pytest_plugins = ("tests.fakediscord.fixtures",)
@@ -1256,13 +1256,8 @@ async def test_a_database_outage_gets_an_apology_and_the_bot_recovers(
     """A real outage: PostgreSQL stops letting the bot's database be used, then lets it again."""
     server_url = str(request.getfixturevalue("postgres_url"))
     admin_url = server_url.replace("postgresql+asyncpg", "postgresql")
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    database_url = server_url.rsplit("/", 1)[0] + f"/{name}"
+    database_url = await create_database(server_url)
+    name = database_url.rsplit("/", 1)[1]
 
     async def allow_connections(allowed: bool) -> None:
         admin = await asyncpg.connect(admin_url)

@@ -7,7 +7,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import asyncpg
@@ -17,7 +16,7 @@ import torch
 from bot.engine.base import EngineError
 from bot.engine.transformers_engine import resolve_device
 from bot.store.migrate import head_revision
-from tests.services import free_port
+from tests.services import create_database, free_port
 from tests.test_cli import one_line_error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,17 +75,6 @@ def test_a_redis_that_refuses_us_stops_each_command_with_one_line(tmp_path: Path
         )
 
 
-async def _new_database(postgres_url: str) -> str:
-    admin_url = postgres_url.replace("postgresql+asyncpg", "postgresql")
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return postgres_url.rsplit("/", 1)[0] + f"/{name}"
-
-
 async def _tables(url: str) -> list[str]:
     connection = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
     try:
@@ -100,7 +88,7 @@ def test_a_postgresql_database_not_at_head_stops_run_and_chat_until_db_upgrade(
 ) -> None:
     """`run` said "discord bot ready" and /readyz "database: true" (SELECT 1), then every message got "I can't reach
     my memory"; `chat` upgraded it silently. Compose upgrades in its one-shot `migrate` service: both say so now."""
-    url = asyncio.run(_new_database(postgres_url))
+    url = asyncio.run(create_database(postgres_url))
     env = {"HERMES_DATABASE_URL": url, "HERMES_MODEL": str(tiny_model_dir)}
     for command in ("run", "chat"):
         result = start(tmp_path, command, **env)

@@ -6,12 +6,10 @@ import asyncio
 import json
 import re
 import sqlite3
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
-import asyncpg
 import pytest
 from sqlalchemy import delete, event, select
 
@@ -21,7 +19,7 @@ from bot.store.keys import ConversationKey
 from bot.store.migrate import upgrade, upgrade_async
 from bot.store.models import Base
 from bot.store.repository import ChannelSettings, ConversationStore
-from tests.services import free_port
+from tests.services import create_database, free_port
 
 GUILD = ConversationKey(guild_id=1, channel_id=2)
 THREAD = ConversationKey(guild_id=1, channel_id=2, thread_id=3)
@@ -32,18 +30,7 @@ def new_database_url(request: pytest.FixtureRequest, tmp_path: Path, backend: st
     """An empty database: a fresh SQLite file, or a fresh database on the session's PostgreSQL server."""
     if backend == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'nested' / 'hermes.db'}"
-    server_url: str = request.getfixturevalue("postgres_url")
-    name = f"t_{uuid.uuid4().hex[:16]}"
-
-    async def create() -> None:
-        connection = await asyncpg.connect(server_url.replace("postgresql+asyncpg", "postgresql"))
-        try:
-            await connection.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await connection.close()
-
-    asyncio.run(create())
-    return server_url.rsplit("/", 1)[0] + f"/{name}"
+    return asyncio.run(create_database(request.getfixturevalue("postgres_url")))
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
