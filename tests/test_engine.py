@@ -401,7 +401,7 @@ async def test_decode_batches_of_ten_rows_or_more_go_through_the_cpu_kernel_and_
 
     monkeypatch.setattr(batched_linear, "kernel", lambda: counting)
     threads = torch.get_num_threads()
-    settings = Settings(model=str(tiny_model_dir), device="cpu", max_batch_size=12, context_tokens=1024, cpu_threads=1)
+    settings = Settings(model=str(tiny_model_dir), device="cpu", max_batch_size=12, context_tokens=1024, cpu_threads=2)
     eng = TransformersEngine(settings, model=model, tokenizer=tokenizer)
     await eng.start()
     try:
@@ -412,7 +412,7 @@ async def test_decode_batches_of_ten_rows_or_more_go_through_the_cpu_kernel_and_
     finally:
         await eng.close()
         monkeypatch.undo()
-        batched_linear.install(model)  # the real kernel again, for the module's other engines
+        batched_linear.install(model, 1)  # the real kernel again, for the module's other engines
         torch.set_num_threads(threads)
     assert 12 in rows_seen  # a decode step of all twelve (prefills of up to MAX_ROWS rows may come too)
     for prompt, (text, _) in zip(prompts, outs, strict=True):

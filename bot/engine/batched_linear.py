@@ -1,12 +1,13 @@
-"""A decode step's linear layers on one CPU core, through a small AVX2 kernel (batched_linear.c).
+"""A decode step's linear layers on the CPU's cores, through a small AVX2 kernel (batched_linear.c).
 
 Why: at 16 rows torch's matmul (MKL) gets about half of what an AVX2 core can do (30-60 GFLOP/s on the
 project's box), so a 16-conversation decode step cost 3-4 times one conversation's instead of barely
-more. The kernel gets 75-95 GFLOP/s there, reading the model's own weights (BENCHMARKS.md).
+more. The kernel gets 75-95 GFLOP/s a core there, reading the model's own weights, and shares each call's
+columns out to helper threads on the other cores, so that the step reads the weights from memory about as
+fast as a one-row step does (BENCHMARKS.md).
 
 It is used only where it wins, and torch runs everything else exactly as before: fp32 CPU tensors,
-MIN_ROWS to MAX_ROWS rows (one-row generation and prefills are untouched), one torch thread (with
-more, MKL splits a matmul across cores and a one-core kernel would lose), no autograd. It is compiled
+MIN_ROWS to MAX_ROWS rows (one-row generation and prefills are untouched), no autograd. It is compiled
 when first needed with the system C compiler ($CC, else cc) into a temporary folder, about 0.3 s per
 process, nothing left on disk; without AVX2, FMA or a compiler the engine says why once and keeps
 torch's matmul.
@@ -34,7 +35,7 @@ BLOCK_ROWS = 16  # rows per pass of the kernel over a weight; a shorter last blo
 MIN_ROWS = 10  # below this a padded block costs more than torch's matmul of the rows themselves
 MAX_ROWS = 64  # above this (a prefill) torch's cache-blocked matmul wins: the kernel reads w once per block
 
-Kernel = Callable[[int, int, int, int, int, int], int]
+Kernel = Callable[[int, int, int, int, int, int, int], int]
 
 
 def unavailable_reason() -> str | None:
@@ -59,7 +60,7 @@ def kernel() -> Kernel | None:
     if reason is None:
         with tempfile.TemporaryDirectory(prefix="hermes-kernel-") as folder:
             library = Path(folder) / "batched_linear.so"
-            command = [compiler(), "-O3", "-mavx2", "-mfma", "-shared", "-fPIC", str(SOURCE), "-o", str(library)]
+            command = [compiler(), "-O3", "-mavx2", "-mfma", "-pthread", "-shared", "-fPIC", str(SOURCE), "-o", str(library)]
             try:
                 subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
                 function = ctypes.CDLL(str(library)).batched_linear  # stays mapped once the file is gone
@@ -67,16 +68,17 @@ def kernel() -> Kernel | None:
                 detail = getattr(exc, "stderr", None) or exc
                 reason = f"{command[0]} failed to build {SOURCE.name}: {str(detail).strip()[:300]}"
             else:
-                function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
+                function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4
                 function.restype = ctypes.c_int
                 return function
     log.info("CPU decode batches use torch's matmul: %s", reason)
     return None
 
 
-def install(model: torch.nn.Module) -> int:
-    """Send the fp32 `nn.Linear` layers of `model` through `forward`; returns how many (0 without the
-    kernel). Only plain `nn.Linear` layers qualify: quantized layers have weights of their own kind."""
+def install(model: torch.nn.Module, threads: int) -> int:
+    """Send the fp32 `nn.Linear` layers of `model` through `forward` on `threads` cores; returns how many
+    (0 without the kernel). Only plain `nn.Linear` layers qualify: quantized layers have weights of their
+    own kind."""
     run = kernel()
     if run is None:
         return 0
@@ -85,17 +87,17 @@ def install(model: torch.nn.Module) -> int:
         if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
     ]
     for layer in layers:
-        layer.forward = functools.partial(forward, run, layer)
+        layer.forward = functools.partial(forward, run, threads, layer)
     return len(layers)
 
 
-def forward(run: Kernel, layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def forward(run: Kernel, threads: int, layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)`: the kernel for the first rows of a decode-sized batch, torch for anything else."""
     weight = layer.weight
     in_features, out_features = weight.shape[1], weight.shape[0]
     rows = x.numel() // in_features if in_features else 0
     usable = (
-        MIN_ROWS <= rows <= MAX_ROWS and torch.get_num_threads() == 1
+        MIN_ROWS <= rows <= MAX_ROWS
         and x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -106,7 +108,7 @@ def forward(run: Kernel, layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tenso
     out = torch.empty(rows, out_features, dtype=x.dtype)
     spare = rows % BLOCK_ROWS
     by_kernel = rows - spare if 0 < spare < MIN_ROWS else rows  # a few spare rows: torch takes them
-    if run(flat.data_ptr(), weight.data_ptr(), out.data_ptr(), by_kernel, in_features, out_features) != 0:
+    if run(flat.data_ptr(), weight.data_ptr(), out.data_ptr(), by_kernel, in_features, out_features, threads) != 0:
         raise MemoryError(f"batched_linear: no memory for a {in_features} x {BLOCK_ROWS} scratch block")
     if by_kernel < rows:
         torch.mm(flat[by_kernel:], weight.t(), out=out[by_kernel:])

@@ -284,8 +284,10 @@ class TransformersEngine(Engine):
         self.prefixes = PrefixCache(self.settings.prefix_cache_mb * 1024 * 1024)
         self.eos_ids = self._eos_ids()
         on_gpu = self.device.type == "cuda"
-        if self.device.type == "cpu" and (layers := batched_linear.install(self.model)):
-            log.info("CPU decode batches of %d+ rows use the AVX2 kernel in %d linear layers", MIN_ROWS, layers)
+        threads = cpu_threads(self.settings, prefill=True)
+        if self.device.type == "cpu" and (layers := batched_linear.install(self.model, threads)):
+            log.info("CPU decode batches of %d+ rows use the AVX2 kernel in %d linear layers on %d threads",
+                     MIN_ROWS, layers, threads)
         if self.cuda_graphs if self.cuda_graphs is not None else on_gpu:
             self.graphs = DecodeGraphs(self.model, self.kv, self.attention, capture=on_gpu)
             if on_gpu:
