@@ -19,7 +19,7 @@ from bot.config import Settings
 from bot.devtools import build_tokenizer
 from bot.engine import batched_linear, transformers_engine
 from bot.engine.base import EngineError, Finish, GenerationRequest, GenerationStream, TextChunk
-from bot.engine.decode import KV_BLOCK, DecodeGraphs, decode_logits
+from bot.engine.decode import KV_BLOCK, PAD_ID, DecodeGraphs, decode_logits
 from bot.engine.kv import (
     KV_SHARE,
     Attention,
@@ -35,7 +35,7 @@ from bot.engine.kv import (
 )
 from bot.engine.sampling import apply_repetition_penalty, sample_next
 from bot.engine.text import IncrementalDetokenizer, StopMatcher
-from bot.engine.transformers_engine import TransformersEngine, load_model
+from bot.engine.transformers_engine import MIN_SHARED_PREFIX, TransformersEngine, load_model
 from bot.personas import Sampling
 from bot.prompt import encode_messages
 
@@ -431,13 +431,172 @@ async def test_a_burst_of_requests_is_prefilled_together(
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(engine.model, "forward", counting_forward)
-    prompts = [chat(f"Channel {i} says hello to the dragon.") for i in range(4)]  # max_batch_size=4
+    # max_batch_size=4; a persona each: a shared one is first prefilled alone (see the test after this one)
+    prompts = [chat(f"Channel {i} says hello to the dragon.", f"{name} is the dragon's friend.")
+               for i, name in enumerate(("Ada", "Bo", "Cy", "Di"))]
     outs = await asyncio.gather(
         *(engine.generate_text(GenerationRequest(f"b{i}", p, GREEDY)) for i, p in enumerate(prompts))
     )
     assert sum(prefill_rows) == 4 and len(prefill_rows) <= 2  # one forward (two if the engine woke mid-burst)
     for prompt, (text, _) in zip(prompts, outs, strict=True):
         assert text == reference(engine, prompt, 24)
+
+
+EMBER = "You are Ember, an old dragon who guards the mountain library and answers in riddles."
+BURST = [chat(f"{name} asks about the tea of the east.", EMBER) for name in ("Alpha", "Bravo", "Charlie", "Delta")]
+
+
+def prompt_ids(messages: list[dict[str, str]], tokenizer: Any) -> list[int]:
+    return encode_messages(tokenizer, messages, context_tokens=1024, max_new_tokens=24).ids
+
+
+async def serve(
+    loaded: tuple[Any, Any], tiny_model_dir: Path, bursts: list[list[list[dict[str, str]]]], **settings: Any
+) -> tuple[list[str], list[int]]:
+    """Greedy replies from a fresh engine (4 slots) to `bursts` of prompts, one burst after the other, and the
+    prompt tokens each prefill forward computed (left padding aside), counted at the model. A burst arrives
+    whole, as when channels talk at once: the engine thread's look at its inbox waits until all of it is there
+    (else it may start on the first prompt before the prompt thread has handed over the others)."""
+    tokenizer, model = loaded
+    fields = dict(model=str(tiny_model_dir), device="cpu", max_batch_size=4, context_tokens=1024) | settings
+    engine = TransformersEngine(Settings(**fields), model=model, tokenizer=tokenizer)
+    forward, prepare, take_new = model.forward, engine._prepare_for_engine, engine._take_new
+    computed: list[int] = []
+    burst_in, expected = threading.Event(), 0
+
+    def counting_forward(*args: Any, **kwargs: Any) -> Any:
+        if isinstance(kwargs["cache"], PrefillCache):
+            computed.append(int((kwargs["input_ids"] != PAD_ID).sum()))
+        return forward(*args, **kwargs)
+
+    def prepare_then_check(stream: GenerationStream) -> None:  # the prompt thread
+        prepare(stream)
+        if len(engine._inbox) == expected:
+            burst_in.set()
+
+    def take_new_once_the_burst_is_in() -> None:  # the engine thread
+        burst_in.wait(30)
+        take_new()
+
+    texts: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model, "forward", counting_forward)
+        patch.setattr(engine, "_prepare_for_engine", prepare_then_check)
+        patch.setattr(engine, "_take_new", take_new_once_the_burst_is_in)
+        await engine.start()
+        try:
+            for burst in bursts:
+                expected = len(burst)
+                burst_in.clear()
+                outs = await asyncio.gather(*(engine.generate_text(GenerationRequest(f"r{len(texts) + i}", p, GREEDY))
+                                              for i, p in enumerate(burst)))
+                assert burst_in.is_set()
+                texts += [text for text, _ in outs]
+        finally:
+            await engine.close()
+    return texts, computed
+
+
+async def test_a_burst_on_one_system_prompt_prefills_it_once(loaded: tuple[Any, Any], tiny_model_dir: Path) -> None:
+    """Channels talking to one persona at once, on a fresh engine: the prefix cache only holds finished turns,
+    so each of them prefilled the persona's system prompt again. Now it is prefilled once, alone, and each
+    copies it from the prefix cache: the same replies for about half the prompt tokens."""
+    ids = [prompt_ids(p, loaded[0]) for p in BURST]
+    shared = common_prefix(torch.tensor(ids[0]), torch.tensor(ids[1]))
+    assert all(common_prefix(torch.tensor(ids[0]), torch.tensor(other)) == shared for other in ids[1:])
+    assert MIN_SHARED_PREFIX <= shared < min(map(len, ids)) - 1 and not any(PAD_ID in i for i in ids)
+    alone, computed_alone = await serve(loaded, tiny_model_dir, [[p] for p in BURST], prefix_cache_mb=0)
+    assert computed_alone == [len(i) for i in ids]
+    together, computed = await serve(loaded, tiny_model_dir, [BURST])
+    assert together == alone
+    assert computed == [shared, sum(len(i) - shared for i in ids)]  # 56 + 4 x 31 tokens, not 4 x 87
+
+
+async def test_a_long_shared_prefix_is_prefilled_a_chunk_a_step(
+    loaded: tuple[Any, Any], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared prefix longer than PREFILL_CHUNK in one forward would stall the replies being decoded; it goes
+    in chunks, each continuing from what the prefix cache holds. The rest under MIN_SHARED_PREFIX is the first
+    request's own; the others then copy the whole shared prefix from its slot."""
+    monkeypatch.setattr(transformers_engine, "PREFILL_CHUNK", 24)
+    ids = [prompt_ids(p, loaded[0]) for p in BURST]
+    shared = common_prefix(torch.tensor(ids[0]), torch.tensor(ids[1]))
+    alone, _ = await serve(loaded, tiny_model_dir, [[p] for p in BURST], prefix_cache_mb=0)
+    together, computed = await serve(loaded, tiny_model_dir, [BURST])
+    assert together == alone
+    assert computed[:3] == [24, 24, len(ids[0]) - 48]  # 56 shared: 8 left over for the first
+    assert sum(computed[3:]) == sum(len(i) - shared for i in ids[1:])
+
+
+async def test_a_burst_prefills_a_prefix_alone_only_for_the_prefix_cache_to_gain_it(
+    loaded: tuple[Any, Any], tiny_model_dir: Path
+) -> None:
+    """No forward of its own for a shared prefix the prefix cache cannot keep (it would be lost), for one
+    under MIN_SHARED_PREFIX tokens (a persona each), nor for one the cache already holds (a later burst)."""
+    tokenizer = loaded[0]
+    lengths = [len(prompt_ids(p, tokenizer)) for p in BURST]
+    alone, _ = await serve(loaded, tiny_model_dir, [[p] for p in BURST], prefix_cache_mb=0)
+    assert await serve(loaded, tiny_model_dir, [BURST], prefix_cache_mb=0) == (alone, [sum(lengths)])
+
+    own = [chat("Hello, dragon.", f"{name} is the dragon's friend.") for name in ("Ada", "Bo", "Cy", "Di")]
+    own_ids = [torch.tensor(prompt_ids(p, tokenizer)) for p in own]
+    assert max(common_prefix(own_ids[0], other) for other in own_ids[1:]) < MIN_SHARED_PREFIX
+    _, computed = await serve(loaded, tiny_model_dir, [own])
+    assert computed == [sum(len(i) for i in own_ids)]
+
+    earlier = chat("Echo asks about the tea of the east.", EMBER)
+    shared = common_prefix(torch.tensor(prompt_ids(earlier, tokenizer)), torch.tensor(prompt_ids(BURST[0], tokenizer)))
+    texts, computed = await serve(loaded, tiny_model_dir, [[earlier], BURST])
+    assert texts[1:] == alone
+    assert computed == [len(prompt_ids(earlier, tokenizer)), sum(n - shared for n in lengths)]
+
+
+async def test_a_prompt_arriving_while_another_runs_copies_their_shared_prefix_from_its_slot(
+    loaded: tuple[Any, Any], tiny_model_dir: Path
+) -> None:
+    """Channels that start a step apart: the first one's system prompt is in its slot long before it finishes
+    (only then does the prefix cache get it), so the later one copies it from there, even with no prefix cache."""
+    tokenizer, model = loaded
+    first, later = BURST[0], BURST[1]
+    ids = [prompt_ids(p, tokenizer) for p in (first, later)]
+    shared = common_prefix(torch.tensor(ids[0]), torch.tensor(ids[1]))
+    (first_alone, later_alone), _ = await serve(loaded, tiny_model_dir, [[first], [later]], prefix_cache_mb=0)
+    settings = Settings(model=str(tiny_model_dir), device="cpu", max_batch_size=4, context_tokens=1024, prefix_cache_mb=0)
+    engine = TransformersEngine(settings, model=model, tokenizer=tokenizer)
+    forward, prepare, decode = model.forward, engine._prepare_for_engine, engine._decode_step
+    computed: list[int] = []
+    later_in = threading.Event()
+
+    def counting_forward(*args: Any, **kwargs: Any) -> Any:
+        if isinstance(kwargs["cache"], PrefillCache):
+            computed.append(int((kwargs["input_ids"] != PAD_ID).sum()))
+        return forward(*args, **kwargs)
+
+    def prepare_then_signal(stream: GenerationStream) -> None:  # the prompt thread
+        prepare(stream)
+        if stream.request.request_id == "later":
+            later_in.set()
+
+    def decode_once_the_later_one_is_in() -> None:  # the first request cannot finish before the later one comes
+        later_in.wait(30)
+        decode()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model, "forward", counting_forward)
+        patch.setattr(engine, "_prepare_for_engine", prepare_then_signal)
+        patch.setattr(engine, "_decode_step", decode_once_the_later_one_is_in)
+        await engine.start()
+        try:
+            stream = engine.submit(GenerationRequest("first", first, GREEDY))
+            items = aiter(stream)
+            head = await anext(items)  # its prompt is prefilled: it is running
+            later_text, _ = await engine.generate_text(GenerationRequest("later", later, GREEDY))
+            rest = [item async for item in items]
+        finally:
+            await engine.close()
+    first_text = "".join(item.text for item in (head, *rest) if isinstance(item, TextChunk))
+    assert (first_text, later_text) == (first_alone, later_alone)
+    assert computed == [len(ids[0]), len(ids[1]) - shared]
 
 
 async def test_a_new_request_gets_its_first_text_before_the_next_decode_step(

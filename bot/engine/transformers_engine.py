@@ -49,6 +49,7 @@ from bot.engine.kv import (
     PrefixCache,
     PrefixEntry,
     SlotKV,
+    common_prefix,
     free_memory,
     prefill_positions,
     slot_bytes,
@@ -61,6 +62,7 @@ from bot.prompt import PromptTooLong, encode_messages, quiet_overlong_warning
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512  # prompt tokens (padding included) per step while others decode: keeps their latency flat
+MIN_SHARED_PREFIX = 16  # new tokens a burst's common prompt prefix must hold to be prefilled once, on its own
 
 
 def resolve_device(name: str) -> torch.device:
@@ -425,22 +427,69 @@ class TransformersEngine(Engine):
     def _fill_prefill_group(self) -> None:
         """Move the waiting prompts to prefill in one forward into `_prefilling`: as many as the free slots
         and PREFILL_CHUNK padded tokens (rows x longest) allow, so a burst of channels starts together. A
-        longer prompt goes alone, in chunks. Each one first copies its longest cached prefix into its slot.
-        A run leaves `_waiting` only once it is in `_prefilling`, so a failure finds it in one of them."""
+        longer prompt goes alone, in chunks. Each one first copies its longest known prefix into its slot.
+        A run leaves `_waiting` only once it is in `_prefilling`, so a failure finds it in one of them.
+        A step that prefills a burst's shared prefix forms no group: one prompt forward per step."""
+        if self._prefill_shared_prefix():
+            return
         group = self._prefilling
         while self._waiting and len(self._running) + len(group) < self.kv.slots:
             run = self._waiting[0]
-            entry, shared = self.prefixes.lookup(torch.tensor(run.ids, dtype=torch.long))
+            source, shared = self._known_prefix(run.ids)
             shared = min(shared, run.prompt_len - 1)  # at least one token must run to get the next logits
             longest = max([run.prompt_len - shared, *(r.prompt_len - r.cached for r in group)])
             if group and longest * (len(group) + 1) > PREFILL_CHUNK:
                 break
             run.slot = len(self._running) + len(group)
-            if entry is not None and shared > 0:
-                self.kv.load(run.slot, entry.keys, entry.values, shared)
+            if shared > 0:
+                self._copy_prefix(source, run.slot, shared)
                 run.cached = shared
             self._set_row(run.slot, run)
             group.append(self._waiting.popleft())
+
+    def _prefill_shared_prefix(self) -> bool:
+        """Prefill the prompt prefix the first waiting request shares with others that get a slot now (a
+        persona's system prompt, when a burst of channels talks to it at once) into the prefix cache, where
+        each of them then finds it, as after a finished turn: on a fresh engine every one prefilled it again.
+        Runs in chunks of PREFILL_CHUNK tokens, a step each, from what the cache already holds; False when
+        no MIN_SHARED_PREFIX new tokens are shared or the cache could not keep them (the forward would be lost)."""
+        candidates = list(self._waiting)[: self.kv.slots - len(self._running)]
+        if len(candidates) < 2:
+            return False
+        first, *others = candidates
+        ids = torch.tensor(first.ids)
+        shared = max(min(common_prefix(ids, torch.tensor(r.ids)), r.prompt_len - 1) for r in others)
+        source, cached = self._known_prefix(first.ids)
+        length = min(shared, first.prompt_len - 1, cached + PREFILL_CHUNK)  # each must still run a token of its own
+        token_bytes = sum(buf[0, :, 0].nbytes for buf in (*self.kv.keys, *self.kv.values))
+        if length - cached < MIN_SHARED_PREFIX or length * token_bytes > self.prefixes.max_bytes:
+            return False
+        slot = len(self._running)
+        self._copy_prefix(source, slot, cached)
+        self._prefill_forward(slot, [cached], [first.ids[cached:length]])
+        self.prefixes.store(PrefixEntry(ids[:length], *self.kv.read(slot, length)))
+        return True
+
+    def _known_prefix(self, ids: list[int]) -> tuple[PrefixEntry | int | None, int]:
+        """Where the longest already computed prefix of `ids` is, and its length: an entry of the prefix
+        cache, or the slot of a running request (its KV holds its ids up to `cached`). Why running slots:
+        a burst that reaches the engine over a few steps finds the persona's prompt in the first one's slot
+        long before that request finishes and leaves it to the prefix cache."""
+        key = torch.tensor(ids)
+        source: PrefixEntry | int | None
+        source, best = self.prefixes.lookup(key)
+        for run in self._running:
+            shared = common_prefix(torch.tensor(run.ids[: run.cached]), key)
+            if shared > best:
+                source, best = run.slot, shared
+        return source, best
+
+    def _copy_prefix(self, source: PrefixEntry | int | None, slot: int, length: int) -> None:
+        """Copy the first `length` positions of a `_known_prefix` source into `slot`."""
+        if isinstance(source, PrefixEntry):
+            self.kv.load(slot, source.keys, source.values, length)
+        elif source is not None:
+            self.kv.move(source, slot, length)
 
     def _set_row(self, slot: int, run: _Running) -> None:
         s = run.stream.request.sampling
@@ -461,27 +510,13 @@ class TransformersEngine(Engine):
     def _prefill_chunk(self) -> None:
         """One forward over the prefill group, left-padded to its longest prompt; when it completes,
         the group samples its first tokens and joins the decode batch."""
-        self._use_threads(prefill=True)
         group = self._prefilling
         starts = [r.cached for r in group]
         lengths = [r.prompt_len - r.cached for r in group]
         if len(group) == 1 and self._running:
             lengths = [min(lengths[0], PREFILL_CHUNK)]
-        q = max(lengths)
-        tokens = torch.tensor(
-            [[PAD_ID] * (q - n) + r.ids[s : s + n] for r, s, n in zip(group, starts, lengths, strict=True)],
-            device=self.device,
-        )
-        positions = prefill_positions(starts, lengths, self.device)
-        cache = PrefillCache(self.kv, group[0].slot, starts, lengths)
-        logits = self.model(
-            input_ids=tokens,
-            position_ids=positions,
-            attention_mask=self.attention.masks(positions, cache.kv_len),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1].float()
+        runs = [r.ids[s : s + n] for r, s, n in zip(group, starts, lengths, strict=True)]
+        logits = self._prefill_forward(group[0].slot, starts, runs).float()
         for run, n in zip(group, lengths, strict=True):
             run.cached += n
         if group[0].cached < group[0].prompt_len:  # a lone long prompt: more chunks next steps
@@ -492,6 +527,24 @@ class TransformersEngine(Engine):
         self._running.extend(group)
         for run, token in zip(group, chosen, strict=True):
             self._accept(run, token)
+
+    def _prefill_forward(self, first_slot: int, starts: list[int], runs: list[list[int]]) -> torch.Tensor:
+        """One forward of prompt token runs, left-padded to the longest, row i into slot first_slot + i from
+        position starts[i]; the logits of each row's last token."""
+        self._use_threads(prefill=True)
+        lengths = [len(run) for run in runs]
+        q = max(lengths)
+        tokens = torch.tensor([[PAD_ID] * (q - len(run)) + run for run in runs], device=self.device)
+        positions = prefill_positions(starts, lengths, self.device)
+        cache = PrefillCache(self.kv, first_slot, starts, lengths)
+        return self.model(
+            input_ids=tokens,
+            position_ids=positions,
+            attention_mask=self.attention.masks(positions, cache.kv_len),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
 
     def _decode_step(self) -> None:
         self._use_threads(prefill=False)
