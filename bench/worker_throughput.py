@@ -303,7 +303,8 @@ def main() -> None:
             baseline_runs=args.baseline_runs, history_tokens=args.history_tokens, ttft_repeats=3,
         ))
     params = sum(p.numel() for p in model.parameters())
-    result.update(machine=f"{platform.machine()} {torch.get_num_threads()} threads, cpu", params=params,
+    result.update(machine=f"{platform.machine()} cpu, {os.cpu_count()} cores, {torch.get_num_threads()} torch decode threads",
+                  params=params,
                   model=f"mistral hidden={args.hidden} layers={args.layers}", new_tokens=args.new_tokens, prompt_words=args.prompt_words)
     print(json.dumps(result))
 

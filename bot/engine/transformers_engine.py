@@ -109,11 +109,13 @@ def quantization_config(kind: str) -> Any:
 
 
 def cpu_threads(settings: Settings, *, prefill: bool = False) -> int:
-    """Torch threads for a CPU model: HERMES_CPU_THREADS, else every core for prefill and all but one
-    for decode steps, whose many small matmuls lose more to the event loop's thread than a core gives.
+    """Threads for a CPU model: HERMES_CPU_THREADS, else every core for prefill (and for the decode
+    kernel, batched_linear, whose column chunks go to whichever core is free) and all but one for torch's
+    own decode work, whose many small ops lose more to the event loop's thread than a core gives.
 
-    Measured on the 2-core box (bench/worker_throughput.py): 16 conversations 419 tokens/s with one
-    decode thread against 353 with two; a cold 3,000-token prefill 2.0 s with two threads, 3.6 s with one.
+    Measured on the 2-core box (bench/worker_throughput.py), before the kernel: 16 conversations 419
+    tokens/s with one torch decode thread against 353 with two; a cold 3,000-token prefill 2.0 s with two
+    threads, 3.6 s with one.
     """
     cores = os.cpu_count() or 1
     return settings.cpu_threads or (cores if prefill else max(1, cores - 1))
