@@ -450,6 +450,26 @@ def prompt_ids(messages: list[dict[str, str]], tokenizer: Any) -> list[int]:
     return encode_messages(tokenizer, messages, context_tokens=1024, max_new_tokens=24).ids
 
 
+def fresh_engine(loaded: tuple[Any, Any], tiny_model_dir: Path, **settings: Any) -> TransformersEngine:
+    """A new engine on the module's tiny model: 4 slots, a 1,024-token context, `settings` on top."""
+    tokenizer, model = loaded
+    fields = dict(model=str(tiny_model_dir), device="cpu", max_batch_size=4, context_tokens=1024) | settings
+    return TransformersEngine(Settings(**fields), model=model, tokenizer=tokenizer)
+
+
+def count_prefilled_tokens(patch: pytest.MonkeyPatch, model: Any) -> list[int]:
+    """Patch `model` to record the prompt tokens each prefill forward computes (left padding aside)."""
+    forward, computed = model.forward, []
+
+    def counting_forward(*args: Any, **kwargs: Any) -> Any:
+        if isinstance(kwargs["cache"], PrefillCache):
+            computed.append(int((kwargs["input_ids"] != PAD_ID).sum()))
+        return forward(*args, **kwargs)
+
+    patch.setattr(model, "forward", counting_forward)
+    return computed
+
+
 async def serve(
     loaded: tuple[Any, Any], tiny_model_dir: Path, bursts: list[list[list[dict[str, str]]]], **settings: Any
 ) -> tuple[list[str], list[int]]:
@@ -457,17 +477,9 @@ async def serve(
     prompt tokens each prefill forward computed (left padding aside), counted at the model. A burst arrives
     whole, as when channels talk at once: the engine thread's look at its inbox waits until all of it is there
     (else it may start on the first prompt before the prompt thread has handed over the others)."""
-    tokenizer, model = loaded
-    fields = dict(model=str(tiny_model_dir), device="cpu", max_batch_size=4, context_tokens=1024) | settings
-    engine = TransformersEngine(Settings(**fields), model=model, tokenizer=tokenizer)
-    forward, prepare, take_new = model.forward, engine._prepare_for_engine, engine._take_new
-    computed: list[int] = []
+    engine = fresh_engine(loaded, tiny_model_dir, **settings)
+    prepare, take_new = engine._prepare_for_engine, engine._take_new
     burst_in, expected = threading.Event(), 0
-
-    def counting_forward(*args: Any, **kwargs: Any) -> Any:
-        if isinstance(kwargs["cache"], PrefillCache):
-            computed.append(int((kwargs["input_ids"] != PAD_ID).sum()))
-        return forward(*args, **kwargs)
 
     def prepare_then_check(stream: GenerationStream) -> None:  # the prompt thread
         prepare(stream)
@@ -480,7 +492,7 @@ async def serve(
 
     texts: list[str] = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(model, "forward", counting_forward)
+        computed = count_prefilled_tokens(patch, engine.model)
         patch.setattr(engine, "_prepare_for_engine", prepare_then_check)
         patch.setattr(engine, "_take_new", take_new_once_the_burst_is_in)
         await engine.start()
@@ -556,21 +568,13 @@ async def test_a_prompt_arriving_while_another_runs_copies_their_shared_prefix_f
 ) -> None:
     """Channels that start a step apart: the first one's system prompt is in its slot long before it finishes
     (only then does the prefix cache get it), so the later one copies it from there, even with no prefix cache."""
-    tokenizer, model = loaded
     first, later = BURST[0], BURST[1]
-    ids = [prompt_ids(p, tokenizer) for p in (first, later)]
+    ids = [prompt_ids(p, loaded[0]) for p in (first, later)]
     shared = common_prefix(torch.tensor(ids[0]), torch.tensor(ids[1]))
     (first_alone, later_alone), _ = await serve(loaded, tiny_model_dir, [[first], [later]], prefix_cache_mb=0)
-    settings = Settings(model=str(tiny_model_dir), device="cpu", max_batch_size=4, context_tokens=1024, prefix_cache_mb=0)
-    engine = TransformersEngine(settings, model=model, tokenizer=tokenizer)
-    forward, prepare, decode = model.forward, engine._prepare_for_engine, engine._decode_step
-    computed: list[int] = []
+    engine = fresh_engine(loaded, tiny_model_dir, prefix_cache_mb=0)
+    prepare, decode = engine._prepare_for_engine, engine._decode_step
     later_in = threading.Event()
-
-    def counting_forward(*args: Any, **kwargs: Any) -> Any:
-        if isinstance(kwargs["cache"], PrefillCache):
-            computed.append(int((kwargs["input_ids"] != PAD_ID).sum()))
-        return forward(*args, **kwargs)
 
     def prepare_then_signal(stream: GenerationStream) -> None:  # the prompt thread
         prepare(stream)
@@ -582,7 +586,7 @@ async def test_a_prompt_arriving_while_another_runs_copies_their_shared_prefix_f
         decode()
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(model, "forward", counting_forward)
+        computed = count_prefilled_tokens(patch, engine.model)
         patch.setattr(engine, "_prepare_for_engine", prepare_then_signal)
         patch.setattr(engine, "_decode_step", decode_once_the_later_one_is_in)
         await engine.start()
